@@ -1,0 +1,178 @@
+"""Vision Transformer whose token mixer is chosen by name from ``LAYER_REGISTRY`` (SPEC section 1)."""
+
+import inspect
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from models.vit_layers import LAYER_REGISTRY, MultiHeadConvNNAttention
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, patch_size: int, d_hidden: int):
+        super().__init__()
+        self.linear_projection = nn.Conv2d(3, d_hidden, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(d_hidden)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.norm(self.linear_projection(images).flatten(2).transpose(1, 2))
+
+
+def sinusoidal_table(num_tokens: int, width: int) -> Tensor:
+    """``pe[pos, 2i] = sin(pos / 10000^(2i/D))``, ``pe[pos, 2i+1] = cos(...)``, shape ``(N, D)``."""
+    positions = torch.arange(num_tokens, dtype=torch.float64).view(-1, 1)
+    even_channels = torch.arange(0, width, 2, dtype=torch.float64)
+    angles = positions / 10000.0 ** (even_channels / width)
+    table = torch.zeros(num_tokens, width, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : width // 2])
+    return table.float()
+
+
+class PositionalEncoding(nn.Module):
+    """Prepends the learned class token and adds the fixed sinusoidal table."""
+
+    def __init__(self, num_tokens: int, d_hidden: int):
+        super().__init__()
+        self.cls_tokens = nn.Parameter(torch.randn(1, 1, d_hidden))
+        self.register_buffer("pe", sinusoidal_table(num_tokens, d_hidden).unsqueeze(0))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        cls = self.cls_tokens.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.pe
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block: ``x + Dropout(Layer(LN1(x)))`` then ``x + Dropout(MLP(LN2(x)))``."""
+
+    def __init__(self, attention: nn.Module, d_hidden: int, d_mlp: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_hidden)
+        self.attention = attention
+        self.norm2 = nn.LayerNorm(d_hidden)
+        self.mlp = nn.Sequential(nn.Linear(d_hidden, d_mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_mlp, d_hidden))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def _accepted_keywords(layer_class) -> set:
+    parameters = inspect.signature(layer_class).parameters
+    names = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        names |= set(inspect.signature(MultiHeadConvNNAttention).parameters) - {"d_hidden"}
+    return names
+
+
+def build_layer(layer: str, **options) -> nn.Module:
+    """Builds the ``--layer`` named ``layer``, passing it the options its constructor takes."""
+    if layer not in LAYER_REGISTRY:
+        raise ValueError(f"--layer: {layer!r} is not one of {', '.join(LAYER_REGISTRY)}")
+    layer_class = LAYER_REGISTRY[layer]
+    accepted = _accepted_keywords(layer_class)
+    return layer_class(**{name: value for name, value in options.items() if name in accepted})
+
+
+class ViT(nn.Module):
+    """ViT built from keyword arguments named after the command-line flags."""
+
+    def __init__(
+        self,
+        img_size: int,
+        num_classes: int,
+        layer: str = "Attention",
+        patch_size: int = 16,
+        num_layers: int = 12,
+        num_heads: int = 3,
+        d_hidden: int = 192,
+        d_mlp: int = 768,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        K: int = 9,
+        kernel_size: int = 9,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        magnitude_type: str = "matmul",
+        coordinate_encoding: bool = False,
+        convolution_type: str = "depthwise",
+        softmax_topk_val: bool = True,
+        similarity_type: str = "Col",
+        aggregation_type: str = "Col",
+        branch_ratio: float = 0.5,
+        sparse_mode: str = "all",
+        sparse_context_window: int = 128,
+        local_window: int = 128,
+    ):
+        super().__init__()
+        _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout)
+        grid_side = img_size // patch_size
+        self.num_tokens = grid_side * grid_side + 1
+        self.activation_checkpointing = False
+        layer_options = dict(
+            d_hidden=d_hidden, num_heads=num_heads, attention_dropout=attention_dropout, K=K,
+            kernel_size=kernel_size, sampling_type=sampling_type, num_samples=num_samples,
+            sample_padding=sample_padding, magnitude_type=magnitude_type, coordinate_encoding=coordinate_encoding,
+            convolution_type=convolution_type, softmax_topk_val=softmax_topk_val, similarity_type=similarity_type,
+            aggregation_type=aggregation_type, branch_ratio=branch_ratio, sparse_mode=sparse_mode,
+            sparse_context_window=sparse_context_window, local_window=local_window,
+            num_tokens=self.num_tokens, grid_size=(grid_side, grid_side),
+        )
+        self.patch_embedding = PatchEmbedding(patch_size, d_hidden)
+        self.positional_encoding = PositionalEncoding(self.num_tokens, d_hidden)
+        self.transformer_encoder = nn.ModuleList(
+            EncoderBlock(build_layer(layer, **layer_options), d_hidden, d_mlp, dropout) for _ in range(num_layers)
+        )
+        self.classifier = nn.Linear(d_hidden, num_classes)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.activation_checkpointing = enabled
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.positional_encoding(self.patch_embedding(images))
+        for block in self.transformer_encoder:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.classifier(x[:, 0])
+
+
+def _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout):
+    if patch_size < 1 or img_size % patch_size:
+        raise ValueError(
+            f"--patch_size: {patch_size} does not divide the image side {img_size}; "
+            "choose a divisor or change --resize"
+        )
+    for flag, value in (("--num_layers", num_layers), ("--num_heads", num_heads), ("--d_hidden", d_hidden),
+                        ("--d_mlp", d_mlp)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    for flag, value in (("--dropout", dropout), ("--attention_dropout", attention_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{flag}: must be in [0, 1), got {value}")
+
+
+def convert_reference_checkpoint(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Converts a state dict of the reference implementation to this project's layout.
+
+    The reference ConvNN similarity compared each token's *key* with the candidates' *queries*;
+    here a token's *query* meets the candidates' keys, so ``W_q`` and ``W_k`` swap roles in every
+    ConvNN-Attention layer (recognised by holding both ``W_q`` and an aggregation ``conv``).
+    """
+    converted = dict(state_dict)
+    convnn_prefixes = {
+        key[: -len("W_q.weight")]
+        for key in state_dict
+        if key.endswith("W_q.weight")
+        and any(other.startswith(key[: -len("W_q.weight")] + "conv.") for other in state_dict)
+    }
+    for prefix in convnn_prefixes:
+        converted[prefix + "W_q.weight"] = state_dict[prefix + "W_k.weight"]
+        converted[prefix + "W_k.weight"] = state_dict[prefix + "W_q.weight"]
+    return converted

@@ -1,0 +1,481 @@
+"""Token-mixing layers of the ViT, one registry keyed by the ``--layer`` names.
+
+Every layer maps ``(B, N, D) -> (B, N, D)``; token 0 is the class token and tokens ``1..P`` are
+patches in raster order on an ``Hp x Wp`` grid. See ``SPEC.md`` section 2 for what each computes.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.neighbour_conv import neighbour_conv
+
+SAMPLING_TYPES = ("all", "random", "spatial")
+MAGNITUDE_TYPES = ("matmul", "cosine", "euclidean")
+CONVOLUTION_TYPES = ("standard", "depthwise", "depthwise-separable")
+SIMILARITY_TYPES = ("Col", "Loc", "Loc_Col")
+AGGREGATION_TYPES = ("Col", "Loc_Col")
+SPARSE_MODES = ("all", "local", "strided")
+
+
+def _choice(flag: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_heads(d_hidden: int, num_heads: int) -> None:
+    if num_heads < 1 or d_hidden % num_heads:
+        raise ValueError(
+            f"--num_heads: {num_heads} does not divide the layer width {d_hidden}; "
+            "choose --num_heads dividing --d_hidden"
+        )
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    batch, seq_len, width = x.shape
+    return x.view(batch, seq_len, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    batch, heads, seq_len, head_width = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, heads * head_width)
+
+
+class MultiHeadAttention(nn.Module):
+    """Standard multi-head self-attention through PyTorch's fused kernel."""
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0):
+        super().__init__()
+        _check_heads(d_hidden, num_heads)
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.W_q = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_k = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_v = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_o = nn.Linear(d_hidden, d_hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.W_q, self.W_k, self.W_v))
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.W_o(_merge_heads(out))
+
+
+def _coordinates(seq_len: int, like: Tensor) -> Tensor:
+    """The coordinate channel ``linspace(-1, 1, N)`` broadcast to ``(B, N, 1)``."""
+    coords = torch.linspace(-1.0, 1.0, seq_len, device=like.device, dtype=like.dtype)
+    return coords.view(1, seq_len, 1).expand(like.shape[0], seq_len, 1)
+
+
+def _with_coordinates(x: Tensor) -> Tensor:
+    return torch.cat([x, _coordinates(x.shape[1], x)], dim=-1)
+
+
+def _euclidean(q: Tensor, k: Tensor) -> Tensor:
+    """Pairwise ``||q_i - k_j||`` with the square clamped at 0 and a zero gradient at distance 0."""
+    squared = (q * q).sum(-1, keepdim=True) + (k * k).sum(-1).unsqueeze(-2) - 2.0 * (q @ k.transpose(-1, -2))
+    positive = squared > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, squared, torch.ones_like(squared))), 0.0)
+
+
+def spatial_grid(grid_size: Tuple[int, int], num_samples: int, padding: int) -> Tensor:
+    """Token indices of an ``n x n`` grid of patches, rows/columns ``round(linspace(p, H-1-p, n))``."""
+    height, width = grid_size
+    rows = torch.linspace(padding, height - 1 - padding, num_samples).round().long()
+    cols = torch.linspace(padding, width - 1 - padding, num_samples).round().long()
+    return (1 + rows.view(-1, 1) * width + cols.view(1, -1)).reshape(-1)
+
+
+class MultiHeadConvNNAttention(nn.Module):
+    """Convolutional Nearest Neighbour Attention (SPEC 2.2): hard top-K selection, 1-D conv aggregation.
+
+    One head over the full width: ``num_heads`` is accepted for a uniform interface and ignored.
+    ``num_tokens`` (``N``) and ``grid_size`` (``(Hp, Wp)``) are needed only to validate sampled modes
+    when the layer is built; ``spatial`` sampling requires ``grid_size``.
+    """
+
+    def __init__(
+        self,
+        d_hidden: int,
+        num_heads: int = 1,
+        attention_dropout: float = 0.0,
+        K: int = 9,
+        sampling_type: str = "all",
+        num_samples: int = -1,
+        sample_padding: int = 0,
+        magnitude_type: str = "matmul",
+        coordinate_encoding: bool = False,
+        convolution_type: str = "depthwise",
+        softmax_topk_val: bool = True,
+        similarity_type: str = "Col",
+        aggregation_type: str = "Col",
+        num_tokens: Optional[int] = None,
+        grid_size: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        _choice("--sampling_type", sampling_type, SAMPLING_TYPES)
+        _choice("--magnitude_type", magnitude_type, MAGNITUDE_TYPES)
+        _choice("--convolution_type", convolution_type, CONVOLUTION_TYPES)
+        _choice("--similarity_type", similarity_type, SIMILARITY_TYPES)
+        _choice("--aggregation_type", aggregation_type, AGGREGATION_TYPES)
+        self.d_hidden = d_hidden
+        self.K = K
+        self.sampling_type = sampling_type
+        self.num_samples = num_samples
+        self.magnitude_type = magnitude_type
+        self.softmax_topk_val = softmax_topk_val
+        self.attention_dropout = attention_dropout
+        self.convolution_type = convolution_type
+        self.positional_selection = similarity_type == "Loc"
+        self.coordinates_in_similarity = coordinate_encoding or similarity_type == "Loc_Col"
+        self.coordinates_in_values = (coordinate_encoding or aggregation_type == "Loc_Col") and (
+            convolution_type != "depthwise"
+        )
+        if sampling_type == "spatial":
+            if grid_size is None:
+                raise ValueError("--sampling_type: spatial sampling needs the patch grid (grid_size)")
+            self.register_buffer("grid_candidates", self._checked_grid(grid_size, num_samples, sample_padding),
+                                 persistent=False)
+        self._check_K(num_tokens)
+
+        self.W_q = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_k = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_v = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.W_o = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.dropout = nn.Dropout(attention_dropout)
+        self.conv = self._build_conv(d_hidden + int(self.coordinates_in_values), d_hidden)
+
+    @staticmethod
+    def _checked_grid(grid_size, num_samples: int, padding: int) -> Tensor:
+        height, width = grid_size
+        if padding < 0:
+            raise ValueError(f"--sample_padding: must be >= 0, got {padding}")
+        if num_samples < 1:
+            raise ValueError(
+                f"--num_samples: spatial sampling needs a grid side >= 1 (e.g. 3 for 3x3), got {num_samples}"
+            )
+        if num_samples > min(height, width) - 2 * padding:
+            raise ValueError(
+                f"--num_samples: a {num_samples}x{num_samples} grid does not fit the {height}x{width} patch grid "
+                f"with --sample_padding {padding}; use at most {min(height, width) - 2 * padding}"
+            )
+        return spatial_grid(grid_size, num_samples, padding)
+
+    def _check_K(self, num_tokens: Optional[int]) -> None:
+        if self.sampling_type == "random":
+            if self.num_samples < 1:
+                raise ValueError(f"--num_samples: random sampling needs >= 1 samples, got {self.num_samples}")
+            if num_tokens is not None and self.num_samples > num_tokens:
+                raise ValueError(
+                    f"--num_samples: {self.num_samples} random samples exceed the {num_tokens} tokens; "
+                    f"use at most {num_tokens}"
+                )
+            candidates = self.num_samples
+        elif self.sampling_type == "spatial":
+            candidates = self.grid_candidates.numel()
+        else:
+            candidates = num_tokens
+        if self.K < 1 or (candidates is not None and self.K > candidates):
+            limit = f"between 1 and {candidates}" if candidates is not None else ">= 1"
+            raise ValueError(
+                f"--K: {self.K} neighbours out of {candidates if candidates is not None else 'N'} "
+                f"{self.sampling_type} candidates; K must be {limit}"
+            )
+
+    def _build_conv(self, channels_in: int, channels_out: int) -> nn.Module:
+        if self.convolution_type == "standard":
+            return nn.Conv1d(channels_in, channels_out, self.K, stride=self.K, bias=False)
+        depthwise = nn.Conv1d(channels_in, channels_in, self.K, stride=self.K, groups=channels_in, bias=False)
+        if self.convolution_type == "depthwise":
+            nn.init.ones_(depthwise.weight)
+            return depthwise
+        return nn.Sequential(depthwise, nn.Conv1d(channels_in, channels_out, 1, bias=False))
+
+    def sample_candidates(self, seq_len: int, device: torch.device) -> Tensor:
+        """Candidate token indices ``(r,)`` for sampled modes.
+
+        ``random`` draws a fresh subset per training step; in evaluation it uses evenly spaced
+        tokens so that evaluation is deterministic.
+        """
+        if self.sampling_type == "spatial":
+            return self.grid_candidates
+        if self.training:
+            return torch.randperm(seq_len, device=device)[: self.num_samples]
+        return torch.linspace(0, seq_len - 1, self.num_samples, device=device).round().long()
+
+    def _similarity(self, q: Tensor, k: Tensor) -> Tensor:
+        if self.magnitude_type == "matmul":
+            return (q @ k.transpose(-1, -2)) / math.sqrt(self.d_hidden)
+        if self.magnitude_type == "cosine":
+            return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+        return _euclidean(q, k)
+
+    def _select_by_features(self, q: Tensor, k: Tensor, candidates: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Neighbour indices ``(B, N, K)`` and their similarity values, best first (SPEC 2.2 step 4)."""
+        largest = self.magnitude_type != "euclidean"
+        if candidates is None:
+            values, neighbours = torch.topk(self._similarity(q, k), self.K, dim=-1, largest=largest)
+            return neighbours, values
+        similarity = self._similarity(q, k[:, candidates])
+        batch, seq_len = q.shape[:2]
+        tokens = torch.arange(seq_len, device=q.device)
+        is_self = tokens.view(-1, 1) == candidates.view(1, -1)
+        similarity = similarity.masked_fill(is_self, float("-inf") if largest else float("inf"))
+        values, picked = torch.topk(similarity, self.K - 1, dim=-1, largest=largest)
+        self_index = tokens.view(1, seq_len, 1).expand(batch, seq_len, 1)
+        neighbours = torch.cat([self_index, candidates[picked]], dim=-1)
+        values = torch.cat([torch.ones_like(values[..., :1]), values], dim=-1)
+        return neighbours, values
+
+    def _select_by_position(self, seq_len: int, candidates: Optional[Tensor], device) -> Tensor:
+        """The K nearest positions (ties to the lower index), slots in position order, ``(N, K)``."""
+        tokens = torch.arange(seq_len, device=device)
+        if candidates is None:
+            start = (tokens - self.K // 2).clamp(0, seq_len - self.K)
+            return start.view(-1, 1) + torch.arange(self.K, device=device)
+        pool = torch.cat([tokens.view(-1, 1), candidates.view(1, -1).expand(seq_len, -1)], dim=1)
+        distance = (pool - tokens.view(-1, 1)).abs()
+        # Exclude sampled copies of the token itself: it already sits in column 0.
+        distance[:, 1:] = distance[:, 1:].masked_fill(pool[:, 1:] == tokens.view(-1, 1), 2 * seq_len + 1)
+        rank = distance * (2 * seq_len + 2) + pool
+        nearest = torch.topk(rank, self.K, dim=-1, largest=False).indices
+        return torch.sort(pool.gather(1, nearest), dim=-1).values
+
+    def _weights(self, values: Tensor) -> Tensor:
+        if self.magnitude_type == "euclidean":
+            return torch.softmax(-values, dim=-1) if self.softmax_topk_val else 1.0 / (values + 1e-8)
+        return torch.softmax(values, dim=-1) if self.softmax_topk_val else values
+
+    def _aggregate(self, v: Tensor, neighbours: Tensor, weights: Tensor) -> Tensor:
+        if self.convolution_type == "standard":
+            kernel = self.conv.weight
+        else:
+            depthwise = self.conv if self.convolution_type == "depthwise" else self.conv[0]
+            kernel = depthwise.weight.squeeze(1)
+        out = neighbour_conv(v, neighbours, weights.to(v.dtype), kernel.to(v.dtype))
+        if self.convolution_type == "depthwise-separable":
+            out = out @ self.conv[1].weight.squeeze(-1).t().to(out.dtype)
+        return out
+
+    def neighbours_and_weights(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The selected neighbour indices ``(B, N, K)`` and their aggregation weights for input ``x``."""
+        batch, seq_len, _ = x.shape
+        candidates = None if self.sampling_type == "all" else self.sample_candidates(seq_len, x.device)
+        if self.positional_selection:
+            neighbours = self._select_by_position(seq_len, candidates, x.device)
+            neighbours = neighbours.unsqueeze(0).expand(batch, -1, -1)
+            return neighbours, x.new_ones(neighbours.shape)
+        q, k = self.W_q(x), self.W_k(x)
+        if self.coordinates_in_similarity:
+            q, k = _with_coordinates(q), _with_coordinates(k)
+        neighbours, values = self._select_by_features(q, k, candidates)
+        return neighbours, self._weights(values)
+
+    def forward(self, x: Tensor) -> Tensor:
+        neighbours, weights = self.neighbours_and_weights(x)
+        v = self.W_v(x)
+        if self.coordinates_in_values:
+            v = _with_coordinates(v)
+        out = self._aggregate(v, neighbours, weights)
+        return self.W_o(self.dropout(out))
+
+
+class MultiHeadKvtAttention(nn.Module):
+    """k-NN attention (KVT): each query keeps exactly its ``K`` largest scores before the softmax."""
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, K: int = 9,
+                 num_tokens: Optional[int] = None):
+        super().__init__()
+        _check_heads(d_hidden, num_heads)
+        if K < 1 or (num_tokens is not None and K > num_tokens):
+            raise ValueError(f"--K: KvtAttention keeps K of the {num_tokens} scores per query; "
+                             f"K must be between 1 and {num_tokens}, got {K}")
+        self.num_heads = num_heads
+        self.K = K
+        self.scale = (d_hidden // num_heads) ** -0.5
+        self.qkv = nn.Linear(d_hidden, 3 * d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.dropout = nn.Dropout(attention_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (_split_heads(part, self.num_heads) for part in self.qkv(x).chunk(3, dim=-1))
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        kept, index = torch.topk(scores, self.K, dim=-1)
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, index, kept)
+        probabilities = self.dropout(torch.softmax(scores, dim=-1))
+        return self.proj(_merge_heads(probabilities @ v))
+
+
+def rotary_tables(seq_len: int, head_width: int, device, dtype, base: float = 10000.0) -> Tuple[Tensor, Tensor]:
+    """Cosine and sine tables ``(N, head_width)`` of the rotary embedding at positions ``0..N-1``."""
+    inverse_frequency = 1.0 / base ** (torch.arange(0, head_width, 2, device=device, dtype=torch.float32) / head_width)
+    angles = torch.arange(seq_len, device=device, dtype=torch.float32).view(-1, 1) * inverse_frequency
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class MultiHeadLocalAttention(nn.Module):
+    """Windowed attention with heads of width 64 and rotary positions (SPEC 2.6)."""
+
+    head_width = 64
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, local_window: int = 128):
+        super().__init__()
+        if local_window < 0:
+            raise ValueError(f"--local_window: must be >= 0, got {local_window}")
+        self.num_heads = num_heads
+        self.window = local_window
+        self.attention_dropout = attention_dropout
+        inner = self.head_width * num_heads
+        self.to_qkv = nn.Linear(d_hidden, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, d_hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq_len = x.shape[1]
+        q, k, v = (_split_heads(part, self.num_heads) for part in self.to_qkv(x).chunk(3, dim=-1))
+        cos, sin = rotary_tables(seq_len, self.head_width, x.device, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        positions = torch.arange(seq_len, device=x.device)
+        within = (positions.view(-1, 1) - positions.view(1, -1)).abs() <= self.window
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=within, dropout_p=dropout)
+        return self.to_out(_merge_heads(out))
+
+
+class MultiHeadSparseAttention(nn.Module):
+    """Multi-head attention under a fixed bidirectional sparsity mask (SPEC 2.7)."""
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, sparse_mode: str = "all",
+                 sparse_context_window: int = 128):
+        super().__init__()
+        _check_heads(d_hidden, num_heads)
+        _choice("--sparse_mode", sparse_mode, SPARSE_MODES)
+        if sparse_context_window < 1:
+            raise ValueError(f"--sparse_context_window: must be >= 1, got {sparse_context_window}")
+        self.num_heads = num_heads
+        self.mode = sparse_mode
+        self.context = sparse_context_window
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.k_proj = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.v_proj = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.out_proj = nn.Linear(d_hidden, d_hidden, bias=False)
+
+    def mask(self, seq_len: int, device) -> Optional[Tensor]:
+        if self.mode == "all":
+            return None
+        positions = torch.arange(seq_len, device=device)
+        offset = (positions.view(-1, 1) - positions.view(1, -1)).abs()
+        return offset <= self.context // 2 if self.mode == "local" else offset % self.context == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(x.shape[1], x.device), dropout_p=dropout)
+        return self.out_proj(_merge_heads(out))
+
+
+class MultiHeadConv1dAttention(nn.Module):
+    """A 1-D convolution along the token sequence, one kernel shared by all heads (SPEC 2.8)."""
+
+    def __init__(self, d_hidden: int, num_heads: int, kernel_size: int = 9):
+        super().__init__()
+        _check_heads(d_hidden, num_heads)
+        if kernel_size < 1:
+            raise ValueError(f"--kernel_size: must be >= 1, got {kernel_size}")
+        self.num_heads = num_heads
+        head_width = d_hidden // num_heads
+        self.W_x = nn.Linear(d_hidden, d_hidden)
+        self.conv = nn.Conv1d(head_width, head_width, kernel_size, padding="same")
+        self.W_o = nn.Linear(d_hidden, d_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, seq_len, width = x.shape
+        heads = _split_heads(self.W_x(x), self.num_heads)
+        per_head = heads.reshape(batch * self.num_heads, seq_len, -1).transpose(1, 2)
+        mixed = self.conv(per_head).transpose(1, 2).reshape(batch, self.num_heads, seq_len, -1)
+        return self.W_o(_merge_heads(mixed))
+
+
+class _Branching(nn.Module):
+    """ConvNN-Attention on the first ``int(branch_ratio * D)`` channels, another layer on the rest."""
+
+    other_name: str
+
+    def __init__(self, d_hidden: int, branch_ratio: float, convnn_options: dict, build_other):
+        super().__init__()
+        if not 0.0 <= branch_ratio <= 1.0:
+            raise ValueError(f"--branch_ratio: must be in [0, 1], got {branch_ratio}")
+        self.split = int(branch_ratio * d_hidden)
+        if self.split > 0:
+            self.convnn = MultiHeadConvNNAttention(d_hidden=self.split, **convnn_options)
+        if self.split < d_hidden:
+            setattr(self, self.other_name, build_other(d_hidden - self.split))
+        if 0 < self.split < d_hidden:
+            self.pointwise_linear = nn.Linear(d_hidden, d_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        other = getattr(self, self.other_name, None)
+        if other is None:
+            return self.convnn(x)
+        if self.split == 0:
+            return other(x)
+        mixed = torch.cat([self.convnn(x[..., : self.split]), other(x[..., self.split :])], dim=-1)
+        return self.pointwise_linear(mixed)
+
+
+def _branch_heads(width: int, num_heads: int) -> None:
+    if width % num_heads:
+        raise ValueError(
+            f"--branch_ratio: the non-ConvNN branch gets {width} channels, which --num_heads {num_heads} "
+            "does not divide; pick --branch_ratio so that (1 - ratio) * d_hidden is a multiple of --num_heads"
+        )
+
+
+class MultiHeadBranchingConv(_Branching):
+    """ConvNN-Attention beside a :class:`MultiHeadConv1dAttention` branch."""
+
+    other_name = "conv1d"
+
+    def __init__(self, d_hidden: int, num_heads: int, branch_ratio: float = 0.5, kernel_size: int = 9,
+                 **convnn_options):
+        def build_conv1d(width):
+            _branch_heads(width, num_heads)
+            return MultiHeadConv1dAttention(width, num_heads, kernel_size)
+
+        super().__init__(d_hidden, branch_ratio, dict(convnn_options, num_heads=num_heads), build_conv1d)
+
+
+class MultiHeadBranchingAttention(_Branching):
+    """ConvNN-Attention beside a :class:`MultiHeadAttention` branch."""
+
+    other_name = "attention"
+
+    def __init__(self, d_hidden: int, num_heads: int, branch_ratio: float = 0.5, attention_dropout: float = 0.0,
+                 **convnn_options):
+        def build_attention(width):
+            _branch_heads(width, num_heads)
+            return MultiHeadAttention(width, num_heads, attention_dropout)
+
+        options = dict(convnn_options, num_heads=num_heads, attention_dropout=attention_dropout)
+        super().__init__(d_hidden, branch_ratio, options, build_attention)
+
+
+LAYER_REGISTRY = {
+    "Attention": MultiHeadAttention,
+    "ConvNNAttention": MultiHeadConvNNAttention,
+    "KvtAttention": MultiHeadKvtAttention,
+    "LocalAttention": MultiHeadLocalAttention,
+    "SparseAttention": MultiHeadSparseAttention,
+    "Conv1d": MultiHeadConv1dAttention,
+    "BranchConv": MultiHeadBranchingConv,
+    "BranchAttention": MultiHeadBranchingAttention,
+}

@@ -1,0 +1,189 @@
+"""ConvNN-Attention against the plain reference, its autograd function, and the paper's special cases."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.neighbour_conv import neighbour_conv
+from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
+from tests.convnn_reference import reference_convnn
+
+GRID = (4, 4)
+SEQ_LEN = GRID[0] * GRID[1] + 1
+WIDTH = 6
+
+
+def make_layer(**options):
+    torch.manual_seed(0)
+    defaults = dict(d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, K=4, num_tokens=SEQ_LEN, grid_size=GRID)
+    if options.get("sampling_type") == "random":
+        defaults["num_samples"] = 7
+    if options.get("sampling_type") == "spatial":
+        defaults["num_samples"] = 3
+    layer = MultiHeadConvNNAttention(**{**defaults, **options}).double()
+    for parameter in layer.parameters():
+        # Random, non-trivial weights (the depthwise kernel starts as all ones).
+        torch.nn.init.normal_(parameter, std=0.5)
+    return layer.eval()
+
+
+def fixed_candidates(layer):
+    if layer.sampling_type == "random":
+        return torch.tensor([0, 3, 5, 8, 11, 12, 16])
+    return layer.grid_candidates
+
+
+def compare_with_reference(layer, batch=3, seq_len=SEQ_LEN, tolerance=1e-9):
+    torch.manual_seed(1)
+    x = torch.randn(batch, seq_len, WIDTH, dtype=torch.float64, requires_grad=True)
+    candidates = None
+    if layer.sampling_type != "all":
+        candidates = fixed_candidates(layer)
+        layer.sample_candidates = lambda n, device: candidates
+
+    fast = layer(x)
+    grad_out = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, [x, *layer.parameters()], grad_out, materialize_grads=True)
+    slow = reference_convnn(layer, x, candidates)
+    slow_grads = torch.autograd.grad(slow, [x, *layer.parameters()], grad_out, materialize_grads=True)
+
+    torch.testing.assert_close(fast, slow, rtol=0, atol=tolerance)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "sampling_type,magnitude_type,softmax_topk_val,convolution_type,coordinate_encoding",
+    list(itertools.product(
+        ["all", "random", "spatial"],
+        ["matmul", "cosine", "euclidean"],
+        [True, False],
+        ["standard", "depthwise", "depthwise-separable"],
+        [False, True],
+    )),
+)
+def test_matches_reference_for_every_option(sampling_type, magnitude_type, softmax_topk_val, convolution_type,
+                                            coordinate_encoding):
+    layer = make_layer(sampling_type=sampling_type, magnitude_type=magnitude_type, softmax_topk_val=softmax_topk_val,
+                       convolution_type=convolution_type, coordinate_encoding=coordinate_encoding)
+    compare_with_reference(layer)
+
+
+@pytest.mark.parametrize("sampling_type", ["all", "random", "spatial"])
+@pytest.mark.parametrize("similarity_type,aggregation_type",
+                         [("Loc", "Col"), ("Loc", "Loc_Col"), ("Loc_Col", "Col"), ("Col", "Loc_Col")])
+@pytest.mark.parametrize("convolution_type", ["standard", "depthwise"])
+def test_similarity_and_aggregation_types_match_reference(sampling_type, similarity_type, aggregation_type,
+                                                          convolution_type):
+    layer = make_layer(sampling_type=sampling_type, similarity_type=similarity_type,
+                       aggregation_type=aggregation_type, convolution_type=convolution_type)
+    compare_with_reference(layer)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5, SEQ_LEN])
+def test_matches_reference_for_extreme_K(K):
+    compare_with_reference(make_layer(K=K, convolution_type="standard"))
+
+
+def test_coordinate_encoding_is_loc_col_similarity_and_aggregation():
+    encoded = make_layer(coordinate_encoding=True, convolution_type="standard")
+    spelled_out = make_layer(similarity_type="Loc_Col", aggregation_type="Loc_Col", convolution_type="standard")
+    spelled_out.load_state_dict(encoded.state_dict())
+    x = torch.randn(2, SEQ_LEN, WIDTH, dtype=torch.float64)
+    torch.testing.assert_close(encoded(x), spelled_out(x), rtol=0, atol=0)
+    assert encoded.conv.weight.shape == (WIDTH, WIDTH + 1, 4)
+
+
+def test_depthwise_keeps_value_width_under_coordinate_encoding():
+    layer = make_layer(coordinate_encoding=True, convolution_type="depthwise")
+    assert layer.conv.weight.shape == (WIDTH, 1, 4)
+    separable = make_layer(coordinate_encoding=True, convolution_type="depthwise-separable")
+    assert separable.conv[0].weight.shape == (WIDTH + 1, 1, 4)
+    assert separable.conv[1].weight.shape == (WIDTH, WIDTH + 1, 1)
+
+
+def test_depthwise_kernel_starts_at_one():
+    layer = MultiHeadConvNNAttention(d_hidden=8, num_heads=1, K=3, num_tokens=10)
+    assert torch.equal(layer.conv.weight, torch.ones(8, 1, 3))
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+def test_gradcheck_neighbour_conv(kernel_shape):
+    torch.manual_seed(0)
+    batch, seq_len, slots = 2, 6, 3
+    values = torch.randn(batch, seq_len, 5, dtype=torch.float64, requires_grad=True)
+    neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
+    weights = torch.randn(batch, seq_len, slots, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(*kernel_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(neighbour_conv, (values, neighbours, weights, kernel))
+
+
+def test_neighbour_conv_handles_repeated_neighbours():
+    values = torch.arange(6.0, dtype=torch.float64).view(1, 3, 2).requires_grad_()
+    neighbours = torch.tensor([[[1, 1], [0, 2], [2, 2]]])
+    weights = torch.ones(1, 3, 2, dtype=torch.float64)
+    out = neighbour_conv(values, neighbours, weights, torch.ones(2, 2, dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([[[4.0, 6.0], [4.0, 6.0], [8.0, 10.0]]], dtype=torch.float64))
+    out.sum().backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]], dtype=torch.float64))
+
+
+def test_all_tokens_with_softmax_and_unit_depthwise_weights_is_single_head_attention():
+    layer = make_layer(K=SEQ_LEN, magnitude_type="matmul", softmax_topk_val=True, convolution_type="depthwise")
+    torch.nn.init.ones_(layer.conv.weight)
+    x = torch.randn(3, SEQ_LEN, WIDTH, dtype=torch.float64)
+    q, k, v = (x @ w.weight.t() for w in (layer.W_q, layer.W_k, layer.W_v))
+    attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(WIDTH), dim=-1) @ v
+    torch.testing.assert_close(layer(x), attention @ layer.W_o.weight.t(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [3, 4, 5])
+def test_loc_similarity_with_standard_convolution_is_a_conv1d(K):
+    seq_len = 23
+    layer = MultiHeadConvNNAttention(d_hidden=WIDTH, num_heads=1, attention_dropout=0.0, K=K, num_tokens=seq_len,
+                                     similarity_type="Loc", convolution_type="standard").double().eval()
+    x = torch.randn(2, seq_len, WIDTH, dtype=torch.float64)
+    v = (x @ layer.W_v.weight.t()).transpose(1, 2)
+    conv = F.conv1d(v, layer.conv.weight, padding=K // 2)[..., :seq_len].transpose(1, 2)
+    expected = conv @ layer.W_o.weight.t()
+    interior = slice(K, seq_len - K)
+    torch.testing.assert_close(layer(x)[:, interior], expected[:, interior], rtol=0, atol=1e-12)
+
+
+def test_sampled_modes_put_the_token_itself_in_slot_zero_and_never_again():
+    for sampling_type in ("random", "spatial"):
+        layer = make_layer(sampling_type=sampling_type, K=3)
+        layer.train()
+        neighbours, weights = layer.neighbours_and_weights(torch.randn(2, SEQ_LEN, WIDTH, dtype=torch.float64))
+        tokens = torch.arange(SEQ_LEN).view(1, -1)
+        assert torch.equal(neighbours[..., 0], tokens.expand(2, -1))
+        assert not (neighbours[..., 1:] == tokens.unsqueeze(-1)).any()
+
+
+def test_random_sampling_draws_fresh_candidates_in_training_and_fixed_ones_in_evaluation():
+    layer = make_layer(sampling_type="random")
+    layer.train()
+    draws = {tuple(layer.sample_candidates(SEQ_LEN, torch.device("cpu")).tolist()) for _ in range(10)}
+    assert len(draws) > 1
+    assert all(len(set(draw)) == 7 for draw in draws)
+    layer.eval()
+    first, second = (layer.sample_candidates(SEQ_LEN, torch.device("cpu")) for _ in range(2))
+    assert torch.equal(first, second) and len(set(first.tolist())) == 7
+
+
+def test_spatial_grid_follows_linspace_rows_and_columns():
+    grid = spatial_grid((8, 8), 3, 1)  # rows/cols round(linspace(1, 6, 3)) = 1, 4 (3.5 rounds to even), 6
+    rows_cols = [(int(t - 1) // 8, int(t - 1) % 8) for t in grid]
+    assert rows_cols == [(r, c) for r in (1, 4, 6) for c in (1, 4, 6)]
+
+
+def test_euclidean_distance_is_never_nan_for_identical_query_and_key():
+    layer = make_layer(magnitude_type="euclidean")
+    layer.W_k.weight.data.copy_(layer.W_q.weight.data)
+    x = torch.randn(2, SEQ_LEN, WIDTH, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
