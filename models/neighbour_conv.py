@@ -5,92 +5,109 @@ For every token ``i`` with neighbours ``n(i, k)`` and weights ``w_ik`` (``k < K`
     out_i = sum_k W[:, :, k] @ (w_ik * v_{n(i,k)})
 
 which is a 1-D convolution with kernel ``K`` and stride ``K`` over the sequence of weighted
-neighbour values. Written plainly, autograd would keep the gathered ``(B, N, K, C)`` neighbour
-values (and their weighted copy) alive until the backward pass. Here the forward pass gathers
-them once into a transient buffer, and the backward pass gathers them again: only ``v``,
-the indices, the weights and the kernel are saved.
+neighbour values. Written plainly, autograd would build the gathered ``(B, N, K, C)`` neighbour
+values and keep them (and their weighted copy) until the backward pass. Here both passes walk the
+``K`` slots one at a time, gathering one ``(B*N, C)`` slab per slot and folding it into the result,
+so no ``N x K x C`` tensor ever exists, and the backward pass gathers again instead of saving:
+only the inputs are kept. Slab-sized buffers are also reused by the allocator, where one large
+buffer per call would be freshly mapped (and page-faulted) every time on the CPU.
 """
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-def _flat_rows(neighbours: Tensor, seq_len: int) -> Tensor:
-    """Row indices into ``values.reshape(B * N, C)`` for every neighbour slot, shape ``(B*N*K,)``."""
-    batch = neighbours.shape[0]
+def _slot_rows(neighbours: Tensor) -> Tensor:
+    """Row indices into ``values.reshape(B * N, C)``, one column per slot: ``(B*N, K)``."""
+    batch, seq_len, slots = neighbours.shape
     offsets = torch.arange(batch, device=neighbours.device).mul_(seq_len).view(batch, 1, 1)
-    return (neighbours + offsets).reshape(-1)
+    return (neighbours + offsets).view(batch * seq_len, slots)
 
 
-def _gather(values: Tensor, rows: Tensor, shape) -> Tensor:
-    batch, seq_len, slots = shape
-    return values.reshape(-1, values.shape[-1]).index_select(0, rows).view(batch, seq_len, slots, -1)
+def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
+    return source if value_weight is None else source @ value_weight.t()
 
 
 class NeighbourConv(torch.autograd.Function):
-    """``out = conv_K(w * v[neighbours])`` with recomputation instead of saved neighbour values.
+    """``out = conv_K(w * v[neighbours])``, recomputing gathered neighbours instead of saving them.
 
     Arguments of ``apply``:
-      values      ``(B, N, C_in)``
-      neighbours  ``(B, N, K)`` integer positions into the ``N`` axis of ``values``
-      weights     ``(B, N, K)``
-      kernel      depthwise: ``(C_in, K)``; standard: ``(C_out, C_in, K)`` (a ``Conv1d`` weight)
+      source        ``(B, N, C_in)``: the values ``v``, or with ``value_weight`` the input ``x`` of ``v = x W^T``
+      neighbours    ``(B, N, K)`` integer positions into the ``N`` axis of the values
+      weights       ``(B, N, K)``
+      kernel        depthwise: ``(C_in, K)``; standard: ``(C_out, C_in, K)`` (a ``Conv1d`` weight)
+      value_weight  ``None`` or ``(C_in, D)``: then ``v = source @ value_weight.T`` is computed here and
+                    recomputed in backward, so that only ``source`` (which the query projection
+                    keeps anyway) is saved instead of ``v``.
     Returns ``(B, N, C_out)``.
     """
 
     @staticmethod
-    def forward(values: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor) -> Tensor:
+    def forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
+                value_weight: Optional[Tensor]) -> Tensor:
+        values = _values(source, value_weight)
         batch, seq_len, slots = neighbours.shape
-        rows = _flat_rows(neighbours, values.shape[1])
-        gathered = _gather(values, rows, (batch, seq_len, slots))
-        gathered.mul_(weights.unsqueeze(-1))
-        if kernel.dim() == 2:
-            return gathered.mul_(kernel.t()).sum(dim=2)
-        flat_kernel = kernel.permute(2, 1, 0).reshape(-1, kernel.shape[0])
-        return gathered.view(batch, seq_len, -1) @ flat_kernel
+        flat_values = values.reshape(-1, values.shape[-1])
+        rows = _slot_rows(neighbours)
+        token_weights = weights.reshape(batch * seq_len, slots)
+        depthwise = kernel.dim() == 2
+        out = values.new_zeros(batch * seq_len, kernel.shape[0])
+        for slot in range(slots):
+            gathered = flat_values.index_select(0, rows[:, slot])
+            if depthwise:
+                out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
+            else:
+                out.addmm_(gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t())
+        return out.view(batch, seq_len, -1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        values, neighbours, weights, kernel = inputs
-        ctx.save_for_backward(values, neighbours, weights, kernel)
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        values, neighbours, weights, kernel = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
+        values = _values(source, value_weight)
         batch, seq_len, slots = neighbours.shape
         channels_in = values.shape[-1]
-        rows = _flat_rows(neighbours, values.shape[1])
-        gathered = _gather(values, rows, (batch, seq_len, slots))
+        flat_values = values.reshape(-1, channels_in)
+        rows = _slot_rows(neighbours)
+        token_weights = weights.reshape(batch * seq_len, slots)
+        grad_out = grad_out.reshape(batch * seq_len, -1)
+        depthwise = kernel.dim() == 2
 
-        if kernel.dim() == 2:
-            # grad of each weighted neighbour value: grad_out * W[:, k], shape (B, N, K, C)
-            grad_weighted = grad_out.unsqueeze(2) * kernel.t()
-            grad_weights = (gathered.unsqueeze(-2) @ grad_weighted.unsqueeze(-1)).view(batch, seq_len, slots)
-            grad_kernel = None
-            if ctx.needs_input_grad[3]:
-                gathered.mul_(weights.unsqueeze(-1)).mul_(grad_out.unsqueeze(2))
-                grad_kernel = gathered.sum(dim=(0, 1)).t()
+        grad_values = torch.zeros_like(flat_values)
+        grad_weights = values.new_empty(batch * seq_len, slots)
+        grad_kernel = torch.empty_like(kernel)
+        for slot in range(slots):
+            slot_weights = token_weights[:, slot : slot + 1]
+            gathered = flat_values.index_select(0, rows[:, slot])
+            if depthwise:
+                # gathered * grad_out is the common factor of the kernel and the weight gradients.
+                gathered.mul_(grad_out)
+                grad_kernel[:, slot] = token_weights[:, slot] @ gathered
+                grad_weights[:, slot] = gathered @ kernel[:, slot]
+                grad_gathered = grad_out * kernel[:, slot]
+            else:
+                grad_gathered = grad_out @ kernel[:, :, slot]
+                grad_weights[:, slot] = (gathered * grad_gathered).sum(-1)
+                grad_kernel[:, :, slot] = grad_out.t() @ gathered.mul_(slot_weights)
+            grad_values.index_add_(0, rows[:, slot], grad_gathered.mul_(slot_weights))
+
+        grad_source = grad_value_weight = None
+        if value_weight is None:
+            grad_source = grad_values.view_as(values)
         else:
-            flat_kernel = kernel.permute(2, 1, 0).reshape(-1, kernel.shape[0])
-            grad_weighted = (grad_out @ flat_kernel.t()).view(batch, seq_len, slots, channels_in)
-            grad_weights = (gathered.unsqueeze(-2) @ grad_weighted.unsqueeze(-1)).view(batch, seq_len, slots)
-            grad_kernel = None
-            if ctx.needs_input_grad[3]:
-                gathered.mul_(weights.unsqueeze(-1))
-                grad_flat = gathered.view(-1, slots * channels_in).t() @ grad_out.reshape(-1, grad_out.shape[-1])
-                grad_kernel = grad_flat.view(slots, channels_in, -1).permute(2, 1, 0)
-        del gathered
-
-        grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_weighted.mul_(weights.unsqueeze(-1))
-            grad_values = torch.zeros_like(values).view(-1, channels_in)
-            grad_values.index_add_(0, rows, grad_weighted.reshape(-1, channels_in))
-            grad_values = grad_values.view_as(values)
-        return grad_values, None, grad_weights, grad_kernel
+            if ctx.needs_input_grad[0]:
+                grad_source = (grad_values @ value_weight).view_as(source)
+            if ctx.needs_input_grad[4]:
+                grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
+        return grad_source, None, grad_weights.view(batch, seq_len, slots), grad_kernel, grad_value_weight
 
 
-def neighbour_conv(values: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor) -> Tensor:
+def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
+                   value_weight: Optional[Tensor] = None) -> Tensor:
     """Functional form of :class:`NeighbourConv`; see there for shapes."""
-    return NeighbourConv.apply(values, neighbours, weights, kernel)
+    return NeighbourConv.apply(source, neighbours, weights, kernel, value_weight)

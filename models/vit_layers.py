@@ -206,22 +206,37 @@ class MultiHeadConvNNAttention(nn.Module):
             return torch.randperm(seq_len, device=device)[: self.num_samples]
         return torch.linspace(0, seq_len - 1, self.num_samples, device=device).round().long()
 
-    def _similarity(self, q: Tensor, k: Tensor) -> Tensor:
+    def _similarity(self, x: Tensor, candidates: Optional[Tensor]) -> Tensor:
+        """``(B, N, r)`` similarity of every token's query to every candidate's key (SPEC 2.2 step 3)."""
+        seq_len = x.shape[1]
         if self.magnitude_type == "matmul":
-            return (q @ k.transpose(-1, -2)) / math.sqrt(self.d_hidden)
+            # q k^T = x (Wq^T Wk) x^T: one projection instead of two, and autograd keeps x Wq^T Wk and
+            # the input x (which the value path keeps anyway) rather than both q and k.
+            keys = x if candidates is None else x[:, candidates]
+            scores = (x @ (self.W_q.weight.t() @ self.W_k.weight)) @ keys.transpose(-1, -2)
+            if self.coordinates_in_similarity:
+                coords = _coordinates(seq_len, x)[0, :, 0]
+                key_coords = coords if candidates is None else coords[candidates]
+                scores = scores + coords.view(-1, 1) * key_coords.view(1, -1)
+            return scores / math.sqrt(self.d_hidden)
+        q, k = self.W_q(x), self.W_k(x)
+        if self.coordinates_in_similarity:
+            q, k = _with_coordinates(q), _with_coordinates(k)
+        if candidates is not None:
+            k = k[:, candidates]
         if self.magnitude_type == "cosine":
             return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
         return _euclidean(q, k)
 
-    def _select_by_features(self, q: Tensor, k: Tensor, candidates: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _select_by_features(self, x: Tensor, candidates: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Neighbour indices ``(B, N, K)`` and their similarity values, best first (SPEC 2.2 step 4)."""
         largest = self.magnitude_type != "euclidean"
+        similarity = self._similarity(x, candidates)
         if candidates is None:
-            values, neighbours = torch.topk(self._similarity(q, k), self.K, dim=-1, largest=largest)
+            values, neighbours = torch.topk(similarity, self.K, dim=-1, largest=largest)
             return neighbours, values
-        similarity = self._similarity(q, k[:, candidates])
-        batch, seq_len = q.shape[:2]
-        tokens = torch.arange(seq_len, device=q.device)
+        batch, seq_len = x.shape[:2]
+        tokens = torch.arange(seq_len, device=x.device)
         is_self = tokens.view(-1, 1) == candidates.view(1, -1)
         similarity = similarity.masked_fill(is_self, float("-inf") if largest else float("inf"))
         values, picked = torch.topk(similarity, self.K - 1, dim=-1, largest=largest)
@@ -249,13 +264,18 @@ class MultiHeadConvNNAttention(nn.Module):
             return torch.softmax(-values, dim=-1) if self.softmax_topk_val else 1.0 / (values + 1e-8)
         return torch.softmax(values, dim=-1) if self.softmax_topk_val else values
 
-    def _aggregate(self, v: Tensor, neighbours: Tensor, weights: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, neighbours: Tensor, weights: Tensor) -> Tensor:
         if self.convolution_type == "standard":
             kernel = self.conv.weight
         else:
             depthwise = self.conv if self.convolution_type == "depthwise" else self.conv[0]
             kernel = depthwise.weight.squeeze(1)
-        out = neighbour_conv(v, neighbours, weights.to(v.dtype), kernel.to(v.dtype))
+        dtype = x.dtype
+        if self.coordinates_in_values:
+            source, value_weight = _with_coordinates(self.W_v(x)), None
+        else:
+            source, value_weight = x, self.W_v.weight.to(dtype)
+        out = neighbour_conv(source, neighbours, weights.to(dtype), kernel.to(dtype), value_weight)
         if self.convolution_type == "depthwise-separable":
             out = out @ self.conv[1].weight.squeeze(-1).t().to(out.dtype)
         return out
@@ -268,19 +288,12 @@ class MultiHeadConvNNAttention(nn.Module):
             neighbours = self._select_by_position(seq_len, candidates, x.device)
             neighbours = neighbours.unsqueeze(0).expand(batch, -1, -1)
             return neighbours, x.new_ones(neighbours.shape)
-        q, k = self.W_q(x), self.W_k(x)
-        if self.coordinates_in_similarity:
-            q, k = _with_coordinates(q), _with_coordinates(k)
-        neighbours, values = self._select_by_features(q, k, candidates)
+        neighbours, values = self._select_by_features(x, candidates)
         return neighbours, self._weights(values)
 
     def forward(self, x: Tensor) -> Tensor:
         neighbours, weights = self.neighbours_and_weights(x)
-        v = self.W_v(x)
-        if self.coordinates_in_values:
-            v = _with_coordinates(v)
-        out = self._aggregate(v, neighbours, weights)
-        return self.W_o(self.dropout(out))
+        return self.W_o(self.dropout(self._aggregate(x, neighbours, weights)))
 
 
 class MultiHeadKvtAttention(nn.Module):

@@ -111,14 +111,16 @@ def test_depthwise_kernel_starts_at_one():
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
-def test_gradcheck_neighbour_conv(kernel_shape):
+@pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
+def test_gradcheck_neighbour_conv(kernel_shape, projected):
     torch.manual_seed(0)
     batch, seq_len, slots = 2, 6, 3
-    values = torch.randn(batch, seq_len, 5, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(batch, seq_len, 4 if projected else 5, dtype=torch.float64, requires_grad=True)
     neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
     weights = torch.randn(batch, seq_len, slots, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(*kernel_shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(neighbour_conv, (values, neighbours, weights, kernel))
+    value_weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True) if projected else None
+    assert torch.autograd.gradcheck(neighbour_conv, (source, neighbours, weights, kernel, value_weight))
 
 
 def test_neighbour_conv_handles_repeated_neighbours():
