@@ -324,8 +324,9 @@ class MultiHeadKvtAttention(nn.Module):
 
 def rotary_tables(seq_len: int, head_width: int, device, dtype, base: float = 10000.0) -> Tuple[Tensor, Tensor]:
     """Cosine and sine tables ``(N, head_width)`` of the rotary embedding at positions ``0..N-1``."""
-    inverse_frequency = 1.0 / base ** (torch.arange(0, head_width, 2, device=device, dtype=torch.float32) / head_width)
-    angles = torch.arange(seq_len, device=device, dtype=torch.float32).view(-1, 1) * inverse_frequency
+    exact = torch.promote_types(dtype, torch.float32)  # half-precision angles would drift at long range
+    inverse_frequency = 1.0 / base ** (torch.arange(0, head_width, 2, device=device, dtype=exact) / head_width)
+    angles = torch.arange(seq_len, device=device, dtype=exact).view(-1, 1) * inverse_frequency
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
