@@ -146,6 +146,10 @@ class MultiHeadConvNNAttention(nn.Module):
         self.W_v = nn.Linear(d_hidden, d_hidden, bias=False)
         self.W_o = nn.Linear(d_hidden, d_hidden, bias=False)
         self.dropout = nn.Dropout(attention_dropout)
+        # Set record_selection to keep the (neighbours, weights, candidates) of the latest forward pass in
+        # last_selection, for inspecting what the layer chose; off, it costs nothing.
+        self.record_selection = False
+        self.last_selection = self.last_candidates = None
         self.conv = self._build_conv(d_hidden + int(self.coordinates_in_values), d_hidden)
 
     @staticmethod
@@ -284,6 +288,8 @@ class MultiHeadConvNNAttention(nn.Module):
         """The selected neighbour indices ``(B, N, K)`` and their aggregation weights for input ``x``."""
         batch, seq_len, _ = x.shape
         candidates = None if self.sampling_type == "all" else self.sample_candidates(seq_len, x.device)
+        if self.record_selection:
+            self.last_candidates = candidates
         if self.positional_selection:
             neighbours = self._select_by_position(seq_len, candidates, x.device)
             neighbours = neighbours.unsqueeze(0).expand(batch, -1, -1)
@@ -293,6 +299,8 @@ class MultiHeadConvNNAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         neighbours, weights = self.neighbours_and_weights(x)
+        if self.record_selection:
+            self.last_selection = (neighbours.detach(), weights.detach(), self.last_candidates)
         return self.W_o(self.dropout(self._aggregate(x, neighbours, weights)))
 
 

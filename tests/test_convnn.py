@@ -189,3 +189,21 @@ def test_euclidean_distance_is_never_nan_for_identical_query_and_key():
     out = layer(x)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+def test_recorded_selection_is_what_the_forward_pass_used():
+    layer = make_layer(sampling_type="random", K=3, convolution_type="depthwise")
+    torch.nn.init.ones_(layer.conv.weight)
+    layer.record_selection = True
+    x = torch.randn(2, SEQ_LEN, WIDTH, dtype=torch.float64)
+    out = layer(x)
+    neighbours, weights, candidates = layer.last_selection
+    assert candidates is not None and len(candidates) == 7
+    assert set(neighbours[..., 1:].unique().tolist()) <= set(candidates.tolist())
+    v = x @ layer.W_v.weight.t()
+    rebuilt = torch.stack([(weights[b].unsqueeze(-1) * v[b, neighbours[b]]).sum(1) for b in range(2)])
+    torch.testing.assert_close(out, rebuilt @ layer.W_o.weight.t(), rtol=0, atol=1e-12)
+    layer.record_selection = False
+    layer.last_selection = None
+    layer(x)
+    assert layer.last_selection is None
