@@ -9,8 +9,8 @@ neighbour values. Written plainly, autograd would build the gathered ``(B, N, K,
 values and keep them (and their weighted copy) until the backward pass. Here both passes walk the
 ``K`` slots one at a time, gathering one ``(B*N, C)`` slab per slot and folding it into the result,
 so no ``N x K x C`` tensor ever exists, and the backward pass gathers again instead of saving:
-only the inputs are kept. Slab-sized buffers are also reused by the allocator, where one large
-buffer per call would be freshly mapped (and page-faulted) every time on the CPU.
+only the inputs are kept. The slabs live in two buffers reused across slots: on the CPU a fresh
+large allocation per slot is mapped and page-faulted anew each time, which costs more than the copy.
 """
 
 from typing import Optional
@@ -54,8 +54,9 @@ class NeighbourConv(torch.autograd.Function):
         token_weights = weights.reshape(batch * seq_len, slots)
         depthwise = kernel.dim() == 2
         out = values.new_zeros(batch * seq_len, kernel.shape[0])
+        gathered = values.new_empty(batch * seq_len, values.shape[-1])
         for slot in range(slots):
-            gathered = flat_values.index_select(0, rows[:, slot])
+            torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
             if depthwise:
                 out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
             else:
@@ -81,17 +82,18 @@ class NeighbourConv(torch.autograd.Function):
         grad_values = torch.zeros_like(flat_values)
         grad_weights = values.new_empty(batch * seq_len, slots)
         grad_kernel = torch.empty_like(kernel)
+        gathered, grad_gathered = torch.empty_like(flat_values), torch.empty_like(flat_values)
         for slot in range(slots):
             slot_weights = token_weights[:, slot : slot + 1]
-            gathered = flat_values.index_select(0, rows[:, slot])
+            torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
             if depthwise:
                 # gathered * grad_out is the common factor of the kernel and the weight gradients.
                 gathered.mul_(grad_out)
                 grad_kernel[:, slot] = token_weights[:, slot] @ gathered
                 grad_weights[:, slot] = gathered @ kernel[:, slot]
-                grad_gathered = grad_out * kernel[:, slot]
+                torch.mul(grad_out, kernel[:, slot], out=grad_gathered)
             else:
-                grad_gathered = grad_out @ kernel[:, :, slot]
+                torch.mm(grad_out, kernel[:, :, slot], out=grad_gathered)
                 grad_weights[:, slot] = (gathered * grad_gathered).sum(-1)
                 grad_kernel[:, :, slot] = grad_out.t() @ gathered.mul_(slot_weights)
             grad_values.index_add_(0, rows[:, slot], grad_gathered.mul_(slot_weights))

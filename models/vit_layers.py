@@ -217,12 +217,13 @@ class MultiHeadConvNNAttention(nn.Module):
             # q k^T = x (Wq^T Wk) x^T: one projection instead of two, and autograd keeps x Wq^T Wk and
             # the input x (which the value path keeps anyway) rather than both q and k.
             keys = x if candidates is None else x[:, candidates]
-            scores = (x @ (self.W_q.weight.t() @ self.W_k.weight)) @ keys.transpose(-1, -2)
+            scale = 1.0 / math.sqrt(self.d_hidden)
+            scores = (x @ (self.W_q.weight.t() @ self.W_k.weight * scale)) @ keys.transpose(-1, -2)
             if self.coordinates_in_similarity:
                 coords = _coordinates(seq_len, x)[0, :, 0]
                 key_coords = coords if candidates is None else coords[candidates]
-                scores = scores + coords.view(-1, 1) * key_coords.view(1, -1)
-            return scores / math.sqrt(self.d_hidden)
+                scores = scores + (coords.view(-1, 1) * scale) * key_coords.view(1, -1)
+            return scores
         q, k = self.W_q(x), self.W_k(x)
         if self.coordinates_in_similarity:
             q, k = _with_coordinates(q), _with_coordinates(k)

@@ -1,0 +1,209 @@
+"""Speed and memory of every token mixer and of whole-model training, as ratios to ``Attention``.
+
+Three tables, each measured side by side in one run (the candidates alternate within every
+repeat, so drift on a shared machine hits all of them alike):
+
+1. every layer, forward+backward time and bytes saved for backward, at (B, N) = (32, 65),
+   (32, 197), (8, 1025) with D = 192; ConvNN-Attention with ``all``, ``random`` (64 candidates)
+   and ``spatial`` (8x8 grid) sampling;
+2. whole-model ViT-Tiny training steps (forward, backward, AdamW step) in images per second, at
+   32 px / patch 4 and 224 px / patch 16, for ``Attention`` and ``ConvNNAttention``, eager and compiled;
+3. data loading in images per second at 224 px, for the worker loader and the device-resident one
+   (when ``dataset.py`` provides it).
+
+Prints markdown tables and writes every figure to a JSON file.
+
+    python scripts/benchmark.py --device cpu --json benchmark.json
+"""
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.vit import ViT, build_layer  # noqa: E402
+
+SHAPES = ((32, 65), (32, 197), (8, 1025))
+WIDTH = 192
+LAYER_CASES = (
+    ("Attention", {}),
+    ("ConvNNAttention", {}),
+    ("ConvNNAttention random-64", dict(sampling_type="random", num_samples=64)),
+    ("ConvNNAttention spatial-8x8", dict(sampling_type="spatial", num_samples=8)),
+    ("KvtAttention", {}),
+    ("LocalAttention", {}),
+    ("SparseAttention", dict(sparse_mode="local")),
+    ("Conv1d", {}),
+    ("BranchConv", {}),
+    ("BranchAttention", {}),
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the tensors autograd keeps for backward during ``step()``, each storage counted once."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = step()
+    del output
+    return sum(storages.values())
+
+
+def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):
+    """Median seconds of each step; the steps alternate inside every repeat."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def layer_table(device, dtype, repeats, warmup):
+    rows = []
+    for batch, seq_len in SHAPES:
+        grid_side = math.isqrt(seq_len - 1)
+        options = dict(d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, K=9, kernel_size=9,
+                       num_tokens=seq_len, grid_size=(grid_side, grid_side), branch_ratio=0.5)
+        x = torch.randn(batch, seq_len, WIDTH, device=device, requires_grad=True)
+        names, steps, forwards = [], [], []
+        for name, extra in LAYER_CASES:
+            layer = build_layer(name.split()[0], **options, **extra).to(device).train()
+
+            def forward(layer=layer):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    return layer(x)
+
+            names.append(name)
+            forwards.append(forward)
+            steps.append(lambda forward=forward: forward().float().sum().backward())
+        times = interleaved_medians(steps, repeats, warmup, device)
+        memory = [saved_bytes(forward) for forward in forwards]
+        for name, seconds, saved in zip(names, times, memory):
+            rows.append(dict(batch=batch, tokens=seq_len, layer=name, ms=seconds * 1e3, time_ratio=seconds / times[0],
+                             saved_mib=saved / 2**20, memory_ratio=saved / memory[0]))
+    return rows
+
+
+def training_step(model, optimizer, images, labels, dtype, device):
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def model_table(device, dtype, repeats, warmup, batch, compile_modes):
+    rows = []
+    for img_size, patch in ((32, 4), (224, 16)):
+        images = torch.randn(batch, 3, img_size, img_size, device=device)
+        labels = torch.randint(0, 10, (batch,), device=device)
+        names, steps = [], []
+        for compiled in compile_modes:
+            for layer in ("Attention", "ConvNNAttention"):
+                torch.manual_seed(0)
+                model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch).to(device).train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                runnable = torch.compile(model) if compiled else model
+                names.append((layer, "compiled" if compiled else "eager"))
+                steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
+        measured = dict(zip(names, interleaved_medians(steps, repeats, warmup, device)))
+        for (layer, mode), seconds in measured.items():
+            rows.append(dict(image=img_size, patch=patch, layer=layer, mode=mode, batch=batch,
+                             images_per_second=batch / seconds,
+                             ratio_to_attention=measured[("Attention", mode)] / seconds,
+                             ratio_to_eager=measured[(layer, "eager")] / seconds))
+    return rows
+
+
+def data_table(device, batches, batch_size):
+    try:
+        from dataset import benchmark_loaders
+    except ImportError:
+        return []
+    return benchmark_loaders(device=device, image_size=224, batch_size=batch_size, batches=batches)
+
+
+def print_tables(layers, models, data, header):
+    print(header + "\n")
+    if layers:
+        print("| B | N | layer | fwd+bwd ms | x Attention | saved MiB | x Attention |")
+        print("|---|---|---|---|---|---|---|")
+        for r in layers:
+            print(f"| {r['batch']} | {r['tokens']} | {r['layer']} | {r['ms']:.1f} | {r['time_ratio']:.2f} "
+                  f"| {r['saved_mib']:.1f} | {r['memory_ratio']:.2f} |")
+        print()
+    if models:
+        print("| image / patch | layer | mode | images/s | x Attention | x eager |")
+        print("|---|---|---|---|---|---|")
+        for r in models:
+            print(f"| {r['image']} / {r['patch']} | {r['layer']} | {r['mode']} | {r['images_per_second']:.1f} "
+                  f"| {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
+        print()
+    if data:
+        print("| data path | images/s at 224 px |")
+        print("|---|---|")
+        for r in data:
+            print(f"| {r['path']} | {r['images_per_second']:.0f} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
+    parser.add_argument("--parts", default="layers,models,data", help="comma-separated subset to run")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--model_batch", type=int, default=32)
+    parser.add_argument("--no_compile", action="store_true", help="skip the compiled whole-model rows")
+    parser.add_argument("--json", default="benchmark.json")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
+    parts = set(args.parts.split(","))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    header = (f"{time.strftime('%Y-%m-%d')}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
+              f"torch {torch.__version__}, {'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'}")
+    torch.manual_seed(0)
+    layers = layer_table(device, dtype, args.repeats, args.warmup) if "layers" in parts else []
+    compile_modes = (False,) if args.no_compile else (False, True)
+    models = (model_table(device, dtype, args.repeats, args.warmup, args.model_batch, compile_modes)
+              if "models" in parts else [])
+    data = data_table(device, batches=args.repeats, batch_size=args.model_batch) if "data" in parts else []
+    print_tables(layers, models, data, header)
+    Path(args.json).write_text(json.dumps(dict(header=header, layers=layers, models=models, data=data), indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
