@@ -1,0 +1,174 @@
+"""Datasets: CIFAR-10/100 (torchvision), ImageNet-style image folders, and an in-memory synthetic set."""
+
+import os
+import tarfile
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
+
+NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+# Side of the stored images; ImageNet has none (its photos come in every size).
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32}
+
+CIFAR_FILES = {
+    "cifar10": ("CIFAR-10", datasets.CIFAR10, "cifar-10-python.tar.gz", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR-100", datasets.CIFAR100, "cifar-100-python.tar.gz", "cifar-100-python/"),
+}
+
+# The synthetic set's size; tests shrink these for speed.
+SYNTHETIC_TRAIN_SIZE = 5000
+SYNTHETIC_TEST_SIZE = 1000
+SYNTHETIC_CLASSES = 10
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The data cannot be found or fetched; the message is one line naming what to put where."""
+
+
+def image_size(dataset: str, resize: int) -> int:
+    """Side of the images the model will see, known without touching the data."""
+    if resize > 0:
+        return resize
+    if dataset not in NATIVE_SIZE:
+        raise ValueError(f"--resize: {dataset} images have no common native size; give a size, e.g. --resize 224")
+    return NATIVE_SIZE[dataset]
+
+
+def num_classes(dataset: str, data_path: str) -> int:
+    """Number of classes, known without loading the data (image folders: one class per train/ subfolder)."""
+    if dataset == "cifar100":
+        return 100
+    if dataset in ("cifar10", "synthetic"):
+        return 10
+    return len(_class_folders(os.path.join(data_path, "train")))
+
+
+def _class_folders(root: str) -> list:
+    if not os.path.isdir(root):
+        raise DatasetUnavailableError(f"--data_path: no image folder at {root}; expected {root}/<class>/<image files>")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not folders:
+        raise DatasetUnavailableError(f"--data_path: {root} holds no class folders; expected {root}/<class>/<image files>")
+    return folders
+
+
+def build_transform(dataset: str, resize: int, augment: bool) -> v2.Compose:
+    """Resize (when asked), optional augmentation, then float conversion and normalisation.
+    The v2 transforms accept both PIL images (CIFAR, folders) and uint8 tensors (synthetic)."""
+    steps = [v2.ToImage()]
+    if resize > 0:
+        steps.append(v2.Resize((resize, resize), antialias=True))
+    if augment:
+        size = image_size(dataset, resize)
+        steps += [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+    mean, std = NORMALISATION[dataset]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def load_datasets(
+    dataset: str, data_path: str, resize: int, augment: bool, need_train: bool = True
+) -> Tuple[Optional[Dataset], Dataset, int, int]:
+    """Returns ``(train_dataset, test_dataset, num_classes, img_size)``; ``train_dataset`` is None
+    when ``need_train`` is False (evaluation only). ``augment`` affects the training split only."""
+    train_transform = build_transform(dataset, resize, augment)
+    test_transform = build_transform(dataset, resize, augment=False)
+    if dataset in CIFAR_FILES:
+        train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
+    elif dataset == "imagenet":
+        train = datasets.ImageFolder(os.path.join(data_path, "train"), train_transform) if need_train else None
+        _class_folders(os.path.join(data_path, "val"))
+        test = datasets.ImageFolder(os.path.join(data_path, "val"), test_transform)
+    elif dataset == "synthetic":
+        train = SyntheticImages(SYNTHETIC_TRAIN_SIZE, seed=1, transform=train_transform) if need_train else None
+        test = SyntheticImages(SYNTHETIC_TEST_SIZE, seed=2, transform=test_transform)
+    else:
+        raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    return train, test, num_classes(dataset, data_path), image_size(dataset, resize)
+
+
+def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
+    train = _open_cifar(dataset, data_path, True, train_transform) if need_train else None
+    return train, _open_cifar(dataset, data_path, False, test_transform)
+
+
+def _open_cifar(dataset: str, root: str, train: bool, transform) -> Dataset:
+    name, cifar_class, archive, folder = CIFAR_FILES[dataset]
+    try:
+        return cifar_class(root, train=train, transform=transform, download=False)
+    except RuntimeError:
+        pass  # files absent or damaged: fetch them (torchvision reuses an archive already in root)
+    try:
+        return cifar_class(root, train=train, transform=transform, download=True)
+    except (OSError, RuntimeError, tarfile.TarError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DatasetUnavailableError(
+            f"--data_path: {name} is not in {root} and could not be downloaded ({reason}); "
+            f"place {archive} or the extracted {folder} under {root}"
+        ) from error
+
+
+class SyntheticImages(Dataset):
+    """A deterministic, learnable 10-class set of 32x32 RGB images held in memory.
+
+    Each class has a template: a colour and a stripe pattern (orientation and frequency). A sample is
+    its class template, shifted at random by up to 4 pixels, with random brightness and strong noise,
+    so that a classifier must look at both colour and pattern, yet a small ViT learns it in minutes.
+    """
+
+    side = 32
+
+    def __init__(self, size: int, seed: int, transform=None):
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(size) % SYNTHETIC_CLASSES
+        self.labels = self.labels[torch.randperm(size, generator=generator)]
+        self.images = self._render(self.labels, generator)
+        self.transform = transform
+
+    @classmethod
+    def _templates(cls) -> torch.Tensor:
+        """``(10, 3, 32, 32)`` class templates in [0, 1]; fixed, independent of any seed."""
+        rows, cols = torch.meshgrid(torch.arange(cls.side), torch.arange(cls.side), indexing="ij")
+        # Five colours, each paired with two stripe patterns: colour alone cannot tell a class.
+        colours = torch.tensor(
+            [[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.2], [0.7, 0.3, 0.8]]
+        )
+        directions = [(1, 0), (0, 1), (1, 1), (1, -1), (2, 1), (1, 2), (1, 0), (0, 1), (1, 1), (1, -1)]
+        templates = []
+        for label in range(SYNTHETIC_CLASSES):
+            row_step, col_step = directions[label]
+            period = 8.0 if label < 6 else 4.0
+            phase = 2 * torch.pi * (row_step * rows + col_step * cols) / period
+            stripes = 0.5 + 0.5 * torch.sin(phase)
+            colour = colours[label % 5].view(3, 1, 1)
+            templates.append(colour * (0.3 + 0.7 * stripes))
+        return torch.stack(templates)
+
+    def _render(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = self._templates()[labels]
+        shifts = torch.randint(-4, 5, (len(labels), 2), generator=generator)
+        images = torch.stack([image.roll(tuple(shift.tolist()), dims=(1, 2)) for image, shift in zip(images, shifts)])
+        brightness = 0.7 + 0.6 * torch.rand(len(labels), 1, 1, 1, generator=generator)
+        noise = 0.25 * torch.randn(images.shape, generator=generator)
+        images = (images * brightness + noise).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])

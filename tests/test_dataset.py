@@ -1,0 +1,175 @@
+"""Datasets from files in their on-disk formats (nothing is downloaded) and the synthetic set."""
+
+import os
+import pickle
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import dataset
+
+
+@pytest.fixture
+def files_only_integrity(monkeypatch):
+    """The fake CIFAR files cannot match torchvision's MD5 sums; accept any file that exists."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
+
+
+def write_pickle(path, content):
+    with open(path, "wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+
+
+def cifar_images(count, offset):
+    """Rows of 3072 bytes (1024 red, 1024 green, 1024 blue) with a value unique to each image."""
+    values = (np.arange(count, dtype=np.uint8) * 20 + offset).reshape(count, 1)
+    return np.repeat(values, 3072, axis=1).astype(np.uint8)
+
+
+def write_cifar10(root, per_batch=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for index in range(1, 6):
+        write_pickle(folder / f"data_batch_{index}", {
+            "batch_label": f"training batch {index} of 5", "data": cifar_images(per_batch, index),
+            "labels": [(index + i) % 10 for i in range(per_batch)], "filenames": [f"{i}.png" for i in range(per_batch)],
+        })
+    write_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": cifar_images(3, 100),
+                                         "labels": [7, 8, 9], "filenames": ["a.png", "b.png", "c.png"]})
+    write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)],
+                                           "num_cases_per_batch": per_batch, "num_vis": 3072})
+
+
+def write_cifar100(root):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    write_pickle(folder / "train", {"data": cifar_images(6, 0), "fine_labels": [0, 10, 20, 30, 40, 99],
+                                    "coarse_labels": [0, 1, 2, 3, 4, 19], "filenames": [f"{i}.png" for i in range(6)]})
+    write_pickle(folder / "test", {"data": cifar_images(2, 50), "fine_labels": [5, 98],
+                                   "coarse_labels": [1, 18], "filenames": ["a.png", "b.png"]})
+    write_pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
+                                   "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+
+
+def normalised(value, name):
+    mean, std = dataset.NORMALISATION[name]
+    return torch.tensor([(value / 255 - m) / s for m, s in zip(mean, std)])
+
+
+def test_cifar10_loads_from_its_python_batches(tmp_path, files_only_integrity):
+    write_cifar10(tmp_path)
+    train, test, classes, size = dataset.load_datasets("cifar10", str(tmp_path), resize=0, augment=False)
+    assert (len(train), len(test), classes, size) == (20, 3, 10, 32)
+    image, label = train[5]  # data_batch_2, second image
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 3
+    torch.testing.assert_close(image[:, 0, 0], normalised(22, "cifar10"))
+    assert [test[i][1] for i in range(3)] == [7, 8, 9]
+
+
+def test_cifar100_loads_fine_labels(tmp_path, files_only_integrity):
+    write_cifar100(tmp_path)
+    train, test, classes, size = dataset.load_datasets("cifar100", str(tmp_path), resize=0, augment=False)
+    assert (len(train), len(test), classes, size) == (6, 2, 100, 32)
+    assert [train[i][1] for i in range(6)] == [0, 10, 20, 30, 40, 99]
+    torch.testing.assert_close(test[1][0][:, 5, 5], normalised(70, "cifar100"))
+
+
+def test_cifar_resize_and_test_only_loading(tmp_path, files_only_integrity):
+    write_cifar10(tmp_path)
+    train, test, _, size = dataset.load_datasets("cifar10", str(tmp_path), resize=48, augment=False, need_train=False)
+    assert train is None and size == 48 and test[0][0].shape == (3, 48, 48)
+
+
+def test_missing_cifar_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(dataset.DatasetUnavailableError) as error:
+        dataset.load_datasets("cifar100", str(tmp_path), resize=0, augment=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("--data_path: CIFAR-100")
+    assert f"place cifar-100-python.tar.gz or the extracted cifar-100-python/ under {tmp_path}" in message
+
+
+def write_image_folders(root, classes=("cat", "dog", "fox"), per_class=2, side=20):
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for number in range(per_class):
+                Image.new("RGB", (side, side + 4), color=(index * 100, 50, 200)).save(folder / f"{number}.png")
+
+
+def test_image_folders_load_as_imagenet(tmp_path):
+    write_image_folders(tmp_path)
+    train, test, classes, size = dataset.load_datasets("imagenet", str(tmp_path), resize=16, augment=False)
+    assert (len(train), len(test), classes, size) == (6, 6, 3, 16)
+    image, label = test[4]
+    assert image.shape == (3, 16, 16) and label == 2 and test.classes == ["cat", "dog", "fox"]
+    torch.testing.assert_close(image[:, 8, 8], torch.tensor(
+        [(v / 255 - m) / s for v, m, s in zip((200, 50, 200), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    assert dataset.num_classes("imagenet", str(tmp_path)) == 3
+
+
+def test_imagenet_needs_a_size_and_folders(tmp_path):
+    with pytest.raises(ValueError, match="^--resize"):
+        dataset.image_size("imagenet", 0)
+    with pytest.raises(dataset.DatasetUnavailableError, match="^--data_path: no image folder"):
+        dataset.num_classes("imagenet", str(tmp_path))
+
+
+def test_image_sizes_known_before_loading():
+    assert dataset.image_size("cifar10", 0) == 32 and dataset.image_size("synthetic", 0) == 32
+    assert dataset.image_size("cifar100", 224) == 224 and dataset.image_size("imagenet", 160) == 160
+
+
+def test_normalisation_constants():
+    assert dataset.NORMALISATION["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert dataset.NORMALISATION["cifar100"] == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert dataset.NORMALISATION["imagenet"] == imagenet and dataset.NORMALISATION["synthetic"] == imagenet
+
+
+def test_augmentation_applies_to_training_only(small_synthetic):
+    train, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=0, augment=True)
+    train_steps = [type(step) for step in train.transform.transforms]
+    test_steps = [type(step) for step in test.transform.transforms]
+    assert v2.RandomCrop in train_steps and v2.RandomHorizontalFlip in train_steps
+    assert v2.RandomCrop not in test_steps and v2.RandomHorizontalFlip not in test_steps
+    crop = next(step for step in train.transform.transforms if isinstance(step, v2.RandomCrop))
+    assert crop.padding == [4, 4, 4, 4]
+    torch.manual_seed(0)
+    views = {tuple(train[0][0].flatten()[:50].tolist()) for _ in range(10)}
+    assert len(views) > 1 and train[0][0].shape == (3, 32, 32)
+
+
+def test_synthetic_set_is_deterministic_balanced_and_split():
+    first = dataset.SyntheticImages(300, seed=1)
+    again = dataset.SyntheticImages(300, seed=1)
+    other = dataset.SyntheticImages(300, seed=2)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert not torch.equal(first.images, other.images)
+    assert first.images.shape == (300, 3, 32, 32) and first.images.dtype == torch.uint8
+    assert torch.bincount(first.labels, minlength=10).tolist() == [30] * 10
+
+
+def test_synthetic_classes_differ_beyond_noise():
+    images = dataset.SyntheticImages(1000, seed=1)
+    means = torch.stack([images.images[images.labels == c].float().mean(dim=(0, 2, 3)) for c in range(10)])
+    # Classes sharing a colour (c and c + 5) differ by pattern only; others differ in mean colour.
+    assert torch.cdist(means[:5], means[:5]).add(torch.eye(5) * 1e3).min() > 20
+
+
+def test_synthetic_default_size_is_a_few_thousand_images():
+    assert (dataset.SYNTHETIC_TRAIN_SIZE, dataset.SYNTHETIC_TEST_SIZE) == (5000, 1000)
+    train, test, classes, size = dataset.load_datasets("synthetic", "unused", resize=0, augment=False)
+    assert (len(train), len(test), classes, size) == (5000, 1000, 10, 32)
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10

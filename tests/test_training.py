@@ -1,0 +1,377 @@
+"""Training runs on the small synthetic set: output files, resuming, test-only evaluation, and the
+training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
+
+import csv
+import re
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import train_eval
+import utils
+import vit_main
+from models.vit import ViT
+
+FLOAT = r"\d+\.\d+"
+EPOCH_LINE = re.compile(
+    rf"^\[Epoch (\d{{3}})\] Time: {FLOAT}s \| \[Train\] Loss: \d+\.\d{{8}} Accuracy: Top1: \d+\.\d{{4}}%, "
+    rf"Top5: \d+\.\d{{4}}% \| \[Test\] Loss: (\d+\.\d{{8}}) Accuracy: Top1: (\d+\.\d{{4}})%, Top5: \d+\.\d{{4}}%$"
+)
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
+                   "history", "args"}
+# Columns that must repeat exactly between two runs of the same seed (timings do not).
+DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
+
+
+def read_metrics(output_dir):
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def results_lines(output_dir):
+    return (output_dir / "train_eval_results.txt").read_text().splitlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_epoch_run(tiny_argv, tmp_path_factory, capsys):
+    output_dir = tmp_path_factory.mktemp("run")
+    vit_main.main(tiny_argv(output_dir, "--layer", "ConvNNAttention", "--K", "4", "--num_epochs", "2"))
+    return output_dir, capsys.readouterr().out
+
+
+def test_run_writes_args_and_model_summary(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    arguments = dict(line.split(": ", 1) for line in (output_dir / "args.txt").read_text().splitlines())
+    assert arguments["layer"] == "ConvNNAttention" and arguments["num_epochs"] == "2"
+    assert arguments["output_dir"] == str(output_dir) and arguments["lr"] == "0.001"
+
+    summary = (output_dir / "model.txt").read_text()
+    assert "transformer_encoder" in summary and "MultiHeadConvNNAttention" in summary
+    torch.manual_seed(0)
+    model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
+                d_hidden=32, d_mlp=64, K=4)
+    assert f"Total parameters: {utils.count_parameters(model):,}" in summary
+    gflops = float(re.search(r"GFLOPs per image \(32x32, forward\): (\S+)", summary).group(1))
+    assert 0 < gflops < 0.01
+
+
+def test_results_file_has_one_line_per_epoch_then_the_summary(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    lines = results_lines(output_dir)
+    assert len(lines) == 4
+    matches = [EPOCH_LINE.match(line) for line in lines[:2]]
+    assert all(matches), lines[:2]
+    assert [int(m.group(1)) for m in matches] == [1, 2]
+    assert re.fullmatch(rf"Average Epoch Time: {FLOAT}s", lines[2])
+    accuracies = [float(m.group(3)) for m in matches]
+    best_epoch = 1 if accuracies[0] >= accuracies[1] else 2
+    assert lines[3] == f"Max Accuracy: {max(accuracies):.4f}% at epoch {best_epoch}"
+
+
+def test_metrics_csv_agrees_with_the_results_file(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    rows = read_metrics(output_dir)
+    assert list(rows[0]) == utils.METRIC_COLUMNS and [row["epoch"] for row in rows] == ["1", "2"]
+    for row, line in zip(rows, results_lines(output_dir)):
+        match = EPOCH_LINE.match(line)
+        assert f"{float(row['test_loss']):.8f}" == match.group(2)
+        assert f"{float(row['test_top1']):.4f}" == match.group(3)
+        assert float(row["lr"]) == pytest.approx(1e-3)
+        assert float(row["images_per_second"]) > 0 and float(row["epoch_seconds"]) > 0
+        assert 0 <= float(row["train_top1"]) <= float(row["train_top5"]) <= 100
+
+
+def test_curves_png_is_an_image(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    assert (output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    last = utils.load_checkpoint(output_dir / "last.pt")
+    best = utils.load_checkpoint(output_dir / "best.pt")
+    assert set(last) == CHECKPOINT_KEYS and set(best) == CHECKPOINT_KEYS
+    assert last["epoch"] == 2 and best["epoch"] == best["best_epoch"] == last["best_epoch"]
+    assert last["args"]["layer"] == "ConvNNAttention" and len(last["history"]) == 2
+    assert set(last["rng"]) >= {"python", "numpy", "torch"}
+    model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
+                d_hidden=32, d_mlp=64, K=4)
+    model.load_state_dict(best["model"])  # strict
+    assert best["best_accuracy"] == max(record["test_top1"] for record in last["history"])
+
+
+def test_no_temporary_files_are_left_behind(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(
+        ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt"]
+    )
+
+
+def test_without_a_terminal_each_epoch_prints_one_plain_line(two_epoch_run):
+    _, stdout = two_epoch_run
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("[Epoch")]
+    assert len(epoch_lines) == 2 and "\r" not in stdout
+    assert "LR: 1.000e-03" in epoch_lines[0] and "img/s" in epoch_lines[0]
+
+
+def test_synthetic_set_is_learnt_well_above_chance(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--dropout", "0", "--attention_dropout", "0"))
+    assert max(float(row["test_top1"]) for row in read_metrics(tmp_path)) > 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_in_epoch(monkeypatch, epoch):
+    """Makes training crash part-way through the given epoch, as a killed job would."""
+    train_one_epoch = train_eval.Trainer.train_one_epoch
+    calls = {"count": 0}
+
+    def crashing(self, loader, description):
+        calls["count"] += 1
+        if calls["count"] == epoch:
+            raise Interrupted
+        return train_one_epoch(self, loader, description)
+
+    monkeypatch.setattr(train_eval.Trainer, "train_one_epoch", crashing)
+
+
+RESUME_FLAGS = ["--num_epochs", "4", "--augment", "--scheduler", "cosine", "--layer", "ConvNNAttention",
+                "--sampling_type", "random", "--num_samples", "8", "--K", "3", "--seed", "7"]
+
+
+def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
+    """Dropout, augmentation, random sampling, shuffling and the cosine schedule all continue exactly."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    vit_main.main(tiny_argv(straight, *RESUME_FLAGS))
+
+    with monkeypatch.context() as patch:
+        interrupt_in_epoch(patch, 3)
+        with pytest.raises(Interrupted):
+            vit_main.main(tiny_argv(resumed, *RESUME_FLAGS))
+    assert len(results_lines(resumed)) == 2
+    vit_main.main(tiny_argv(resumed, *RESUME_FLAGS, "--resume", "auto"))
+
+    for expected, actual in zip(read_metrics(straight), read_metrics(resumed), strict=True):
+        for column in DETERMINISTIC_COLUMNS:
+            assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
+    resumed_lines = results_lines(resumed)
+    assert [line[:11] for line in resumed_lines[:4]] == [f"[Epoch {e:03d}]" for e in range(1, 5)]
+    assert len(resumed_lines) == 6 and resumed_lines[5] == results_lines(straight)[5]
+    straight_weights = utils.load_checkpoint(straight / "last.pt")["model"]
+    resumed_weights = utils.load_checkpoint(resumed / "last.pt")["model"]
+    for name, weight in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=0, atol=1e-6)
+
+
+def test_resuming_an_earlier_checkpoint_drops_later_lines(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
+    shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--resume", "auto"))
+    assert len(results_lines(tmp_path)) == 5 and len(read_metrics(tmp_path)) == 3
+
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "4", "--resume", tmp_path / "after_epoch_2.pt"))
+    lines = results_lines(tmp_path)
+    assert [line[:11] for line in lines[:4]] == [f"[Epoch {e:03d}]" for e in range(1, 5)]
+    assert lines[4].startswith("Average Epoch Time") and lines[5].startswith("Max Accuracy") and len(lines) == 6
+    assert [row["epoch"] for row in read_metrics(tmp_path)] == ["1", "2", "3", "4"]
+    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1", "--resume", "auto"))
+    assert [row["epoch"] for row in read_metrics(tmp_path)] == ["1"]
+
+
+def test_resume_with_another_architecture_is_a_usage_error(tiny_argv, tmp_path, capsys):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1"))
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--d_hidden", "16", "--resume", "auto"))
+    assert exit_info.value.code == 2
+    assert "error: --resume:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_only_reports_the_same_numbers_every_time(tiny_argv, tmp_path, capsys):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
+    best = utils.load_checkpoint(tmp_path / "best.pt")
+    best_record = best["history"][best["best_epoch"] - 1]
+    args_before = (tmp_path / "args.txt").read_text()
+    capsys.readouterr()
+
+    reports = []
+    for _ in range(2):
+        vit_main.main(tiny_argv(tmp_path, "--test_only"))  # best.pt of the output directory by default
+        reports.append((tmp_path / "test_results.txt").read_text())
+    assert reports[0] == reports[1]
+    checkpoint_line, numbers = reports[0].splitlines()
+    assert checkpoint_line == f"Checkpoint: {tmp_path / 'best.pt'}"
+    assert numbers == utils.test_line(best_record["test_loss"], best_record["test_top1"], best_record["test_top5"])
+    assert numbers in capsys.readouterr().out
+    assert (tmp_path / "args.txt").read_text() == args_before  # the training run's record is kept
+
+
+def test_only_with_an_explicit_checkpoint(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path / "train", "--num_epochs", "1"))
+    vit_main.main(tiny_argv(tmp_path / "eval", "--test_only", "--checkpoint", tmp_path / "train" / "last.pt"))
+    record = utils.load_checkpoint(tmp_path / "train" / "last.pt")["history"][0]
+    lines = (tmp_path / "eval" / "test_results.txt").read_text().splitlines()
+    assert lines == [f"Checkpoint: {tmp_path / 'train' / 'last.pt'}",
+                     utils.test_line(record["test_loss"], record["test_top1"], record["test_top5"])]
+
+
+def test_only_accepts_a_bare_state_dict_and_rejects_other_files(tiny_argv, tmp_path, capsys):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1"))
+    weights = utils.load_checkpoint(tmp_path / "last.pt")["model"]
+    torch.save(weights, tmp_path / "weights_only.pt")
+    vit_main.main(tiny_argv(tmp_path, "--test_only", "--checkpoint", tmp_path / "weights_only.pt"))
+    record = utils.load_checkpoint(tmp_path / "last.pt")["history"][0]
+    assert (tmp_path / "test_results.txt").read_text().splitlines()[1] == utils.test_line(
+        record["test_loss"], record["test_top1"], record["test_top5"])
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(tiny_argv(tmp_path, "--test_only", "--checkpoint", tmp_path / "garbage.pt"))
+    assert exit_info.value.code == 2
+    assert "error: --checkpoint:" in capsys.readouterr().err
+
+
+def test_only_without_weights_warns_and_evaluates_a_fresh_model(tiny_argv, tmp_path, capsys):
+    vit_main.main(tiny_argv(tmp_path, "--test_only"))
+    assert "freshly initialised" in capsys.readouterr().err
+    assert (tmp_path / "test_results.txt").read_text().startswith("Checkpoint: none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mse_compares_logits_with_one_hot_targets():
+    logits, targets = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    losses = train_eval.per_sample_loss("MSE", 4)(logits, targets)
+    assert losses.shape == (6,)
+    expected = nn.MSELoss()(logits, nn.functional.one_hot(targets, 4).float())
+    torch.testing.assert_close(losses.mean(), expected)
+
+
+def test_split_metrics_are_exact_per_sample_averages():
+    """Batches of 3 and 1 samples: the split loss is the mean over 4 samples, not over 2 batches."""
+    tally = train_eval._Tally(torch.device("cpu"), num_classes=6)
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [1, 5, 4, 3, 2, 0], [0, 1, 2, 3, 4, 5], [5, 0, 0, 0, 0, 1]])
+    targets = torch.tensor([0, 0, 0, 5])  # top-1 hit, top-5 hit, miss, top-5 hit
+    losses = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    tally.add(losses[:3], logits[:3], targets[:3])
+    tally.add(losses[3:], logits[3:], targets[3:])
+    summary = tally.summary()
+    assert summary["loss"] == pytest.approx(4.0)  # (1 + 2 + 3 + 10) / 4; batch averages would give 6.0
+    assert summary["top1"] == pytest.approx(25.0) and summary["top5"] == pytest.approx(75.0)
+
+
+def make_trainer(**overrides):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    options = dict(model=model, device=torch.device("cpu"), num_classes=3, optimizer="sgd", lr=1.0,
+                   weight_decay=0.0, momentum=0.0, scheduler="none", lr_step=1, lr_gamma=0.5, num_epochs=4,
+                   criterion="CrossEntropy", clip_grad_norm=0.0, use_amp=False, use_compiled=False,
+                   compile_mode="default", show_progress=False)
+    return train_eval.Trainer(**{**options, **overrides})
+
+
+def update_size(trainer):
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    images, targets = torch.randn(8, 12) * 100, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trainer._step(trainer.loss_of(trainer.model(images), targets).mean())
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)]).norm()
+
+
+def test_gradient_clipping_limits_the_update_and_zero_disables_it():
+    # With SGD at lr 1 and no momentum, the update is the gradient itself.
+    assert update_size(make_trainer(clip_grad_norm=0.5)) == pytest.approx(0.5, rel=1e-4)
+    assert update_size(make_trainer(clip_grad_norm=0.0)) > 5.0
+
+
+@pytest.mark.parametrize("name, expected", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                            ("sgd", torch.optim.SGD)])
+def test_optimizers(name, expected):
+    trainer = make_trainer(optimizer=name, lr=0.01, weight_decay=0.1, momentum=0.8)
+    assert type(trainer.optimizer) is expected
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.01, 0.1)
+    if name == "sgd":
+        assert group["momentum"] == 0.8
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_step_and_cosine_schedules():
+    step = make_trainer(scheduler="step", lr_step=2, lr_gamma=0.5)
+    rates = []
+    for _ in range(4):
+        rates.append(step.learning_rate())
+        step.step_scheduler(test_loss=1.0)
+    assert rates == pytest.approx([1.0, 1.0, 0.5, 0.5])
+
+    cosine = make_trainer(scheduler="cosine", num_epochs=4)
+    for _ in range(4):
+        cosine.step_scheduler(test_loss=1.0)
+    assert cosine.learning_rate() == pytest.approx(0.0, abs=1e-12)
+    assert make_trainer(scheduler="none").scheduler is None
+
+
+def test_plateau_watches_the_test_loss():
+    trainer = make_trainer(scheduler="plateau")
+    for _ in range(12):
+        trainer.step_scheduler(test_loss=1.0)  # never improves after the first epoch
+    assert trainer.learning_rate() < 1.0
+    improving = make_trainer(scheduler="plateau")
+    for epoch in range(12):
+        improving.step_scheduler(test_loss=1.0 / (epoch + 1))
+    assert improving.learning_rate() == 1.0
+
+
+def test_amp_on_cpu_uses_bfloat16_for_training_and_evaluation():
+    trainer = make_trainer(use_amp=True)
+    with trainer.autocast():
+        assert trainer.model(torch.randn(2, 12)).dtype == torch.bfloat16
+    assert not trainer.scaler.is_enabled()  # gradient scaling is for float16 on CUDA only
+    assert train_eval.AMP_DTYPE == {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
+
+
+def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
+    model = ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1, num_heads=2,
+                d_hidden=32, d_mlp=32)
+    trainer = make_trainer(model=model, num_classes=10, use_compiled=True, compile_mode="reduce-memory")
+    assert model.activation_checkpointing is True
+    assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.network._orig_mod is model
+    plain = make_trainer(model=ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1,
+                                   num_heads=2, d_hidden=32, d_mlp=32))
+    assert plain.network is plain.model and not plain.model.activation_checkpointing
+
+
+def test_epoch_seeding_fixes_the_shuffle_of_each_epoch():
+    data = torch.utils.data.TensorDataset(torch.arange(20).float(), torch.arange(20))
+    loader, _ = train_eval.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
+    orders = {}
+    for epoch in (1, 2, 1):
+        train_eval.seed_epoch(loader, seed=3, epoch=epoch)
+        orders.setdefault(epoch, []).append(next(iter(loader))[1].tolist())
+    assert orders[1][0] == orders[1][1] != orders[2][0]

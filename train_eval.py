@@ -1,0 +1,305 @@
+"""Training and evaluation: optimiser, scheduler, loss, mixed precision, compilation, the epoch loop."""
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import utils
+
+# Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
+# CPUs run bfloat16 (float16 matrix products are slow or missing there).
+AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
+
+# Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
+EVAL_LOADER_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(parameters, *, optimizer: str, lr: float, weight_decay: float, momentum: float):
+    if optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise ValueError(f"--optimizer: unknown optimizer {optimizer!r}")
+
+
+def build_scheduler(optimizer, *, scheduler: str, lr_step: int, lr_gamma: float, num_epochs: int):
+    """A scheduler stepped once per epoch, or None for a constant learning rate."""
+    if scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    if scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_epochs)
+    if scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min")
+    if scheduler == "none":
+        return None
+    raise ValueError(f"--scheduler: unknown scheduler {scheduler!r}")
+
+
+def per_sample_loss(criterion: str, num_classes: int):
+    """A function ``(logits, targets) -> loss of each sample``, so that split losses are exact sums."""
+    if criterion == "CrossEntropy":
+        return lambda logits, targets: F.cross_entropy(logits, targets, reduction="none")
+    if criterion == "MSE":
+        # Logits against one-hot targets; averaging over classes makes the batch mean equal nn.MSELoss.
+        def mse(logits, targets):
+            one_hot = F.one_hot(targets, num_classes).to(logits.dtype)
+            return (logits - one_hot).pow(2).mean(dim=1)
+
+        return mse
+    raise ValueError(f"--criterion: unknown criterion {criterion!r}")
+
+
+def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,
+                 num_workers: int, device: torch.device):
+    """Loaders whose randomness comes from their own generators: the training generator is reseeded
+    every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
+    epochs, which is what makes a resumed run repeat an uninterrupted one exactly."""
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
+                             **common)
+    if train_dataset is None:
+        return None, test_loader
+    train_loader = DataLoader(train_dataset, shuffle=True, generator=torch.Generator(), **common)
+    return train_loader, test_loader
+
+
+def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
+    # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
+    # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
+    train_loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+@dataclass
+class SplitResult:
+    loss: float
+    top1: float
+    top5: float
+    samples: int
+    seconds: float
+
+
+class _Tally:
+    """Running sums of loss and correct predictions, kept on the device to avoid a sync per batch."""
+
+    def __init__(self, device: torch.device, num_classes: int):
+        self.top_k = min(5, num_classes)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.top1 = torch.zeros((), dtype=torch.int64, device=device)
+        self.top5 = torch.zeros((), dtype=torch.int64, device=device)
+        self.samples = 0
+
+    def add(self, losses: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += losses.detach().double().sum()
+        best = logits.detach().topk(self.top_k, dim=1).indices
+        hits = best == targets.unsqueeze(1)
+        self.top1 += hits[:, 0].sum()
+        self.top5 += hits.any(dim=1).sum()
+        self.samples += targets.shape[0]
+
+    def summary(self) -> Dict[str, float]:
+        samples = max(self.samples, 1)
+        return {
+            "loss": self.loss_sum.item() / samples,
+            "top1": 100.0 * self.top1.item() / samples,
+            "top5": 100.0 * self.top5.item() / samples,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler)."""
+
+    def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
+                 weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
+                 num_epochs: int, criterion: str, clip_grad_norm: float, use_amp: bool, use_compiled: bool,
+                 compile_mode: str, show_progress: bool):
+        self.model = model.to(device)
+        self.device = device
+        self.num_classes = num_classes
+        self.optimizer = build_optimizer(model.parameters(), optimizer=optimizer, lr=lr,
+                                         weight_decay=weight_decay, momentum=momentum)
+        self.scheduler = build_scheduler(self.optimizer, scheduler=scheduler, lr_step=lr_step, lr_gamma=lr_gamma,
+                                         num_epochs=num_epochs)
+        self.loss_of = per_sample_loss(criterion, num_classes)
+        self.clip_grad_norm = clip_grad_norm
+        self.use_amp = use_amp
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+        self.show_progress = show_progress
+        self.network = self._compiled(model, compile_mode) if use_compiled else model
+
+    @staticmethod
+    def _compiled(model: nn.Module, compile_mode: str) -> nn.Module:
+        # reduce-memory is this project's mode, not torch.compile's: the default compilation, with
+        # every block's activations recomputed in the backward pass instead of stored.
+        if compile_mode == "reduce-memory":
+            model.set_activation_checkpointing(True)
+            return torch.compile(model, mode="default")
+        return torch.compile(model, mode=compile_mode)
+
+    def autocast(self):
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPE[self.device.type])
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- epochs --------------------------------------------------------------------------------
+
+    def train_one_epoch(self, loader: DataLoader, description: str) -> SplitResult:
+        self.network.train()
+        return self._run(loader, description, training=True)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, description: str = "test") -> SplitResult:
+        self.network.eval()
+        return self._run(loader, description, training=False)
+
+    def _run(self, loader: DataLoader, description: str, training: bool) -> SplitResult:
+        tally = _Tally(self.device, self.num_classes)
+        bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
+        utils.synchronize(self.device)
+        start = time.perf_counter()
+        for step, (images, targets) in enumerate(bar):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.network(images)
+                losses = self.loss_of(logits.float(), targets)
+            if training:
+                self._step(losses.mean())
+            tally.add(losses, logits, targets)
+            if self.show_progress and step % 10 == 0:
+                running = tally.summary()
+                bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
+        utils.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        summary = tally.summary()
+        return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def step_scheduler(self, test_loss: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(test_loss)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def state_dict(self) -> Dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: utils.RunOutputs,
+        num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
+        history: Optional[List[Dict]] = None) -> List[Dict]:
+    """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
+    ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs."""
+    history = list(history or [])
+    outputs.start_logs(history)
+    for epoch in range(start_epoch + 1, num_epochs + 1):
+        record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
+        history.append(record)
+        outputs.log_epoch(record, history)
+        _report(epoch_summary(record), trainer.show_progress)
+        _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
+    if history:
+        outputs.finish(history)
+        _report(utils.average_time_line(history), trainer.show_progress)
+        _report(utils.best_accuracy_line(history), trainer.show_progress)
+    return history
+
+
+def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: int) -> Dict:
+    seed_epoch(train_loader, seed, epoch)
+    learning_rate = trainer.learning_rate()
+    train = trainer.train_one_epoch(train_loader, f"epoch {epoch} train")
+    test = trainer.evaluate(test_loader, f"epoch {epoch} test")
+    trainer.step_scheduler(test.loss)
+    return {
+        "epoch": epoch,
+        "lr": learning_rate,
+        "train_loss": train.loss, "train_top1": train.top1, "train_top5": train.top5,
+        "test_loss": test.loss, "test_top1": test.top1, "test_top5": test.top5,
+        "epoch_seconds": train.seconds + test.seconds,
+        "images_per_second": train.samples / train.seconds if train.seconds > 0 else 0.0,
+    }
+
+
+def epoch_summary(record: Dict) -> str:
+    return f"{utils.epoch_line(record)} | LR: {record['lr']:.3e} | {record['images_per_second']:.1f} img/s"
+
+
+def _report(line: str, show_progress: bool) -> None:
+    # tqdm.write keeps a line from tearing a progress bar that is still on screen.
+    if show_progress:
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
+def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
+                      run_arguments: Dict) -> None:
+    best = utils.best_record(history)
+    state = {
+        **trainer.state_dict(),
+        "epoch": epoch,
+        "rng": utils.capture_rng_state(),
+        "best_accuracy": best["test_top1"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "args": run_arguments,
+    }
+    utils.save_checkpoint(outputs.path("last.pt"), state)
+    if best["epoch"] == epoch:
+        utils.save_checkpoint(outputs.path("best.pt"), state)
+
+
+def show_progress_bars() -> bool:
+    """Progress bars only on a terminal; logs and pipes get one plain line per epoch instead."""
+    return sys.stdout.isatty()

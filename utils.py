@@ -1,0 +1,322 @@
+"""Small helpers shared by the training script: seeding, devices, safe file output, checkpoints."""
+
+import argparse
+import csv
+import io
+import os
+import random
+import tempfile
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# ---------------------------------------------------------------------------------------------
+# Command-line values
+# ---------------------------------------------------------------------------------------------
+
+_TRUE_WORDS = {"true", "t", "yes", "y", "1"}
+_FALSE_WORDS = {"false", "f", "no", "n", "0"}
+
+
+def str2bool(value) -> bool:
+    """Reads a boolean written as a word, so both ``--flag False`` and ``--flag true`` work."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds every generator the run draws from (python, numpy, torch on all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA / MPS device
+
+
+def capture_rng_state() -> Dict:
+    """The state of every global generator, stored as tensors and plain values only so that
+    checkpoints load with ``torch.load(weights_only=True)``."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    # A checkpoint written on another machine may hold a different number of GPUs (or none).
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(saved) -> tuple:
+    # random.setstate wants tuples all the way down; a round trip through storage may give lists.
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
+def available_devices() -> List[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be used here, or None when it can."""
+    available = available_devices()
+    if name in available:
+        return None
+    return f"{name} is not available on this machine; available: {', '.join(available)}"
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so that wall-clock timings measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: every output is either replaced atomically or appended line by line
+# ---------------------------------------------------------------------------------------------
+
+
+def directory_problem(path: str) -> Optional[str]:
+    """Creates ``path`` and writes a probe file in it; returns why that failed, or None."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
+            pass
+    except OSError as error:
+        return f"cannot write to {path}: {error.strerror or error}"
+    return None
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; outputs get the usual permissions instead.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then moves it into place, so a
+    crash leaves either the old file or the new one, never a half-written one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        os.fchmod(descriptor, _FILE_MODE)
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def append_line(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(path: str, state: Dict) -> None:
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_weights(checkpoint: Dict) -> Dict:
+    """The model state dict of a training checkpoint, or the checkpoint itself when it is a bare state dict."""
+    return checkpoint["model"] if "model" in checkpoint else checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Model summary
+# ---------------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def gflops_per_image(model: nn.Module, img_size: int, device: torch.device) -> float:
+    """Forward-pass GFLOPs of one image, counted by PyTorch's FlopCounterMode (a multiply-add is 2 FLOPs)."""
+    was_training = model.training
+    model.eval()
+    image = torch.zeros(1, 3, img_size, img_size, device=device)
+    # Layers that sample at random draw from the global generator; fork it so that counting
+    # FLOPs does not change the training run.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(image)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Line formats of the results files (the reference implementation's formats)
+# ---------------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_top1", "train_top5",
+    "test_loss", "test_top1", "test_top5", "epoch_seconds", "images_per_second",
+]
+
+
+def epoch_line(record: Dict) -> str:
+    return (
+        f"[Epoch {record['epoch']:03d}] Time: {record['epoch_seconds']:.4f}s | "
+        f"[Train] Loss: {record['train_loss']:.8f} Accuracy: Top1: {record['train_top1']:.4f}%, "
+        f"Top5: {record['train_top5']:.4f}% | "
+        f"[Test] Loss: {record['test_loss']:.8f} Accuracy: Top1: {record['test_top1']:.4f}%, "
+        f"Top5: {record['test_top5']:.4f}%"
+    )
+
+
+def average_time_line(history: List[Dict]) -> str:
+    average = sum(record["epoch_seconds"] for record in history) / len(history)
+    return f"Average Epoch Time: {average:.4f}s"
+
+
+def best_accuracy_line(history: List[Dict]) -> str:
+    best = best_record(history)
+    return f"Max Accuracy: {best['test_top1']:.4f}% at epoch {best['epoch']}"
+
+
+def best_record(history: List[Dict]) -> Dict:
+    # The first epoch reaching the maximum wins ties, like the best.pt checkpoint.
+    return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
+
+
+def test_line(loss: float, top1: float, top5: float) -> str:
+    return f"[Test] Loss: {loss:.8f} Accuracy: Top1: {top1:.4f}%, Top5: {top5:.4f}%"
+
+
+class RunOutputs:
+    """The files of one output directory.
+
+    ``args.txt``, ``model.txt``, ``metrics.csv`` (rewritten only at a (re)start), ``curves.png``
+    and checkpoints are replaced atomically; ``train_eval_results.txt`` and ``metrics.csv`` gain
+    one line per epoch as it ends.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.results_path = self.path("train_eval_results.txt")
+        self.metrics_path = self.path("metrics.csv")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    def write_args(self, arguments: Dict) -> None:
+        atomic_write_text(self.path("args.txt"), "".join(f"{name}: {value}\n" for name, value in arguments.items()))
+
+    def write_model_summary(self, model: nn.Module, img_size: int, device: torch.device) -> None:
+        parameters = count_parameters(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        text = (
+            f"{model}\n\n"
+            f"Total parameters: {parameters:,}\n"
+            f"Trainable parameters: {trainable:,}\n"
+            f"GFLOPs per image ({img_size}x{img_size}, forward): {gflops_per_image(model, img_size, device):.4g}\n"
+        )
+        atomic_write_text(self.path("model.txt"), text)
+
+    def start_logs(self, history: List[Dict]) -> None:
+        """Rewrites the per-epoch logs to hold exactly ``history`` (empty for a fresh run): lines
+        of epochs after a resumed checkpoint, and the summary lines of a finished run, go away."""
+        atomic_write_text(self.results_path, "".join(epoch_line(record) + "\n" for record in history))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write_text(self.metrics_path, table.getvalue())
+
+    def log_epoch(self, record: Dict, history: List[Dict]) -> None:
+        append_line(self.results_path, epoch_line(record))
+        append_line(self.metrics_path, ",".join(repr(record[column]) for column in METRIC_COLUMNS))
+        write_curves(self.path("curves.png"), history)
+
+    def finish(self, history: List[Dict]) -> None:
+        append_line(self.results_path, average_time_line(history))
+        append_line(self.results_path, best_accuracy_line(history))
+
+    def write_test_results(self, checkpoint: str, loss: float, top1: float, top5: float) -> None:
+        text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"
+        atomic_write_text(self.path("test_results.txt"), text)
+
+
+def write_curves(path: str, history: List[Dict]) -> None:
+    """Loss and top-1 accuracy against epoch. Uses a bare Figure (no pyplot), so it needs no display."""
+    epochs = [record["epoch"] for record in history]
+    figure = Figure(figsize=(10, 4))
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for split in ("train", "test"):
+        loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+        accuracy_axes.plot(epochs, [r[f"{split}_top1"] for r in history], marker="o", label=split)
+    loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
+    accuracy_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Top-1 accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))

@@ -1,0 +1,306 @@
+"""Command-line entry point: train or evaluate a ViT whose token mixer is chosen by ``--layer``.
+
+Configuration flows one way: command line -> ``argparse.Namespace`` -> plain keyword dictionaries
+(``model_config``, ``trainer_config``) -> constructors. Everything that can be checked without the
+data is checked first, and each problem ends the program with one line naming the flag (exit code 2).
+"""
+
+import argparse
+import os
+import pickle
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+import dataset
+import train_eval
+import utils
+from models.vit import ViT
+
+LAYERS = [
+    "Attention", "ConvNNAttention", "KvtAttention", "LocalAttention", "SparseAttention",
+    "Conv1d", "BranchConv", "BranchAttention",
+]
+COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
+# What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
+CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+
+
+def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
+    # nargs="?" with const=True: a bare ``--flag`` means True, ``--flag False`` is read as a word.
+    parser_group.add_argument(flag, type=utils.str2bool, nargs="?", const=True, default=default,
+                              metavar="{True,False}", help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model and layer")
+    model.add_argument("--layer", default="Attention", choices=LAYERS, help="token-mixing layer of every block")
+    model.add_argument("--patch_size", type=int, default=16, help="side of the square patches")
+    model.add_argument("--num_layers", type=int, default=12, help="number of encoder blocks")
+    model.add_argument("--num_heads", type=int, default=3, help="attention heads (ConvNNAttention uses one)")
+    model.add_argument("--d_hidden", type=int, default=192, help="token width")
+    model.add_argument("--d_mlp", type=int, default=768, help="hidden width of the MLP")
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout of the residual branches and MLP")
+    model.add_argument("--attention_dropout", type=float, default=0.1, help="dropout inside the token mixer")
+
+    convnn = parser.add_argument_group("ConvNN-Attention")
+    convnn.add_argument("--convolution_type", default="depthwise",
+                        choices=["standard", "depthwise", "depthwise-separable"], help="aggregation convolution")
+    _boolean(convnn, "--softmax_topk_val", True, "softmax over the K neighbour similarities")
+    convnn.add_argument("--K", type=int, default=9, help="neighbours per token (kernel of the aggregation)")
+    convnn.add_argument("--sampling_type", default="all", choices=["all", "random", "spatial"],
+                        help="which tokens are neighbour candidates")
+    convnn.add_argument("--num_samples", type=int, default=-1,
+                        help="random: number of candidates; spatial: side n of the n x n grid; -1 with all")
+    convnn.add_argument("--sample_padding", type=int, default=0, help="border skipped by the spatial grid")
+    convnn.add_argument("--magnitude_type", default="matmul", choices=["cosine", "euclidean", "matmul"],
+                        help="similarity between a query and the candidates' keys")
+    _boolean(convnn, "--coordinate_encoding", False, "append each token's position as an extra channel")
+    convnn.add_argument("--similarity_type", default="Col", choices=["Col", "Loc", "Loc_Col"],
+                        help="neighbours by features (Col), position (Loc) or both")
+    convnn.add_argument("--aggregation_type", default="Col", choices=["Col", "Loc_Col"],
+                        help="Loc_Col appends the position channel to the aggregated values")
+
+    other = parser.add_argument_group("other layers")
+    other.add_argument("--kernel_size", type=int, default=9, help="kernel of the Conv1d layer")
+    other.add_argument("--branch_ratio", type=float, default=0.5,
+                       help="share of channels in the ConvNN branch of BranchConv / BranchAttention")
+    other.add_argument("--sparse_mode", default="all", choices=["all", "local", "strided"],
+                       help="SparseAttention mask")
+    other.add_argument("--sparse_context_window", type=int, default=128, help="SparseAttention window c")
+    other.add_argument("--local_window", type=int, default=128, help="LocalAttention window")
+
+    data = parser.add_argument_group("dataset")
+    data.add_argument("--dataset", default="cifar10", choices=list(dataset.DATASETS), help="dataset")
+    data.add_argument("--data_path", default="./Data", help="dataset directory")
+    data.add_argument("--resize", type=int, default=224, help="resize images to N x N; 0 keeps the native size")
+    data.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
+    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation")
+    training.add_argument("--num_epochs", type=int, default=150, help="number of epochs")
+    training.add_argument("--use_amp", action="store_true", help="mixed precision")
+    training.add_argument("--use_compiled", action="store_true", help="compile the model with torch.compile")
+    training.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                          help="torch.compile mode; reduce-memory = default mode + activation checkpointing")
+    training.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient-norm limit; 0 disables")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--criterion", default="CrossEntropy", choices=["CrossEntropy", "MSE"], help="loss")
+    optimisation.add_argument("--optimizer", default="adamw", choices=["adam", "sgd", "adamw"], help="optimiser")
+    optimisation.add_argument("--lr", type=float, default=1e-4, help="initial learning rate")
+    optimisation.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay")
+    optimisation.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optimisation.add_argument("--scheduler", default="none", choices=["step", "cosine", "plateau", "none"],
+                              help="learning-rate schedule (plateau watches the test loss)")
+    optimisation.add_argument("--lr_step", type=int, default=20, help="step scheduler: epochs between decays")
+    optimisation.add_argument("--lr_gamma", type=float, default=0.1, help="step scheduler: decay factor")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="cuda", choices=["cpu", "cuda", "mps"], help="device")
+    system.add_argument("--seed", type=int, default=0, help="seed of every random generator")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="./Output/VGG/ConvNN", help="directory of results and checkpoints")
+    output.add_argument("--test_only", action="store_true", help="only evaluate the test split")
+    output.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="weights for --test_only (default: <output_dir>/best.pt when present)")
+    output.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need no data
+# ---------------------------------------------------------------------------------------------
+
+
+def argument_problems(args: argparse.Namespace) -> List[str]:
+    """Every value or combination that cannot work, as one-line messages starting with the flag."""
+    problems = []
+    at_least_one = ["num_epochs", "batch_size", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp"]
+    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in at_least_one
+                 if getattr(args, name) < 1]
+    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum", "sample_padding"]
+    problems += [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in not_negative
+                 if getattr(args, name) < 0]
+    if args.lr <= 0:
+        problems.append(f"--lr: must be > 0, got {args.lr}")
+    for name in ("dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            problems.append(f"--{name}: must be in [0, 1), got {getattr(args, name)}")
+    if not 0.0 <= args.branch_ratio <= 1.0:
+        problems.append(f"--branch_ratio: must be in [0, 1], got {args.branch_ratio}")
+    if args.scheduler == "step" and args.lr_step < 1:
+        problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
+    if args.scheduler == "step" and args.lr_gamma <= 0:
+        problems.append(f"--lr_gamma: must be > 0 with --scheduler step, got {args.lr_gamma}")
+    problems += _mode_problems(args)
+    device_problem = utils.device_problem(args.device)
+    if device_problem:
+        problems.append(f"--device: {device_problem}")
+    return problems
+
+
+def _mode_problems(args: argparse.Namespace) -> List[str]:
+    problems = []
+    if args.test_only and args.resume:
+        problems.append("--resume: cannot be combined with --test_only (use --checkpoint to choose the weights)")
+    if args.checkpoint and not args.test_only:
+        problems.append("--checkpoint: only used with --test_only (use --resume to continue training)")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        problems.append(f"--checkpoint: no file {args.checkpoint}")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        problems.append(f"--resume: no file {args.resume} (use --resume auto to start fresh when absent)")
+    return problems
+
+
+def resume_path(args: argparse.Namespace) -> Optional[str]:
+    if args.resume == "auto":
+        candidate = os.path.join(args.output_dir, "last.pt")
+        return candidate if os.path.isfile(candidate) else None
+    return args.resume
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain configuration handed to the constructors
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> Dict:
+    return dict(
+        img_size=img_size, num_classes=num_classes, layer=args.layer, patch_size=args.patch_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, d_hidden=args.d_hidden, d_mlp=args.d_mlp,
+        dropout=args.dropout, attention_dropout=args.attention_dropout, K=args.K, kernel_size=args.kernel_size,
+        sampling_type=args.sampling_type, num_samples=args.num_samples, sample_padding=args.sample_padding,
+        magnitude_type=args.magnitude_type, coordinate_encoding=args.coordinate_encoding,
+        convolution_type=args.convolution_type, softmax_topk_val=args.softmax_topk_val,
+        similarity_type=args.similarity_type, aggregation_type=args.aggregation_type,
+        branch_ratio=args.branch_ratio, sparse_mode=args.sparse_mode,
+        sparse_context_window=args.sparse_context_window, local_window=args.local_window,
+    )
+
+
+def trainer_config(args: argparse.Namespace) -> Dict:
+    return dict(
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        scheduler=args.scheduler, lr_step=args.lr_step, lr_gamma=args.lr_gamma, num_epochs=args.num_epochs,
+        criterion=args.criterion, clip_grad_norm=args.clip_grad_norm, use_amp=args.use_amp,
+        use_compiled=args.use_compiled, compile_mode=args.compile_mode,
+    )
+
+
+def data_config(args: argparse.Namespace) -> Dict:
+    return dict(dataset=args.dataset, data_path=args.data_path, resize=args.resize, augment=args.augment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = argument_problems(args)
+    if problems:
+        parser.error(problems[0])
+    directory_problem = utils.directory_problem(args.output_dir)
+    if directory_problem:
+        parser.error(f"--output_dir: {directory_problem}")
+    if not args.use_compiled and args.compile_mode != "default":
+        print("warning: --compile_mode has no effect without --use_compiled", file=sys.stderr)
+
+    # Seeding comes before the model is built, so that the initial weights follow --seed.
+    utils.seed_everything(args.seed)
+    device = torch.device(args.device)
+    try:
+        img_size = dataset.image_size(args.dataset, args.resize)
+        num_classes = dataset.num_classes(args.dataset, args.data_path)
+        model = ViT(**model_config(args, img_size, num_classes))
+    except (ValueError, dataset.DatasetUnavailableError) as error:
+        parser.error(str(error))
+    trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
+                                 show_progress=train_eval.show_progress_bars(), **trainer_config(args))
+    outputs = utils.RunOutputs(args.output_dir)
+    if args.test_only:
+        test_only(parser, args, trainer, outputs)
+    else:
+        train(parser, args, trainer, outputs, img_size)
+
+
+def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, need_train: bool):
+    try:
+        return dataset.load_datasets(**data_config(args), need_train=need_train)
+    except dataset.DatasetUnavailableError as error:
+        parser.error(str(error))
+
+
+def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
+              outputs: utils.RunOutputs) -> None:
+    """Evaluates the test split with the weights of --checkpoint, else <output_dir>/best.pt, else fresh ones.
+    Writes only test_results.txt: the args.txt and model.txt of the training run stay as they were."""
+    checkpoint = args.checkpoint or outputs.path("best.pt")
+    if os.path.isfile(checkpoint):
+        try:
+            trainer.model.load_state_dict(utils.model_weights(utils.load_checkpoint(checkpoint)))
+        except CHECKPOINT_ERRORS as error:
+            parser.error(f"--checkpoint: {checkpoint} does not fit this model (pass the model flags it was "
+                         f"trained with, see its args.txt): {_first_line(error)}")
+    else:
+        print(f"warning: no checkpoint given and no {checkpoint}; evaluating a freshly initialised model",
+              file=sys.stderr)
+        checkpoint = "none (freshly initialised model)"
+    _, test_data, _, _ = _load_data(parser, args, need_train=False)
+    _, test_loader = train_eval.make_loaders(None, test_data, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, device=trainer.device)
+    result = trainer.evaluate(test_loader)
+    print(f"Checkpoint: {checkpoint}")
+    print(utils.test_line(result.loss, result.top1, result.top5), flush=True)
+    outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
+
+
+def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
+          outputs: utils.RunOutputs, img_size: int) -> None:
+    start_epoch, history, rng_state = 0, [], None
+    checkpoint_path = resume_path(args)
+    if checkpoint_path:
+        try:
+            checkpoint = utils.load_checkpoint(checkpoint_path)
+            trainer.load_state_dict(checkpoint)
+        except CHECKPOINT_ERRORS as error:
+            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: {_first_line(error)}")
+        start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
+        print(f"Resuming from {checkpoint_path} after epoch {start_epoch}")
+    elif os.path.isfile(outputs.path("last.pt")):
+        print(f"warning: starting afresh in {args.output_dir}, replacing its earlier run "
+              "(use --resume auto to continue it)", file=sys.stderr)
+
+    arguments = vars(args)
+    outputs.write_args(arguments)
+    outputs.write_model_summary(trainer.model, img_size, trainer.device)
+    train_data, test_data, _, _ = _load_data(parser, args, need_train=True)
+    train_loader, test_loader = train_eval.make_loaders(train_data, test_data, batch_size=args.batch_size,
+                                                        num_workers=args.num_workers, device=trainer.device)
+    print(f"{args.layer} ViT, {utils.count_parameters(trainer.model):,} parameters, on {args.device}; "
+          f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
+          flush=True)
+    if rng_state is not None:
+        # Restored last: the run continues with exactly the generator states it had after start_epoch.
+        utils.restore_rng_state(rng_state)
+    train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
+                   seed=args.seed, run_arguments=arguments, start_epoch=start_epoch, history=history)
+
+
+if __name__ == "__main__":
+    main()
