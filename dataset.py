@@ -172,3 +172,77 @@ class SyntheticImages(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-resident loading (--data_loader device)
+# ---------------------------------------------------------------------------------------------
+
+# Datasets whose images fit in memory as one uint8 tensor; image folders are streamed by workers.
+IN_MEMORY_DATASETS = ("cifar10", "cifar100", "synthetic")
+AUGMENT_PADDING = 4
+
+
+def stored_images(data: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split's images as one ``(N, 3, H, W)`` uint8 tensor and its labels as ``(N,)`` int64."""
+    if isinstance(data, SyntheticImages):
+        return data.images, data.labels.long()
+    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
+        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(data.targets)
+    raise ValueError(f"--data_loader: device loading needs one of {', '.join(IN_MEMORY_DATASETS)}")
+
+
+class DeviceLoader:
+    """Batches from images held on the training device, transformed there a whole batch at a time.
+
+    The same steps as the worker path, in the same order and with the same functions, so that the
+    numbers agree: resize (uint8, antialiased), with ``augment`` a random crop of the image padded by
+    4 zero pixels and a random horizontal flip, then scaling to [0, 1] and normalisation. Shuffling
+    and augmentation draw from ``generator`` (on the CPU, a few numbers per batch), which the training
+    loop reseeds every epoch exactly as it does a ``DataLoader``'s.
+    """
+
+    def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
+                 batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None):
+        images, labels = stored_images(data)
+        self.dataset = data
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.side = image_size(dataset, resize)
+        self.resize = resize > 0
+        self.augment = augment
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.device = device
+        self.generator = generator if generator is not None else torch.Generator()
+        mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in NORMALISATION[dataset])
+        # (x / 255 - mean) / std as one scale and shift, applied in place to the batch.
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        count = len(self.labels)
+        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        for start in range(0, count, self.batch_size):
+            index = order[start : start + self.batch_size].to(self.device)
+            yield self.transform(self.images[index]), self.labels[index]
+
+    def transform(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` -> normalised float ``(B, 3, side, side)``."""
+        if self.resize:
+            batch = v2.functional.resize(batch, [self.side, self.side], antialias=True)
+        if self.augment:
+            batch = self._crop_and_flip(batch)
+        return batch.float().mul_(self.scale).sub_(self.shift)
+
+    def _crop_and_flip(self, batch: torch.Tensor) -> torch.Tensor:
+        # The offsets and flips are drawn on the CPU, so slicing by them never waits for the device.
+        size, pad, side = batch.shape[0], AUGMENT_PADDING, self.side
+        offsets = torch.randint(0, 2 * pad + 1, (size, 2), generator=self.generator).tolist()
+        flipped = (torch.rand(size, generator=self.generator) < 0.5).nonzero().view(-1).to(self.device)
+        padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad))
+        crops = torch.stack([padded[i, :, top : top + side, left : left + side] for i, (top, left) in enumerate(offsets)])
+        crops[flipped] = crops[flipped].flip(-1)
+        return crops

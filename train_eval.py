@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
+from dataset import DeviceLoader
 
 # Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
 # CPUs run bfloat16 (float16 matrix products are slow or missing there).
@@ -65,10 +66,19 @@ def per_sample_loss(criterion: str, num_classes: int):
 
 
 def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,
-                 num_workers: int, device: torch.device):
+                 num_workers: int, device: torch.device, on_device: Optional[Dict] = None):
     """Loaders whose randomness comes from their own generators: the training generator is reseeded
     every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
-    epochs, which is what makes a resumed run repeat an uninterrupted one exactly."""
+    epochs, which is what makes a resumed run repeat an uninterrupted one exactly.
+
+    ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
+    stay on ``device`` and are transformed there, a batch at a time."""
+    if on_device is not None:
+        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
+                                   batch_size=batch_size, device=device)
+        if train_dataset is None:
+            return None, test_loader
+        return DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device), test_loader
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
                              **common)
@@ -145,6 +155,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
         self.show_progress = show_progress
         self.network = self._compiled(model, compile_mode) if use_compiled else model
+        self.compiled = use_compiled
 
     @staticmethod
     def _compiled(model: nn.Module, compile_mode: str) -> nn.Module:
@@ -183,7 +194,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.network(images)
+                logits = self._forward(images, loader.batch_size)
                 losses = self.loss_of(logits.float(), targets)
             if training:
                 self._step(losses.mean())
@@ -195,6 +206,16 @@ class Trainer:
         seconds = time.perf_counter() - start
         summary = tally.summary()
         return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
+
+    def _forward(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the
+        full batch, so that it never meets a new shape and never recompiles; every layer is independent
+        across the batch, so the real samples' logits and gradients are unchanged."""
+        count = images.shape[0]
+        if not self.compiled or count >= batch_size:
+            return self.network(images)
+        padding = images.new_zeros((batch_size - count, *images.shape[1:]))
+        return self.network(torch.cat([images, padding]))[:count]
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resize", type=int, default=224, help="resize images to N x N; 0 keeps the native size")
     data.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
     data.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
+    data.add_argument("--data_loader", default="workers", choices=["workers", "device"],
+                      help="workers: torchvision loader in worker processes; device: images held on --device "
+                           "and transformed there per batch (cifar10, cifar100, synthetic)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation")
@@ -141,6 +144,9 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:
         problems.append(f"--lr_gamma: must be > 0 with --scheduler step, got {args.lr_gamma}")
+    if args.data_loader == "device" and args.dataset not in dataset.IN_MEMORY_DATASETS:
+        problems.append(f"--data_loader: device loading holds the images in memory, which {args.dataset} does "
+                        f"not fit; use it with {', '.join(dataset.IN_MEMORY_DATASETS)} or use --data_loader workers")
     problems += _mode_problems(args)
     device_problem = utils.device_problem(args.device)
     if device_problem:
@@ -204,6 +210,13 @@ def data_config(args: argparse.Namespace) -> Dict:
     return dict(dataset=args.dataset, data_path=args.data_path, resize=args.resize, augment=args.augment)
 
 
+def loader_config(args: argparse.Namespace, device: torch.device) -> Dict:
+    on_device = None
+    if args.data_loader == "device":
+        on_device = dict(dataset=args.dataset, resize=args.resize, augment=args.augment)
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, on_device=on_device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +275,7 @@ def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer
               file=sys.stderr)
         checkpoint = "none (freshly initialised model)"
     _, test_data, _, _ = _load_data(parser, args, need_train=False)
-    _, test_loader = train_eval.make_loaders(None, test_data, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, device=trainer.device)
+    _, test_loader = train_eval.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader)
     print(f"Checkpoint: {checkpoint}")
     print(utils.test_line(result.loss, result.top1, result.top5), flush=True)
@@ -290,8 +302,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
     outputs.write_args(arguments)
     outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_data, test_data, _, _ = _load_data(parser, args, need_train=True)
-    train_loader, test_loader = train_eval.make_loaders(train_data, test_data, batch_size=args.batch_size,
-                                                        num_workers=args.num_workers, device=trainer.device)
+    train_loader, test_loader = train_eval.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
     print(f"{args.layer} ViT, {utils.count_parameters(trainer.model):,} parameters, on {args.device}; "
           f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
           flush=True)

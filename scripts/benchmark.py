@@ -146,11 +146,31 @@ def model_table(device, dtype, repeats, warmup, batch, compile_modes):
 
 
 def data_table(device, batches, batch_size):
-    try:
-        from dataset import benchmark_loaders
-    except ImportError:
-        return []
-    return benchmark_loaders(device=device, image_size=224, batch_size=batch_size, batches=batches)
+    """Images per second that each data path delivers on ``device``: synthetic CIFAR-sized images
+    resized to 224 px with augmentation, the worker path with one process per core."""
+    import dataset
+    from train_eval import make_loaders
+
+    train, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=224, augment=True)
+    on_device = dict(dataset="synthetic", resize=224, augment=True)
+    workers = max(1, torch.get_num_threads())
+    rows = []
+    for path, options in (("workers", None), ("device", on_device)):
+        loader, _ = make_loaders(train, test, batch_size=batch_size, num_workers=0 if options else workers,
+                                 device=device, on_device=options)
+        batches_seen, start = 0, None
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if batches_seen == 1:  # the first batch pays for starting workers
+                synchronize(device)
+                start = time.perf_counter()
+            batches_seen += 1
+            if batches_seen > batches:
+                break
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        rows.append(dict(path=path, images_per_second=(batches_seen - 2) * batch_size / seconds))
+    return rows
 
 
 def print_tables(layers, models, data, header):
