@@ -74,6 +74,13 @@ def _with_coordinates(x: Tensor) -> Tensor:
     return torch.cat([x, _coordinates(x.shape[1], x)], dim=-1)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _euclidean(q: Tensor, k: Tensor) -> Tensor:
     """Pairwise ``||q_i - k_j||`` with the square clamped at 0 and a zero gradient at distance 0."""
     squared = (q * q).sum(-1, keepdim=True) + (k * k).sum(-1).unsqueeze(-2) - 2.0 * (q @ k.transpose(-1, -2))
@@ -275,12 +282,16 @@ class MultiHeadConvNNAttention(nn.Module):
         else:
             depthwise = self.conv if self.convolution_type == "depthwise" else self.conv[0]
             kernel = depthwise.weight.squeeze(1)
-        dtype = x.dtype
         if self.coordinates_in_values:
             source, value_weight = _with_coordinates(self.W_v(x)), None
         else:
-            source, value_weight = x, self.W_v.weight.to(dtype)
-        out = neighbour_conv(source, neighbours, weights.to(dtype), kernel.to(dtype), value_weight)
+            source, value_weight = x, self.W_v.weight
+        # The autograd function runs in one dtype, autocast's where it is on, with autocast off inside,
+        # so that its recomputation in backward (where autocast is off) sees the same dtypes as forward.
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = neighbour_conv(source.to(dtype), neighbours, weights.to(dtype), kernel.to(dtype),
+                                 None if value_weight is None else value_weight.to(dtype))
         if self.convolution_type == "depthwise-separable":
             out = out @ self.conv[1].weight.squeeze(-1).t().to(out.dtype)
         return out
