@@ -284,7 +284,7 @@ def draw_maps(model: ViT, args: argparse.Namespace, images: Sequence[int], queri
     paths = []
     for sample, index in enumerate(images):
         path = os.path.join(out, f"image_{index}.png")
-        title = (f"test image {index}: {args.layer}, {args.sampling_type} sampling, K={args.K}, "
+        title = (f"test image {index}\n{args.layer}, {args.sampling_type} sampling, K={args.K},\n"
                  f"{args.similarity_type} similarity ({args.magnitude_type})")
         draw_image_maps(path, displayable(batch[sample], args.dataset), selections, sample, queries, side, title)
         paths.append(path)
