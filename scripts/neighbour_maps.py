@@ -104,7 +104,7 @@ def load_model(run: str) -> Tuple[ViT, argparse.Namespace]:
     return model.eval(), args
 
 
-def test_images(args: argparse.Namespace):
+def load_test_split(args: argparse.Namespace):
     _, test_split, _, _ = dataset.load_datasets(args.dataset, args.data_path, args.resize, augment=False,
                                                 need_train=False)
     return test_split
@@ -275,7 +275,7 @@ def draw_maps(model: ViT, args: argparse.Namespace, images: Sequence[int], queri
     if bad:
         raise ValueError(f"--queries: {bad} outside 0..{tokens - 1} (0 is the class token, 1..{tokens - 1} "
                          f"the patches in raster order on the {side}x{side} grid)")
-    split = test_images(args)
+    split = load_test_split(args)
     missing = [index for index in images if not 0 <= index < len(split)]
     if missing:
         raise ValueError(f"--images: {missing} outside the {len(split)} test images 0..{len(split) - 1}")
@@ -333,7 +333,7 @@ class LayerTally:
 def summarise(model: ViT, args: argparse.Namespace, max_images: Optional[int], batch_size: int) -> List[Dict]:
     """Per layer: the mean grid distance between a patch and the patches it selects (the patch itself,
     at distance 0, counts when selected) and the share of patch selections that are the class token."""
-    split = test_images(args)
+    split = load_test_split(args)
     if max_images is not None:
         split = Subset(split, range(min(max_images, len(split))))
     coordinates = patch_coordinates(grid_side(args))
@@ -430,6 +430,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     """Draws the maps (and the summary); prints and returns the paths of the files written."""
     parser = build_parser()
     options = parser.parse_args(argv)
+    for flag in ("max_images", "batch_size"):
+        if getattr(options, flag) is not None and getattr(options, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(options, flag)}")
     try:
         model, args = load_model(options.run)
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as error:
@@ -444,10 +447,10 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     queries = options.queries if options.queries is not None else default_queries(grid_side(args))
     try:
         paths = draw_maps(model, args, options.images, queries, out) if options.images else []
-    except ValueError as error:
+        if options.summary:
+            paths += write_summary(model, args, out, options.max_images, options.batch_size)[0]
+    except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
-    if options.summary:
-        paths += write_summary(model, args, out, options.max_images, options.batch_size)[0]
     for path in paths:
         print(path)
     return paths

@@ -178,11 +178,29 @@ def test_a_bare_state_dict_takes_the_runs_args_txt(tiny_argv, tmp_path):
     assert vars(args) == checkpoint["args"]
 
 
-def test_a_model_without_convnn_layers_is_refused(tiny_argv, tmp_path, capsys):
-    args = vit_main.build_parser().parse_args(tiny_argv(tmp_path, "--layer", "Attention"))
+def save_untrained_run(tiny_argv, output_dir, layer):
+    """A run directory holding only a best.pt of a freshly built model: enough for the script's checks."""
+    args = vit_main.build_parser().parse_args(tiny_argv(output_dir, "--layer", layer))
     model = ViT(**vit_main.model_config(args, img_size=32, num_classes=10))
-    torch.save({"model": model.state_dict(), "args": vars(args)}, tmp_path / "best.pt")
+    torch.save({"model": model.state_dict(), "args": vars(args)}, output_dir / "best.pt")
+
+
+def test_a_model_without_convnn_layers_is_refused(tiny_argv, tmp_path, capsys):
+    save_untrained_run(tiny_argv, tmp_path, "Attention")
     with pytest.raises(SystemExit) as exit_info:
         neighbour_maps.main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no ConvNN-Attention layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--queries", "17"], "--queries: [17] outside 0..16"),
+    (["--images", "100"], "--images: [100] outside the 100 test images"),
+    (["--summary", "--max_images", "0"], "--max_images: must be >= 1"),
+])
+def test_impossible_options_are_usage_errors(tiny_argv, tmp_path, capsys, options, message):
+    save_untrained_run(tiny_argv, tmp_path, "ConvNNAttention")
+    with pytest.raises(SystemExit) as exit_info:
+        neighbour_maps.main([str(tmp_path), *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
