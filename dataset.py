@@ -30,6 +30,9 @@ CIFAR_FILES = {
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
+# "TRAIN,TEST" sizes that replace the two above, e.g. for quick trials and for tests that start
+# the program in another process (where they cannot patch the constants).
+SYNTHETIC_SIZES_VARIABLE = "CONVNN_SYNTHETIC_SIZES"
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -91,11 +94,24 @@ def load_datasets(
         _class_folders(os.path.join(data_path, "val"))
         test = datasets.ImageFolder(os.path.join(data_path, "val"), test_transform)
     elif dataset == "synthetic":
-        train = SyntheticImages(SYNTHETIC_TRAIN_SIZE, seed=1, transform=train_transform) if need_train else None
-        test = SyntheticImages(SYNTHETIC_TEST_SIZE, seed=2, transform=test_transform)
+        train_size, test_size = synthetic_sizes()
+        train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
+        test = SyntheticImages(test_size, seed=2, transform=test_transform)
     else:
         raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     return train, test, num_classes(dataset, data_path), image_size(dataset, resize)
+
+
+def synthetic_sizes() -> Tuple[int, int]:
+    """Training and test sizes of the synthetic set: $CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
+    value = os.environ.get(SYNTHETIC_SIZES_VARIABLE)
+    if not value:
+        return SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE
+    try:
+        train_size, test_size = (int(part) for part in value.split(","))
+    except ValueError:
+        raise DatasetUnavailableError(f"{SYNTHETIC_SIZES_VARIABLE}: expected TRAIN,TEST sizes, got {value!r}") from None
+    return train_size, test_size
 
 
 def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
