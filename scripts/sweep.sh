@@ -25,8 +25,8 @@ LAYERS=${LAYERS:-ConvNNAttention}
 K_VALUES=${K_VALUES:-"4 9 16"}
 # A sampling type, or type:num_samples for random (candidates) and spatial (side of the grid).
 SAMPLINGS=${SAMPLINGS:-"all random:32 spatial:6"}
-# Layers run once each, for comparison.
-BASELINES=${BASELINES:-Attention}
+# Layers run once each, for comparison (empty: none).
+BASELINES=${BASELINES-Attention}
 # Flags shared by every run.
 EXTRA_FLAGS=${EXTRA_FLAGS:-"--resize 0 --patch_size 4 --num_layers 6 --augment --scheduler cosine --lr 5e-4"}
 # -----------------------------------------------------------------------------------------------
