@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation")
+    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation, per process under torchrun")
     training.add_argument("--num_epochs", type=int, default=150, help="number of epochs")
     training.add_argument("--use_amp", action="store_true", help="mixed precision")
     training.add_argument("--use_compiled", action="store_true", help="compile the model with torch.compile")

@@ -39,7 +39,9 @@ def interrupted_run(argv, monkeypatch):
 def run_sweep(output_root) -> str:
     environment = dict(os.environ, PYTHON=sys.executable, OUTPUT_ROOT=str(output_root), DATASET="synthetic",
                        EPOCHS="2", DEVICE="cpu", LAYERS="ConvNNAttention", K_VALUES="2 3 4", SAMPLINGS="all",
-                       BASELINES="", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS), CONVNN_SYNTHETIC_SIZES="200,100")
+                       BASELINES="", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS), CONVNN_SYNTHETIC_SIZES="200,100",
+                       # One thread: on a shared CPU, several threads per process slow a run down many times.
+                       OMP_NUM_THREADS="1")
     finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout
