@@ -139,6 +139,12 @@ def summarise_run(run: str, name: str) -> Dict:
     return row
 
 
+def table_order(row: Dict) -> tuple:
+    """Runs of one layer and sampling together, by increasing K (layers without K first)."""
+    k = row["K"] if row["K"] != NOT_APPLICABLE else 0
+    return row["layer"], row["sampling"], k, row["run"]
+
+
 def run_name(run: str, argument: str) -> str:
     """The run's path below the directory given on the command line (its own name when it was given)."""
     if os.path.samefile(run, argument):
@@ -225,7 +231,7 @@ def plot_best_against_k(path: str, rows: List[Dict]) -> None:
                       textcoords="offset points", xytext=(4, 3), fontsize="small", color="grey")
     axes.set(xlabel="K (neighbours per token)", ylabel="best test top-1 accuracy (%)",
              title="Best test top-1 against K")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xticks(sorted({k for points in lines.values() for k, _ in points}))
     axes.grid(True, alpha=0.3)
     if lines:
         axes.legend(fontsize="small")
@@ -251,6 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not rows:
         print("summarize.py: no runs found", file=sys.stderr)
         return 1
+    rows.sort(key=table_order)
 
     out_dir = args.out_dir or args.directories[0]
     os.makedirs(out_dir, exist_ok=True)
