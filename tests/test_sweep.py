@@ -84,11 +84,12 @@ def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_one
 
 @pytest.fixture
 def run_directories(tiny_argv, tmp_path, monkeypatch):
-    """Three finished runs (one nested a level deeper), one unfinished, and a directory with no run."""
+    """Three finished runs (one nested a level deeper), one unfinished, and a directory with no run.
+    Few epochs keep it quick: 2 for K2, 1 for the others."""
     root = tmp_path / "sweep"
     convnn = ["--layer", "ConvNNAttention", "--num_epochs", "2"]
     vit_main.main(tiny_argv(root / "K2", *convnn, "--K", "2"))
-    vit_main.main(tiny_argv(root / "K4", *convnn, "--K", "4", "--convolution_type", "standard"))
+    vit_main.main(tiny_argv(root / "K4", *convnn, "--K", "4", "--convolution_type", "standard", "--num_epochs", "1"))
     interrupted_run(tiny_argv(root / "K3_random", *convnn, "--K", "3", "--sampling_type", "random",
                               "--num_samples", "8"), monkeypatch)
     vit_main.main(tiny_argv(root / "baselines" / "Attention", "--layer", "Attention", "--num_epochs", "1"))
