@@ -30,6 +30,9 @@ CIFAR_FILES = {
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
+# "TRAIN,TEST" sizes that replace the two above, e.g. for quick trials and for tests that start
+# the program in another process (where they cannot patch the constants).
+SYNTHETIC_SIZES_VARIABLE = "CONVNN_SYNTHETIC_SIZES"
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -91,11 +94,24 @@ def load_datasets(
         _class_folders(os.path.join(data_path, "val"))
         test = datasets.ImageFolder(os.path.join(data_path, "val"), test_transform)
     elif dataset == "synthetic":
-        train = SyntheticImages(SYNTHETIC_TRAIN_SIZE, seed=1, transform=train_transform) if need_train else None
-        test = SyntheticImages(SYNTHETIC_TEST_SIZE, seed=2, transform=test_transform)
+        train_size, test_size = synthetic_sizes()
+        train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
+        test = SyntheticImages(test_size, seed=2, transform=test_transform)
     else:
         raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     return train, test, num_classes(dataset, data_path), image_size(dataset, resize)
+
+
+def synthetic_sizes() -> Tuple[int, int]:
+    """Training and test sizes of the synthetic set: $CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
+    value = os.environ.get(SYNTHETIC_SIZES_VARIABLE)
+    if not value:
+        return SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE
+    try:
+        train_size, test_size = (int(part) for part in value.split(","))
+    except ValueError:
+        raise DatasetUnavailableError(f"{SYNTHETIC_SIZES_VARIABLE}: expected TRAIN,TEST sizes, got {value!r}") from None
+    return train_size, test_size
 
 
 def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
@@ -203,8 +219,10 @@ class DeviceLoader:
     """
 
     def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
-                 batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None):
+                 batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None,
+                 shard: Tuple[int, int] = (0, 1)):
         images, labels = stored_images(data)
+        self.rank, self.world_size = shard
         self.dataset = data
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -220,14 +238,30 @@ class DeviceLoader:
         self.scale, self.shift = 1.0 / (255.0 * std), mean / std
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self._shard_size() // self.batch_size)
+
+    def _shard_size(self) -> int:
+        count = len(self.labels)
+        if self.shuffle:
+            return -(-count // self.world_size)
+        return (self.rank + 1) * count // self.world_size - self.rank * count // self.world_size
 
     def __iter__(self):
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        for start in range(0, count, self.batch_size):
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size].to(self.device)
             yield self.transform(self.images[index]), self.labels[index]
+
+    def _order(self) -> torch.Tensor:
+        """This process's sample order. Under torchrun every rank draws the same permutation: training
+        takes every world_size-th sample of it, padded like ``DistributedSampler`` so that all ranks
+        take the same number of steps; evaluation takes one contiguous block, each sample once."""
+        count = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size)
+        order = torch.randperm(count, generator=self.generator)
+        padded = self._shard_size() * self.world_size
+        return torch.cat([order, order[: padded - count]])[self.rank :: self.world_size]
 
     def transform(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> normalised float ``(B, 3, side, side)``."""

@@ -9,9 +9,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+import distributed
 import utils
 from dataset import DeviceLoader
 
@@ -71,15 +72,23 @@ def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, bat
     every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
     epochs, which is what makes a resumed run repeat an uninterrupted one exactly.
 
+    Under torchrun, ``batch_size`` is per process; each rank trains on its share of a shuffle common
+    to all ranks and evaluates one contiguous block of the test split.
+
     ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
     stay on ``device`` and are transformed there, a batch at a time."""
     if on_device is not None:
+        shard = (distributed.rank(), distributed.world_size())
         test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
-                                   batch_size=batch_size, device=device)
+                                   batch_size=batch_size, device=device, shard=shard)
         if train_dataset is None:
             return None, test_loader
-        return DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device), test_loader
+        train_loader = DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device,
+                                    shard=shard)
+        return train_loader, test_loader
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    if distributed.is_distributed():
+        return _distributed_loaders(train_dataset, test_dataset, common)
     test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
                              **common)
     if train_dataset is None:
@@ -88,10 +97,24 @@ def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, bat
     return train_loader, test_loader
 
 
+def _distributed_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, common: Dict):
+    ranks = dict(num_replicas=distributed.world_size(), rank=distributed.rank())
+    test_loader = DataLoader(test_dataset, sampler=distributed.ContiguousShards(test_dataset, **ranks),
+                             generator=torch.Generator().manual_seed(EVAL_LOADER_SEED), **common)
+    if train_dataset is None:
+        return None, test_loader
+    # seed=0: the whole shuffle seed is passed as the "epoch" by seed_epoch.
+    sampler = DistributedSampler(train_dataset, shuffle=True, seed=0, **ranks)
+    return DataLoader(train_dataset, sampler=sampler, generator=torch.Generator(), **common), test_loader
+
+
 def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
     # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
     # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
     train_loader.generator.manual_seed(seed * 100_003 + epoch)
+    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
+        train_loader.sampler.set_epoch(seed * 100_003 + epoch)
 
 
 @dataclass
@@ -121,6 +144,16 @@ class _Tally:
         self.top5 += hits.any(dim=1).sum()
         self.samples += targets.shape[0]
 
+    def sum_over_processes(self) -> None:
+        """Adds up the tallies of all ranks, so that a split's metrics are exact under torchrun too."""
+        if not distributed.is_distributed():
+            return
+        sums = torch.stack([self.loss_sum, self.top1.double(), self.top5.double(),
+                            torch.tensor(float(self.samples), dtype=torch.float64, device=self.loss_sum.device)])
+        distributed.sum_over_processes(sums)
+        self.loss_sum = sums[0]
+        self.top1, self.top5, self.samples = sums[1].long(), sums[2].long(), int(sums[3].item())
+
     def summary(self) -> Dict[str, float]:
         samples = max(self.samples, 1)
         return {
@@ -141,7 +174,7 @@ class Trainer:
     def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
                  weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
                  num_epochs: int, criterion: str, clip_grad_norm: float, use_amp: bool, use_compiled: bool,
-                 compile_mode: str, show_progress: bool):
+                 compile_mode: str, show_progress: bool, distributed_replica: bool = False):
         self.model = model.to(device)
         self.device = device
         self.num_classes = num_classes
@@ -154,17 +187,19 @@ class Trainer:
         self.use_amp = use_amp
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
         self.show_progress = show_progress
-        self.network = self._compiled(model, compile_mode) if use_compiled else model
+        # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
+        # self.network is what runs: the DDP replica and/or its compiled form.
+        network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
+        self.network = self._compiled(network, compile_mode) if use_compiled else network
         self.compiled = use_compiled
 
-    @staticmethod
-    def _compiled(model: nn.Module, compile_mode: str) -> nn.Module:
+    def _compiled(self, network: nn.Module, compile_mode: str) -> nn.Module:
         # reduce-memory is this project's mode, not torch.compile's: the default compilation, with
         # every block's activations recomputed in the backward pass instead of stored.
         if compile_mode == "reduce-memory":
-            model.set_activation_checkpointing(True)
-            return torch.compile(model, mode="default")
-        return torch.compile(model, mode=compile_mode)
+            self.model.set_activation_checkpointing(True)
+            return torch.compile(network, mode="default")
+        return torch.compile(network, mode=compile_mode)
 
     def autocast(self):
         if not self.use_amp:
@@ -204,6 +239,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
         utils.synchronize(self.device)
         seconds = time.perf_counter() - start
+        tally.sum_over_processes()
         summary = tally.summary()
         return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
 
@@ -262,14 +298,18 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs."""
     history = list(history or [])
-    outputs.start_logs(history)
+    # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
+    writes_outputs = distributed.is_main_process()
+    if writes_outputs:
+        outputs.start_logs(history)
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
-        outputs.log_epoch(record, history)
-        _report(epoch_summary(record), trainer.show_progress)
-        _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
-    if history:
+        if writes_outputs:
+            outputs.log_epoch(record, history)
+            _report(epoch_summary(record), trainer.show_progress)
+            _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
+    if history and writes_outputs:
         outputs.finish(history)
         _report(utils.average_time_line(history), trainer.show_progress)
         _report(utils.best_accuracy_line(history), trainer.show_progress)

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 import dataset
+import distributed
 import train_eval
 import utils
 from models.vit import ViT
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "and transformed there per batch (cifar10, cifar100, synthetic)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation")
+    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation, per process under torchrun")
     training.add_argument("--num_epochs", type=int, default=150, help="number of epochs")
     training.add_argument("--use_amp", action="store_true", help="mixed precision")
     training.add_argument("--use_compiled", action="store_true", help="compile the model with torch.compile")
@@ -236,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # Seeding comes before the model is built, so that the initial weights follow --seed.
     utils.seed_everything(args.seed)
-    device = torch.device(args.device)
+    device = _process_device(parser, args.device)
     try:
         img_size = dataset.image_size(args.dataset, args.resize)
         num_classes = dataset.num_classes(args.dataset, args.data_path)
@@ -244,12 +245,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
     trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
-                                 show_progress=train_eval.show_progress_bars(), **trainer_config(args))
+                                 show_progress=train_eval.show_progress_bars() and distributed.is_main_process(),
+                                 distributed_replica=distributed.is_distributed(), **trainer_config(args))
     outputs = utils.RunOutputs(args.output_dir)
     if args.test_only:
         test_only(parser, args, trainer, outputs)
     else:
         train(parser, args, trainer, outputs, img_size)
+
+
+def _process_device(parser: argparse.ArgumentParser, device_type: str) -> torch.device:
+    """This process's device. Under torchrun it also joins the process group, and ranks other than 0
+    print nothing on stdout: rank 0 reports for all (warnings and errors still reach stderr)."""
+    try:
+        device = distributed.setup(device_type)
+    except ValueError as error:
+        parser.error(str(error))
+    if not distributed.is_main_process():
+        sys.stdout = open(os.devnull, "w")
+    return device
 
 
 def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, need_train: bool):
@@ -279,7 +293,8 @@ def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer
     result = trainer.evaluate(test_loader)
     print(f"Checkpoint: {checkpoint}")
     print(utils.test_line(result.loss, result.top1, result.top5), flush=True)
-    outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
+    if distributed.is_main_process():
+        outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
 
 
 def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
@@ -299,8 +314,9 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
               "(use --resume auto to continue it)", file=sys.stderr)
 
     arguments = vars(args)
-    outputs.write_args(arguments)
-    outputs.write_model_summary(trainer.model, img_size, trainer.device)
+    if distributed.is_main_process():
+        outputs.write_args(arguments)
+        outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_data, test_data, _, _ = _load_data(parser, args, need_train=True)
     train_loader, test_loader = train_eval.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
     print(f"{args.layer} ViT, {utils.count_parameters(trainer.model):,} parameters, on {args.device}; "
@@ -309,6 +325,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
     if rng_state is not None:
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
+    distributed.decorrelate_ranks(args.seed, start_epoch)
     train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
                    seed=args.seed, run_arguments=arguments, start_epoch=start_epoch, history=history)
 

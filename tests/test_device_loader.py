@@ -160,3 +160,20 @@ def test_padding_the_last_batch_leaves_its_logits_unchanged():
     with torch.no_grad():
         torch.testing.assert_close(trainer._forward(images, batch_size=16), trainer.model(images), rtol=0,
                                    atol=1e-6)
+
+
+def test_device_loader_shards_like_the_distributed_samplers(small_synthetic):
+    _, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=0, augment=False, need_train=False)
+    shards = {}
+    for rank in range(3):
+        for shuffle in (True, False):
+            loader = dataset.DeviceLoader(test, dataset="synthetic", resize=0, augment=False, shuffle=shuffle,
+                                          batch_size=8, device=torch.device("cpu"), shard=(rank, 3),
+                                          generator=torch.Generator().manual_seed(4))
+            shards[rank, shuffle] = loader._order()
+            assert len(loader) == -(-len(shards[rank, shuffle]) // 8)
+    training = [shards[rank, True] for rank in range(3)]
+    assert {len(order) for order in training} == {34}  # 100 images padded to 102: equal steps on every rank
+    assert set(torch.cat(training).tolist()) == set(range(100))
+    evaluation = torch.cat([shards[rank, False] for rank in range(3)])
+    assert evaluation.tolist() == list(range(100))  # every test image exactly once

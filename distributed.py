@@ -1,0 +1,112 @@
+"""Data parallelism under ``torchrun``: the process group, the samplers, and exact metric sums.
+
+A run started by ``torchrun --nproc_per_node N vit_main.py ...`` finds RANK, WORLD_SIZE and
+LOCAL_RANK in its environment and trains one model replica per process with
+DistributedDataParallel. Without that environment nothing here changes a run: every helper falls
+back to a single process (rank 0 of 1).
+"""
+
+import atexit
+import datetime
+import os
+from typing import Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Sampler
+
+import utils
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# A rank waits this long for the others (e.g. while rank 0 writes a checkpoint) before giving up.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def torchrun_environment() -> Optional[Dict[str, int]]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as set by torchrun, or None for a plain single-process start."""
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return None
+    return {name.lower(): int(os.environ[name]) for name in TORCHRUN_VARIABLES}
+
+
+def setup(device_type: str) -> torch.device:
+    """Joins the process group when started by torchrun and returns this process's device:
+    ``gloo`` on the CPU, ``nccl`` on CUDA with one GPU per process (cuda:LOCAL_RANK)."""
+    environment = torchrun_environment()
+    if environment is None:
+        return torch.device(device_type)
+    if device_type == "mps":
+        raise ValueError("--device: torchrun data parallelism runs on cpu or cuda, not mps")
+    device = torch.device(device_type)
+    if device_type == "cuda":
+        device = torch.device("cuda", environment["local_rank"])
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            rank=environment["rank"], world_size=environment["world_size"],
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    atexit.register(shutdown)  # also when the program ends with an error
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 alone prints progress and writes files."""
+    return rank() == 0
+
+
+def decorrelate_ranks(seed: int, start_epoch: int) -> None:
+    """Every rank builds the model from the same seed (identical replicas); afterwards ranks other
+    than 0 reseed their generators, so that their dropout masks and random neighbour sampling differ
+    from rank 0's instead of repeating them. Rank 0 keeps its stream, which the checkpoints save."""
+    if rank() > 0:
+        utils.seed_everything(seed + 1_000_003 * rank() + start_epoch)
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model as a DistributedDataParallel replica when in a process group, else unchanged.
+    DDP averages the gradients over the ranks after each backward pass."""
+    if not is_distributed():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``values`` over all ranks (``values`` itself outside a process group)."""
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+class ContiguousShards(Sampler):
+    """Splits ``range(len(dataset))`` into one contiguous, unpadded block per rank (sizes differ by at
+    most one), so that an evaluation over all ranks sees every sample exactly once. The
+    DistributedSampler pads the last shard with repeated samples instead, which is fine for
+    training but would count those samples twice in a metric."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        self.start = rank * len(dataset) // num_replicas
+        self.end = (rank + 1) * len(dataset) // num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Example sweep: token-mixing layer x K x sampling type, plus baseline layers that take neither.
+#
+# Each run gets its own directory under OUTPUT_ROOT, named after its settings
+# (e.g. ConvNNAttention_K9_random32). Running the script again skips finished runs (their
+# train_eval_results.txt ends with the "Max Accuracy" line) and continues unfinished ones from their
+# last.pt (--resume auto), so an interrupted sweep is continued by starting it again.
+# Summarise the results with: python scripts/summarize.py "$OUTPUT_ROOT"
+#
+# Every setting below can be overridden from the environment, e.g.
+#   DATASET=synthetic EPOCHS=3 DEVICE=cpu scripts/sweep.sh
+set -euo pipefail
+
+# ---- Settings ---------------------------------------------------------------------------------
+PYTHON=${PYTHON:-python}
+# Command that starts vit_main.py; for data parallelism e.g.
+#   LAUNCHER="torchrun --nproc_per_node 4"   (--batch_size is then per process)
+LAUNCHER=${LAUNCHER:-$PYTHON}
+OUTPUT_ROOT=${OUTPUT_ROOT:-./Output/sweep}
+DATASET=${DATASET:-cifar10}
+EPOCHS=${EPOCHS:-100}
+DEVICE=${DEVICE:-cuda}
+# Layers that take --K and --sampling_type (the sampling type only changes ConvNN layers).
+LAYERS=${LAYERS:-ConvNNAttention}
+K_VALUES=${K_VALUES:-"4 9 16"}
+# A sampling type, or type:num_samples for random (candidates) and spatial (side of the grid).
+SAMPLINGS=${SAMPLINGS:-"all random:32 spatial:6"}
+# Layers run once each, for comparison (empty: none).
+BASELINES=${BASELINES-Attention}
+# Flags shared by every run.
+EXTRA_FLAGS=${EXTRA_FLAGS:-"--resize 0 --patch_size 4 --num_layers 6 --augment --scheduler cosine --lr 5e-4"}
+# -----------------------------------------------------------------------------------------------
+
+REPOSITORY=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+read -r -a launcher <<< "$LAUNCHER"
+read -r -a extra_flags <<< "$EXTRA_FLAGS"
+failed_runs=()
+
+is_finished() {
+    local results="$1/train_eval_results.txt"
+    [[ -f $results ]] && grep -q '^Max Accuracy: ' "$results"
+}
+
+# run NAME FLAGS...: trains one setting in OUTPUT_ROOT/NAME unless it has finished.
+run() {
+    local name=$1
+    shift
+    local directory="$OUTPUT_ROOT/$name"
+    if is_finished "$directory"; then
+        echo "skip    $name (finished)"
+        return
+    fi
+    if [[ -f $directory/last.pt ]]; then
+        echo "resume  $name"
+    else
+        echo "start   $name"
+    fi
+    mkdir -p "$directory"
+    # A failed run is reported at the end instead of stopping the runs after it.
+    if ! "${launcher[@]}" "$REPOSITORY/vit_main.py" --dataset "$DATASET" --device "$DEVICE" \
+        --num_epochs "$EPOCHS" "${extra_flags[@]}" "$@" --output_dir "$directory" --resume auto \
+        2>&1 | tee -a "$directory/console.log"; then
+        failed_runs+=("$name")
+    fi
+}
+
+for layer in $LAYERS; do
+    for k in $K_VALUES; do
+        for sampling in $SAMPLINGS; do
+            sampling_type=${sampling%%:*}
+            num_samples=-1
+            [[ $sampling == *:* ]] && num_samples=${sampling#*:}
+            name="${layer}_K${k}_${sampling_type}"
+            [[ $num_samples == -1 ]] || name+="$num_samples"
+            run "$name" --layer "$layer" --K "$k" --sampling_type "$sampling_type" --num_samples "$num_samples"
+        done
+    done
+done
+for layer in $BASELINES; do
+    run "$layer" --layer "$layer"
+done
+
+if (( ${#failed_runs[@]} > 0 )); then
+    echo "failed: ${failed_runs[*]}" >&2
+    exit 1
+fi
