@@ -2,10 +2,13 @@
 
 import argparse
 import csv
+import errno
 import io
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -157,10 +160,32 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+        _fsync_directory(directory)
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        # A full disk surfaces as OSError, or as RuntimeError from torch.save's zip writer.
+        if isinstance(error, (OSError, RuntimeError)):
+            raise OutputWriteError(path, error) from error
         raise
+
+
+def _fsync_directory(directory: str) -> None:
+    # The rename itself lives in the directory: without this, a power cut may bring the old file back.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written; the previous version of the file is still in place."""
+
+    def __init__(self, path: str, cause: BaseException):
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
+        super().__init__(getattr(cause, "errno", None) or errno.EIO, f"cannot write {path}: {reason}")
+        self.path = path
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -168,23 +193,158 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def append_line(path: str, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise OutputWriteError(path, error) from error
 
 
 def save_checkpoint(path: str, state: Dict) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line naming the file."""
+
+
+# What torch.load raises on a truncated, damaged or foreign file.
+_UNREADABLE_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+                                 KeyError, AttributeError, ImportError, OSError)
+
+
 def load_checkpoint(path: str, map_location="cpu") -> Dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except _UNREADABLE_CHECKPOINT_ERRORS as error:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (holds a {type(checkpoint).__name__}, not a dictionary)")
+    return checkpoint
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# How many parameter names a mismatch message shows of each kind; the counts are always complete.
+_NAMES_SHOWN = 3
+
+
+def state_dict_mismatch(expected: Dict, found: Dict) -> Optional[str]:
+    """What differs between the model's state dict and a checkpoint's, as one line, or None when they fit."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {_shape(found[name])} vs {_shape(expected[name])}" for name in expected
+                if name in found and _shape(found[name]) != _shape(expected[name])]
+    parts = [f"{len(names)} {kind} ({', '.join(names[:_NAMES_SHOWN])}{', ...' if len(names) > _NAMES_SHOWN else ''})"
+             for kind, names in (("parameters missing from the checkpoint", missing),
+                                 ("unexpected parameters", unexpected),
+                                 ("parameters of another shape (checkpoint vs model)", reshaped)) if names]
+    return "; ".join(parts) if parts else None
+
+
+def _shape(value) -> List[int]:
+    return list(value.shape) if isinstance(value, torch.Tensor) else []
 
 
 def model_weights(checkpoint: Dict) -> Dict:
     """The model state dict of a training checkpoint, or the checkpoint itself when it is a bare state dict."""
     return checkpoint["model"] if "model" in checkpoint else checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: one live run each, and no run replaced by accident
+# ---------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+# Files that show a directory holds a training run (even one stopped before its first epoch ended).
+RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
+# Everything a training run writes; --overwrite removes these and nothing else.
+OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results.txt")
+
+
+class DirectoryInUseError(RuntimeError):
+    pass
+
+
+class OutputLock:
+    """``<output_dir>/.lock`` holding the process id of the run that writes there.
+
+    A lock whose process is gone (a killed run) is taken over. Two runs taking over the same stale
+    lock at the same instant could both proceed; the window is a few microseconds, accepted here."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+            except FileExistsError:
+                owner = _lock_owner(self.path)
+                if owner is not None and _process_alive(owner):
+                    raise DirectoryInUseError(f"in use by a running process {owner} (lock file {self.path}); "
+                                              "wait for it to end or choose another --output_dir") from None
+                _remove_if_present(self.path)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise DirectoryInUseError(f"could not take the lock file {self.path}; remove it if no run uses the directory")
+
+    def release(self) -> None:
+        if self.held and _lock_owner(self.path) == os.getpid():
+            _remove_if_present(self.path)
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _lock_owner(path: str) -> Optional[int]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            pid = int(handle.read().strip())
+        return pid if pid > 0 else None
+    except (OSError, ValueError):
+        return None  # vanished, unreadable or half-written: nobody can be holding it
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def earlier_run_files(output_dir: str) -> List[str]:
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+
+
+def remove_earlier_run(output_dir: str) -> None:
+    """Removes the files of an earlier run (for --overwrite), so that none of them mixes with the new run."""
+    for name in OUTPUT_FILES:
+        _remove_if_present(os.path.join(output_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------
