@@ -329,9 +329,11 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
+        # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
+        # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
+        _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
         outputs.log_epoch(record, history)
         _report(epoch_summary(record), trainer.show_progress)
-        _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
     if history:
         outputs.finish(history)
         _report(utils.average_time_line(history), trainer.show_progress)

@@ -5,10 +5,8 @@ import csv
 import errno
 import io
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -210,15 +208,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message is one line naming the file."""
 
 
-# What torch.load raises on a truncated, damaged or foreign file.
-_UNREADABLE_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-                                 KeyError, AttributeError, ImportError, OSError)
-
-
 def load_checkpoint(path: str, map_location="cpu") -> Dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except _UNREADABLE_CHECKPOINT_ERRORS as error:
+    # Unpickling damaged bytes can fail with almost any exception type (IndexError, UnicodeDecodeError, ...),
+    # and each means the same thing here: this file cannot be used.
+    except Exception as error:  # noqa: BLE001
+
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint (holds a {type(checkpoint).__name__}, not a dictionary)")
@@ -286,10 +282,9 @@ class OutputLock:
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
             except FileExistsError:
-                owner = _lock_owner(self.path)
-                if owner is not None and _process_alive(owner):
-                    raise DirectoryInUseError(f"in use by a running process {owner} (lock file {self.path}); "
-                                              "wait for it to end or choose another --output_dir") from None
+                owner = live_lock_owner(os.path.dirname(self.path))
+                if owner is not None:
+                    raise DirectoryInUseError(in_use_message(self.path, owner)) from None
                 _remove_if_present(self.path)
                 continue
             with os.fdopen(descriptor, "w") as handle:
@@ -309,6 +304,26 @@ class OutputLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def live_lock_owner(output_dir: str) -> Optional[int]:
+    """Process id of the live run holding ``output_dir``'s lock, or None when there is none or it died."""
+    owner = _lock_owner(os.path.join(output_dir, LOCK_NAME))
+    return owner if owner is not None and _process_alive(owner) else None
+
+
+def in_use_message(lock_path: str, owner: int) -> str:
+    return (f"{os.path.dirname(lock_path)} is in use by the running process {owner} (lock file {lock_path}); "
+            "wait for it to end or choose another --output_dir")
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Removes what a killed run left of an atomic write: temporary files that never got renamed.
+    Only called while holding the lock, so no other run can be writing them."""
+    prefixes = tuple(f".{name}." for name in OUTPUT_FILES)
+    for entry in os.scandir(output_dir):
+        if entry.is_file() and entry.name.startswith(prefixes):
+            _remove_if_present(entry.path)
 
 
 def _lock_owner(path: str) -> Optional[int]:

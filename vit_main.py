@@ -171,8 +171,13 @@ def _mode_problems(args: argparse.Namespace) -> List[str]:
 
 
 def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
-    """A fresh training run must not silently replace the results of an earlier one."""
-    if args.test_only or args.resume or args.overwrite:
+    """A training run must not write beside a live one, nor a fresh one silently replace an earlier run."""
+    if args.test_only:
+        return None
+    owner = utils.live_lock_owner(args.output_dir)
+    if owner is not None:
+        return f"--output_dir: {utils.in_use_message(os.path.join(args.output_dir, utils.LOCK_NAME), owner)}"
+    if args.resume or args.overwrite:
         return None
     found = utils.earlier_run_files(args.output_dir)
     if not found:
@@ -234,9 +239,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     directory_problem = utils.directory_problem(args.output_dir)
     if directory_problem:
         parser.error(f"--output_dir: {directory_problem}")
-    run_problem = earlier_run_problem(args)
-    if run_problem:
-        parser.error(run_problem)
     if not args.use_compiled and args.compile_mode != "default":
         print("warning: --compile_mode has no effect without --use_compiled", file=sys.stderr)
 
@@ -250,6 +252,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = ViT(**model_config(args, img_size, num_classes))
     except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
+    run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
+    if run_problem:
+        parser.error(run_problem)
     trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
                                  show_progress=train_eval.show_progress_bars(), **trainer_config(args))
     outputs = utils.RunOutputs(args.output_dir)
@@ -270,6 +275,7 @@ def output_directory_claimed(parser: argparse.ArgumentParser, output_dir: str):
     except utils.DirectoryInUseError as error:
         parser.error(f"--output_dir: {error}")
     try:
+        utils.remove_stale_temporaries(output_dir)
         yield
     finally:
         lock.release()
