@@ -213,7 +213,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     # Unpickling damaged bytes can fail with almost any exception type (IndexError, UnicodeDecodeError, ...),
     # and each means the same thing here: this file cannot be used.
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
 
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
     if not isinstance(checkpoint, dict):

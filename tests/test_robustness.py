@@ -244,6 +244,7 @@ CASES = [
     ("no-class-folders", no_class_folders, [], "--data_path", "no class folders"),
     ("no-image-files", no_image_files, [], "--data_path", "no image files in"),
     ("damaged-image", damaged_image, [], "--data_path", "a.png is not a readable image"),
+    ("damaged-image-in-worker", damaged_image, ["--num_workers", "1"], "--data_path", "a.png is not a readable image"),
     ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
