@@ -262,7 +262,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.test_only:
             test_only(parser, args, trainer, outputs)  # reads best.pt only: allowed beside a live run
         else:
-            with output_directory_claimed(parser, args.output_dir):
+            # Signals are caught from here on, not only in the epoch loop: a SIGTERM during the set-up
+            # still ends with the message and exit code (at the first step), a second one at once.
+            with output_directory_claimed(parser, args.output_dir), train_eval.StopSignals() as stop_signals:
+                trainer.stop_signals = stop_signals
                 train(parser, args, trainer, outputs, img_size)
 
 
@@ -395,10 +398,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
     if rng_state is not None:
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
-    with train_eval.StopSignals() as stop_signals:
-        trainer.stop_signals = stop_signals
-        train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
-                       seed=args.seed, run_arguments=arguments, start_epoch=start_epoch, history=history)
+    train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
+                   seed=args.seed, run_arguments=arguments, start_epoch=start_epoch, history=history)
 
 
 if __name__ == "__main__":

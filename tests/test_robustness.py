@@ -345,8 +345,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(run_copy, tiny_argv
     assert not (run_copy / utils.LOCK_NAME).exists()
 
 
-def test_gradient_scaler_skips_are_not_faults():
-    """The check reads the loss before scaling: infinite gradients alone (what a float16 scaler skips) pass."""
+def test_a_step_the_gradient_scaler_skips_is_not_a_fault():
+    """Huge inputs give a finite loss whose scaled gradients overflow: the scaler skips the step (the
+    weights stay, the scale drops), and since the check reads the unscaled loss, training goes on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    trainer = train_eval.Trainer(model=model, device=torch.device("cpu"), num_classes=3, optimizer="sgd", lr=0.1,
+                                 weight_decay=0.0, momentum=0.0, scheduler="none", lr_step=1, lr_gamma=0.5,
+                                 num_epochs=1, criterion="CrossEntropy", clip_grad_norm=0.0, use_amp=False,
+                                 use_compiled=False, compile_mode="default", show_progress=False)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # CUDA's float16 scaler, on the CPU
+    weights = [parameter.detach().clone() for parameter in model.parameters()]
+    batches = [(torch.full((4, 12), 1e36), torch.tensor([0, 1, 2, 0]))]
+    result = trainer.train_one_epoch(batches, "epoch 1 train")
+    assert torch.isfinite(torch.tensor(result.loss)) and trainer.scaler.get_scale() < 2.0**16
+    for before, after in zip(weights, model.parameters()):
+        assert torch.equal(before, after)
+
+
+def test_the_non_finite_watch_names_the_first_bad_step():
     watch = train_eval._NonFiniteWatch(torch.device("cpu"))
     watch.add(0, torch.tensor([1.0, 2.0]))
     watch.raise_if_found("epoch 1 train", 2)
@@ -437,6 +454,21 @@ def test_signal_ends_the_run_with_last_pt_of_the_last_completed_epoch(signal_num
     checkpoint = utils.load_checkpoint(tmp_path / "last.pt")
     assert [int(row["epoch"]) for row in metric_rows(tmp_path)] == list(range(1, checkpoint["epoch"] + 1))
     assert not (tmp_path / utils.LOCK_NAME).exists()
+
+
+def test_sigterm_during_set_up_ends_at_the_first_step(tmp_path, tiny_argv, capsys, monkeypatch):
+    write_model_summary = utils.RunOutputs.write_model_summary
+
+    def then_terminated(self, *args):
+        write_model_summary(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(utils.RunOutputs, "write_model_summary", then_terminated)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 143, "stopped by SIGTERM")
+    assert "epoch 1 train, step 1/4" in line and line.endswith("no epoch was completed, so there is nothing to resume")
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / utils.LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the program's handler is gone again
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
