@@ -131,7 +131,8 @@ def _image_folder(root: str, transform) -> Dataset:
     try:
         return datasets.ImageFolder(root, transform, loader=_read_image)
     except FileNotFoundError as error:  # a class folder without a single file of an image type
-        empty = [os.path.join(root, name) for name in _class_folders(root) if not _holds_images(os.path.join(root, name))]
+        folders = [os.path.join(root, name) for name in _class_folders(root)]
+        empty = [folder for folder in folders if not _holds_images(folder)]
         others = f" and {len(empty) - 1} other class folders" if len(empty) > 1 else ""
         extensions = ", ".join(datasets.folder.IMG_EXTENSIONS)
         raise DatasetUnavailableError(f"--data_path: no image files in {empty[0] if empty else root}{others}; "

@@ -177,6 +177,11 @@ def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
     owner = utils.live_lock_owner(args.output_dir)
     if owner is not None:
         return f"--output_dir: {utils.in_use_message(os.path.join(args.output_dir, utils.LOCK_NAME), owner)}"
+    best = os.path.join(args.output_dir, "best.pt")
+    if args.resume == "auto" and resume_path(args) is None and os.path.isfile(best):
+        # Starting afresh would replace best.pt, the one checkpoint left of that run.
+        return (f"--resume: {args.output_dir} has a best.pt but no last.pt; continue from it with "
+                f"--resume {best} or replace it with --overwrite")
     if args.resume or args.overwrite:
         return None
     found = utils.earlier_run_files(args.output_dir)
@@ -380,7 +385,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
         try:
             trainer.load_state_dict(checkpoint)
         except CHECKPOINT_ERRORS as error:
-            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: {utils.first_line(error)}")
+            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: "
+                         f"{utils.first_line(error)}")
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         print(f"Resuming from {checkpoint_path} after epoch {start_epoch}")
     elif args.overwrite:

@@ -127,6 +127,11 @@ def empty_last(run_dir, tmp_path, monkeypatch):
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
+def only_best(run_dir, tmp_path, monkeypatch):
+    (run_dir / "last.pt").unlink()
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
 def truncated_best(run_dir, tmp_path, monkeypatch):
     truncate(run_dir / "best.pt")
     return ["--test_only"]
@@ -231,6 +236,7 @@ CASES = [
     ("unwritable-output", blocked_output_dir, [], "--output_dir", "cannot write"),
     ("truncated-last", truncated_last, [], "--resume", "last.pt is damaged"),
     ("empty-last", empty_last, [], "--resume", "last.pt is damaged"),
+    ("best-without-last", only_best, [], "--resume", "has a best.pt but no last.pt"),
     ("truncated-best", truncated_best, [], "--checkpoint", "best.pt is damaged"),
     ("garbage-checkpoint", garbage_checkpoint, [], "--checkpoint", "garbage.pt is damaged"),
     ("list-checkpoint", list_checkpoint, [], "--checkpoint", "not a checkpoint"),
