@@ -214,7 +214,6 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict:
     # Unpickling damaged bytes can fail with almost any exception type (IndexError, UnicodeDecodeError, ...),
     # and each means the same thing here: this file cannot be used.
     except Exception as error:
-
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint (holds a {type(checkpoint).__name__}, not a dictionary)")
@@ -264,14 +263,16 @@ OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results
 
 
 class DirectoryInUseError(RuntimeError):
-    pass
+    """Another live run holds the output directory's lock."""
 
 
 class OutputLock:
     """``<output_dir>/.lock`` holding the process id of the run that writes there.
 
-    A lock whose process is gone (a killed run) is taken over. Two runs taking over the same stale
-    lock at the same instant could both proceed; the window is a few microseconds, accepted here."""
+    A lock whose process is gone (a killed run) is taken over. Two runs starting within the same few
+    microseconds (one taking over a stale lock, or reading a lock just created but not yet written)
+    could both proceed; that window is accepted here. A reused process id makes a stale lock look live:
+    the message names the process, so its owner can check and remove the lock."""
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_NAME)
@@ -297,13 +298,6 @@ class OutputLock:
         if self.held and _lock_owner(self.path) == os.getpid():
             _remove_if_present(self.path)
         self.held = False
-
-    def __enter__(self) -> "OutputLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
 
 
 def live_lock_owner(output_dir: str) -> Optional[int]:
