@@ -26,7 +26,8 @@ CIFAR_FILES = {
     "cifar100": ("CIFAR-100", datasets.CIFAR100, "cifar-100-python.tar.gz", "cifar-100-python/"),
 }
 
-# The synthetic set's size; tests shrink these for speed.
+# The synthetic set's size; tests shrink these for speed. Test programs started as separate
+# processes set CONVNN_SYNTHETIC_SIZES="train,test" (two positive integers) instead.
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
@@ -90,9 +91,8 @@ def load_datasets(
     if dataset in CIFAR_FILES:
         train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
     elif dataset == "imagenet":
-        train = datasets.ImageFolder(os.path.join(data_path, "train"), train_transform) if need_train else None
-        _class_folders(os.path.join(data_path, "val"))
-        test = datasets.ImageFolder(os.path.join(data_path, "val"), test_transform)
+        train = _image_folder(os.path.join(data_path, "train"), train_transform) if need_train else None
+        test = _image_folder(os.path.join(data_path, "val"), test_transform)
     elif dataset == "synthetic":
         train_size, test_size = synthetic_sizes()
         train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
@@ -103,15 +103,60 @@ def load_datasets(
 
 
 def synthetic_sizes() -> Tuple[int, int]:
-    """Training and test sizes of the synthetic set: $CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
+    """Training and test sizes of the synthetic set: CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
     value = os.environ.get(SYNTHETIC_SIZES_VARIABLE)
-    if not value:
+    if value is None:
         return SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE
     try:
         train_size, test_size = (int(part) for part in value.split(","))
     except ValueError:
-        raise DatasetUnavailableError(f"{SYNTHETIC_SIZES_VARIABLE}: expected TRAIN,TEST sizes, got {value!r}") from None
+        train_size = test_size = 0
+    if train_size < 1 or test_size < 1:
+        raise DatasetUnavailableError(f"{SYNTHETIC_SIZES_VARIABLE}: expected two positive integers "
+                                      f"'train,test', e.g. 200,100, got {value!r}")
     return train_size, test_size
+
+
+def check_data_path(dataset: str, data_path: str) -> None:
+    """CIFAR files are fetched into ``data_path``: it must be a directory or creatable as one."""
+    if dataset not in CIFAR_FILES:
+        return
+    try:
+        os.makedirs(data_path, exist_ok=True)
+    except OSError as error:
+        raise DatasetUnavailableError(f"--data_path: cannot create the directory {data_path} "
+                                      f"({error.strerror or error}); give a directory that can hold the dataset")
+
+
+def _image_folder(root: str, transform) -> Dataset:
+    _class_folders(root)
+    try:
+        return datasets.ImageFolder(root, transform, loader=_read_image)
+    except FileNotFoundError as error:  # a class folder without a single file of an image type
+        folders = [os.path.join(root, name) for name in _class_folders(root)]
+        empty = [folder for folder in folders if not _holds_images(folder)]
+        others = f" and {len(empty) - 1} other class folders" if len(empty) > 1 else ""
+        extensions = ", ".join(datasets.folder.IMG_EXTENSIONS)
+        raise DatasetUnavailableError(f"--data_path: no image files in {empty[0] if empty else root}{others}; "
+                                      f"expected {root}/<class>/<image files> ending in {extensions}") from error
+
+
+def _holds_images(folder: str) -> bool:
+    return any(datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
+               for _, _, names in os.walk(folder) for name in names)
+
+
+def _read_image(path: str):
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged or foreign files
+        raise DatasetUnavailableError(f"--data_path: {path} is not a readable image ({_first_line(error)}); "
+                                      "replace or remove it") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text.rstrip(".") or type(error).__name__
 
 
 def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
@@ -129,8 +174,10 @@ def _open_cifar(dataset: str, root: str, train: bool, transform) -> Dataset:
         return cifar_class(root, train=train, transform=transform, download=True)
     except (OSError, RuntimeError, tarfile.TarError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
+        present = [entry for entry in (archive, folder) if os.path.exists(os.path.join(root, entry))]
+        state = f"is damaged in {root} ({' and '.join(present)} fail the checksum)" if present else f"is not in {root}"
         raise DatasetUnavailableError(
-            f"--data_path: {name} is not in {root} and could not be downloaded ({reason}); "
+            f"--data_path: {name} {state} and could not be downloaded ({reason}); "
             f"place {archive} or the extracted {folder} under {root}"
         ) from error
 

@@ -1,7 +1,10 @@
 """Training and evaluation: optimiser, scheduler, loss, mixed precision, compilation, the epoch loop."""
 
 import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -22,6 +25,11 @@ AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
 
 # Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
 EVAL_LOADER_SEED = 0
+
+# Steps between reads of the on-device non-finite-loss flag. Each read waits for the GPU, so reading it
+# every step would stall the pipeline; the flag also records the first bad step, so the message stays exact.
+# Updates made after a bad step are never saved: checkpoints are only written once an epoch passed the check.
+NONFINITE_CHECK_INTERVAL = 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +172,73 @@ class _Tally:
 
 
 # ---------------------------------------------------------------------------------------------
+# Faults that end training: signals and non-finite losses
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingStopped(Exception):
+    """SIGINT or SIGTERM arrived; training ended at a step boundary and the current epoch is dropped."""
+
+    def __init__(self, signal_number: int, where: str):
+        self.signal_number = signal_number
+        self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} at {where}")
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, where: str):
+        super().__init__(f"non-finite loss at {where}")
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set a flag that the epoch loop reads after each step, so the
+    files of the completed epochs are all that remain. A second signal ends the process at once, which
+    is safe too: every output file is replaced atomically or grows by whole lines."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _record(self, number: int, frame) -> None:
+        if self.received is not None:
+            os.write(2, f"\n{signal.Signals(number).name} again: stopping at once\n".encode())
+            os._exit(128 + number)
+        self.received = number
+
+    def raise_if_received(self, where: str) -> None:
+        if self.received is not None:
+            raise TrainingStopped(self.received, where)
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss was NaN or infinite (the loss before any
+    gradient scaling: a float16 scaler skipping a step for infinite gradients is not a fault)."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def add(self, step: int, losses: torch.Tensor) -> None:
+        bad_now = ~torch.isfinite(losses.detach()).all()
+        self.first_bad_step = torch.where(bad_now & (self.first_bad_step < 0), step, self.first_bad_step)
+
+    def raise_if_found(self, description: str, steps: int) -> None:
+        step = int(self.first_bad_step.item())
+        if step >= 0:
+            raise NonFiniteLoss(f"{description}, step {step + 1}/{steps}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
 
@@ -192,6 +267,9 @@ class Trainer:
         network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
         self.network = self._compiled(network, compile_mode) if use_compiled else network
         self.compiled = use_compiled
+        self.compiled_batch = 0
+        # Set while training from the command line: SIGINT / SIGTERM end the epoch at the next step.
+        self.stop_signals: Optional[StopSignals] = None
 
     def _compiled(self, network: nn.Module, compile_mode: str) -> nn.Module:
         # reduce-memory is this project's mode, not torch.compile's: the default compilation, with
@@ -222,6 +300,7 @@ class Trainer:
 
     def _run(self, loader: DataLoader, description: str, training: bool) -> SplitResult:
         tally = _Tally(self.device, self.num_classes)
+        watch = _NonFiniteWatch(self.device)
         bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
         utils.synchronize(self.device)
         start = time.perf_counter()
@@ -229,28 +308,35 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self._forward(images, loader.batch_size)
+                logits = self._forward(images)
                 losses = self.loss_of(logits.float(), targets)
             if training:
                 self._step(losses.mean())
             tally.add(losses, logits, targets)
+            watch.add(step, losses)
+            if (step + 1) % NONFINITE_CHECK_INTERVAL == 0:
+                watch.raise_if_found(description, len(loader))
+            if self.stop_signals is not None:
+                self.stop_signals.raise_if_received(f"{description}, step {step + 1}/{len(loader)}")
             if self.show_progress and step % 10 == 0:
                 running = tally.summary()
                 bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
+        watch.raise_if_found(description, len(loader))
         utils.synchronize(self.device)
         seconds = time.perf_counter() - start
         tally.sum_over_processes()
         summary = tally.summary()
         return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
 
-    def _forward(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the
-        full batch, so that it never meets a new shape and never recompiles; every layer is independent
-        across the batch, so the real samples' logits and gradients are unchanged."""
+        largest batch it has met, so that it never meets a new shape and never recompiles; every layer is
+        independent across the batch, so the real samples' logits and gradients are unchanged."""
         count = images.shape[0]
-        if not self.compiled or count >= batch_size:
+        if not self.compiled or count >= self.compiled_batch:
+            self.compiled_batch = max(self.compiled_batch, count)
             return self.network(images)
-        padding = images.new_zeros((batch_size - count, *images.shape[1:]))
+        padding = images.new_zeros((self.compiled_batch - count, *images.shape[1:]))
         return self.network(torch.cat([images, padding]))[:count]
 
     def _step(self, loss: torch.Tensor) -> None:
@@ -306,9 +392,11 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
+            # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
+            # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
+            _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
             outputs.log_epoch(record, history)
             _report(epoch_summary(record), trainer.show_progress)
-            _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
     if history and writes_outputs:
         outputs.finish(history)
         _report(utils.average_time_line(history), trainer.show_progress)

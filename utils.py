@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import errno
 import io
 import os
 import random
@@ -157,10 +158,32 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+        _fsync_directory(directory)
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        # A full disk surfaces as OSError, or as RuntimeError from torch.save's zip writer.
+        if isinstance(error, (OSError, RuntimeError)):
+            raise OutputWriteError(path, error) from error
         raise
+
+
+def _fsync_directory(directory: str) -> None:
+    # The rename itself lives in the directory: without this, a power cut may bring the old file back.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written; the previous version of the file is still in place."""
+
+    def __init__(self, path: str, cause: BaseException):
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
+        super().__init__(getattr(cause, "errno", None) or errno.EIO, f"cannot write {path}: {reason}")
+        self.path = path
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -168,23 +191,169 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def append_line(path: str, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise OutputWriteError(path, error) from error
 
 
 def save_checkpoint(path: str, state: Dict) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line naming the file."""
+
+
 def load_checkpoint(path: str, map_location="cpu") -> Dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    # Unpickling damaged bytes can fail with almost any exception type (IndexError, UnicodeDecodeError, ...),
+    # and each means the same thing here: this file cannot be used.
+    except Exception as error:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (holds a {type(checkpoint).__name__}, not a dictionary)")
+    return checkpoint
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# How many parameter names a mismatch message shows of each kind; the counts are always complete.
+_NAMES_SHOWN = 3
+
+
+def state_dict_mismatch(expected: Dict, found: Dict) -> Optional[str]:
+    """What differs between the model's state dict and a checkpoint's, as one line, or None when they fit."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {_shape(found[name])} vs {_shape(expected[name])}" for name in expected
+                if name in found and _shape(found[name]) != _shape(expected[name])]
+    parts = [f"{len(names)} {kind} ({', '.join(names[:_NAMES_SHOWN])}{', ...' if len(names) > _NAMES_SHOWN else ''})"
+             for kind, names in (("parameters missing from the checkpoint", missing),
+                                 ("unexpected parameters", unexpected),
+                                 ("parameters of another shape (checkpoint vs model)", reshaped)) if names]
+    return "; ".join(parts) if parts else None
+
+
+def _shape(value) -> List[int]:
+    return list(value.shape) if isinstance(value, torch.Tensor) else []
 
 
 def model_weights(checkpoint: Dict) -> Dict:
     """The model state dict of a training checkpoint, or the checkpoint itself when it is a bare state dict."""
     return checkpoint["model"] if "model" in checkpoint else checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: one live run each, and no run replaced by accident
+# ---------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+# Files that show a directory holds a training run (even one stopped before its first epoch ended).
+RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
+# Everything a training run writes; --overwrite removes these and nothing else.
+OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results.txt")
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another live run holds the output directory's lock."""
+
+
+class OutputLock:
+    """``<output_dir>/.lock`` holding the process id of the run that writes there.
+
+    A lock whose process is gone (a killed run) is taken over. Two runs starting within the same few
+    microseconds (one taking over a stale lock, or reading a lock just created but not yet written)
+    could both proceed; that window is accepted here. A reused process id makes a stale lock look live:
+    the message names the process, so its owner can check and remove the lock."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+            except FileExistsError:
+                owner = live_lock_owner(os.path.dirname(self.path))
+                if owner is not None:
+                    raise DirectoryInUseError(in_use_message(self.path, owner)) from None
+                _remove_if_present(self.path)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise DirectoryInUseError(f"could not take the lock file {self.path}; remove it if no run uses the directory")
+
+    def release(self) -> None:
+        if self.held and _lock_owner(self.path) == os.getpid():
+            _remove_if_present(self.path)
+        self.held = False
+
+
+def live_lock_owner(output_dir: str) -> Optional[int]:
+    """Process id of the live run holding ``output_dir``'s lock, or None when there is none or it died."""
+    owner = _lock_owner(os.path.join(output_dir, LOCK_NAME))
+    return owner if owner is not None and _process_alive(owner) else None
+
+
+def in_use_message(lock_path: str, owner: int) -> str:
+    return (f"{os.path.dirname(lock_path)} is in use by the running process {owner} (lock file {lock_path}); "
+            "wait for it to end or choose another --output_dir")
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Removes what a killed run left of an atomic write: temporary files that never got renamed.
+    Only called while holding the lock, so no other run can be writing them."""
+    prefixes = tuple(f".{name}." for name in OUTPUT_FILES)
+    for entry in os.scandir(output_dir):
+        if entry.is_file() and entry.name.startswith(prefixes):
+            _remove_if_present(entry.path)
+
+
+def _lock_owner(path: str) -> Optional[int]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            pid = int(handle.read().strip())
+        return pid if pid > 0 else None
+    except (OSError, ValueError):
+        return None  # vanished, unreadable or half-written: nobody can be holding it
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def earlier_run_files(output_dir: str) -> List[str]:
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+
+
+def remove_earlier_run(output_dir: str) -> None:
+    """Removes the files of an earlier run (for --overwrite), so that none of them mixes with the new run."""
+    for name in OUTPUT_FILES:
+        _remove_if_present(os.path.join(output_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ data is checked first, and each problem ends the program with one line naming th
 """
 
 import argparse
+import contextlib
 import os
 import pickle
 import sys
@@ -26,6 +27,10 @@ LAYERS = [
 COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
 # What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
 CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+# What a training checkpoint (last.pt, best.pt) holds beyond a bare state dict; --resume needs all of it.
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng")
+# Exit code of faults found while running (bad input found before is 2; signals give 128 + their number).
+RUNTIME_FAULT = 1
 
 
 def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights for --test_only (default: <output_dir>/best.pt when present)")
     output.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output_dir (otherwise such a directory is refused)")
     return parser
 
 
@@ -165,7 +172,30 @@ def _mode_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--checkpoint: no file {args.checkpoint}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume: no file {args.resume} (use --resume auto to start fresh when absent)")
+    if args.overwrite and (args.resume or args.test_only):
+        problems.append("--overwrite: only for a fresh training run, not with --resume or --test_only")
     return problems
+
+
+def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
+    """A training run must not write beside a live one, nor a fresh one silently replace an earlier run."""
+    if args.test_only:
+        return None
+    owner = utils.live_lock_owner(args.output_dir)
+    if owner is not None:
+        return f"--output_dir: {utils.in_use_message(os.path.join(args.output_dir, utils.LOCK_NAME), owner)}"
+    best = os.path.join(args.output_dir, "best.pt")
+    if args.resume == "auto" and resume_path(args) is None and os.path.isfile(best):
+        # Starting afresh would replace best.pt, the one checkpoint left of that run.
+        return (f"--resume: {args.output_dir} has a best.pt but no last.pt; continue from it with "
+                f"--resume {best} or replace it with --overwrite")
+    if args.resume or args.overwrite:
+        return None
+    found = utils.earlier_run_files(args.output_dir)
+    if not found:
+        return None
+    return (f"--output_dir: {args.output_dir} holds an earlier run ({', '.join(found)}); "
+            "continue it with --resume auto or replace it with --overwrite")
 
 
 def resume_path(args: argparse.Namespace) -> Optional[str]:
@@ -173,10 +203,6 @@ def resume_path(args: argparse.Namespace) -> Optional[str]:
         candidate = os.path.join(args.output_dir, "last.pt")
         return candidate if os.path.isfile(candidate) else None
     return args.resume
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,19 +265,97 @@ def main(argv: Optional[List[str]] = None) -> None:
     utils.seed_everything(args.seed)
     device = _process_device(parser, args.device)
     try:
+        dataset.check_data_path(args.dataset, args.data_path)
         img_size = dataset.image_size(args.dataset, args.resize)
         num_classes = dataset.num_classes(args.dataset, args.data_path)
         model = ViT(**model_config(args, img_size, num_classes))
     except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
+    run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
+    if run_problem:
+        parser.error(run_problem)
     trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
                                  show_progress=train_eval.show_progress_bars() and distributed.is_main_process(),
                                  distributed_replica=distributed.is_distributed(), **trainer_config(args))
     outputs = utils.RunOutputs(args.output_dir)
-    if args.test_only:
-        test_only(parser, args, trainer, outputs)
-    else:
-        train(parser, args, trainer, outputs, img_size)
+    with faults_explained(parser, outputs):
+        if args.test_only:
+            test_only(parser, args, trainer, outputs)  # reads best.pt only: allowed beside a live run
+        else:
+            # Signals are caught from here on, not only in the epoch loop: a SIGTERM during the set-up
+            # still ends with the message and exit code (at the first step), a second one at once.
+            # Under torchrun rank 0 writes every file, so it alone holds the directory's lock.
+            claim = output_directory_claimed(parser, args.output_dir) if distributed.is_main_process() else (
+                contextlib.nullcontext())
+            with claim, train_eval.StopSignals() as stop_signals:
+                trainer.stop_signals = stop_signals
+                train(parser, args, trainer, outputs, img_size)
+
+
+@contextlib.contextmanager
+def output_directory_claimed(parser: argparse.ArgumentParser, output_dir: str):
+    """Holds <output_dir>/.lock while training, so that a second run cannot write into the same files."""
+    lock = utils.OutputLock(output_dir)
+    try:
+        lock.acquire()
+    except utils.DirectoryInUseError as error:
+        parser.error(f"--output_dir: {error}")
+    try:
+        utils.remove_stale_temporaries(output_dir)
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def faults_explained(parser: argparse.ArgumentParser, outputs: utils.RunOutputs):
+    """Faults met while running end the program with one line and a non-zero exit code, never a traceback.
+    None of them costs more than the epoch in progress: outputs are only written at epoch ends."""
+    try:
+        yield
+    except train_eval.TrainingStopped as stop:
+        _exit(f"{parser.prog}: {stop}; {_resume_hint(outputs)}", stop.exit_code)
+    except KeyboardInterrupt:
+        _exit(f"{parser.prog}: interrupted; {_resume_hint(outputs)}", 130)
+    except train_eval.NonFiniteLoss as fault:
+        _exit(f"{parser.prog}: error: {fault}; best.pt and last.pt keep the last good epoch (try a lower --lr, "
+              "--clip_grad_norm or no --use_amp)", RUNTIME_FAULT)
+    except utils.OutputWriteError as fault:
+        _exit(f"{parser.prog}: error: --output_dir: {fault.strerror}; earlier versions of the files are intact, "
+              "free some space and continue with --resume auto", RUNTIME_FAULT)
+    except dataset.DatasetUnavailableError as error:  # an unreadable image met while training
+        parser.error(_last_line(error))
+
+
+def _resume_hint(outputs: utils.RunOutputs) -> str:
+    if os.path.isfile(outputs.path("last.pt")):
+        return "last.pt and the results hold the completed epochs: continue with --resume auto"
+    return "no epoch was completed, so there is nothing to resume"
+
+
+def _last_line(error: Exception) -> str:
+    # A DataLoader worker's error comes back with the worker's traceback in its message; the cause is its
+    # last line, after the exception's qualified name.
+    line = str(error).strip().splitlines()[-1]
+    return line.split(": ", 1)[1] if "Original Traceback" in str(error) and ": " in line else line
+
+
+def _exit(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _read_checkpoint(parser: argparse.ArgumentParser, flag: str, path: str, model: torch.nn.Module) -> Dict:
+    """Loads ``path`` and checks that its weights fit ``model``; any problem is a one-line usage error."""
+    try:
+        checkpoint = utils.load_checkpoint(path)
+    except utils.CheckpointError as error:
+        parser.error(f"{flag}: {error}; give an intact copy (best.pt and last.pt are separate copies)")
+    mismatch = utils.state_dict_mismatch(model.state_dict(), utils.model_weights(checkpoint))
+    if mismatch:
+        parser.error(f"{flag}: {path} is of another model: {mismatch}; pass the model flags it was trained "
+                     "with (see its args.txt)")
+    return checkpoint
 
 
 def _process_device(parser: argparse.ArgumentParser, device_type: str) -> torch.device:
@@ -279,11 +383,12 @@ def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer
     Writes only test_results.txt: the args.txt and model.txt of the training run stay as they were."""
     checkpoint = args.checkpoint or outputs.path("best.pt")
     if os.path.isfile(checkpoint):
+        weights = utils.model_weights(_read_checkpoint(parser, "--checkpoint", checkpoint, trainer.model))
         try:
-            trainer.model.load_state_dict(utils.model_weights(utils.load_checkpoint(checkpoint)))
+            trainer.model.load_state_dict(weights)
         except CHECKPOINT_ERRORS as error:
             parser.error(f"--checkpoint: {checkpoint} does not fit this model (pass the model flags it was "
-                         f"trained with, see its args.txt): {_first_line(error)}")
+                         f"trained with, see its args.txt): {utils.first_line(error)}")
     else:
         print(f"warning: no checkpoint given and no {checkpoint}; evaluating a freshly initialised model",
               file=sys.stderr)
@@ -302,16 +407,20 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
     start_epoch, history, rng_state = 0, [], None
     checkpoint_path = resume_path(args)
     if checkpoint_path:
+        checkpoint = _read_checkpoint(parser, "--resume", checkpoint_path, trainer.model)
+        missing = [key for key in TRAINING_CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            parser.error(f"--resume: {checkpoint_path} is not a training checkpoint (no {', '.join(missing)}); "
+                         "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
         try:
-            checkpoint = utils.load_checkpoint(checkpoint_path)
             trainer.load_state_dict(checkpoint)
         except CHECKPOINT_ERRORS as error:
-            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: {_first_line(error)}")
+            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: "
+                         f"{utils.first_line(error)}")
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         print(f"Resuming from {checkpoint_path} after epoch {start_epoch}")
-    elif os.path.isfile(outputs.path("last.pt")):
-        print(f"warning: starting afresh in {args.output_dir}, replacing its earlier run "
-              "(use --resume auto to continue it)", file=sys.stderr)
+    elif args.overwrite:
+        utils.remove_earlier_run(args.output_dir)
 
     arguments = vars(args)
     if distributed.is_main_process():

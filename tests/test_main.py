@@ -30,6 +30,7 @@ DEFAULTS = {
     "scheduler": "none", "lr_step": 20, "lr_gamma": 0.1,
     "device": "cuda", "seed": 0,
     "output_dir": "./Output/VGG/ConvNN", "test_only": False, "checkpoint": None, "resume": None,
+    "overwrite": False,
 }
 
 CHOICES = {

@@ -1,0 +1,504 @@
+"""Faults and bad input: each ends the program with one line naming the cause and the right exit code
+(2 for bad input, 1 for runtime faults, 128 + the signal for SIGINT / SIGTERM), never with a traceback,
+and never costs more than the epoch in progress."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from urllib.error import URLError
+
+import pytest
+import torch
+
+import dataset
+import train_eval
+import utils
+import vit_main
+from tests.conftest import TINY_MODEL_FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAM = os.path.join(REPO, "vit_main.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch Attention run on the small synthetic set, built once; tests work on copies."""
+    output_dir = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dataset, "SYNTHETIC_TRAIN_SIZE", 200)
+        patch.setattr(dataset, "SYNTHETIC_TEST_SIZE", 100)
+        vit_main.main([*TINY_MODEL_FLAGS, "--output_dir", str(output_dir), "--num_epochs", "1"])
+    return output_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def snapshot(directory):
+    """Every file's bytes, so that a test can prove nothing was lost or changed."""
+    if not directory.exists():
+        return {}
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def expect_one_line_error(capsys, argv, code, starts_with):
+    """Runs main in-process; checks the exit code, that stderr ends with exactly one error line starting
+    with ``starts_with`` after the program name, and that no traceback was printed. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main([str(value) for value in argv])
+    assert exit_info.value.code == code
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    last = stderr.rstrip("\n").splitlines()[-1]
+    assert sum(": error: " in line for line in stderr.splitlines()) <= 1
+    message = last.split(": error: ", 1)[-1] if ": error: " in last else last.split(": ", 1)[-1]
+    assert message.startswith(starts_with), last
+    return last
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def write_image_folders(root, split_files):
+    """``split_files``: {split: {class: {file name: bytes}}} under ``root``."""
+    for split, classes in split_files.items():
+        for name, files in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for file_name, content in files.items():
+                (folder / file_name).write_bytes(content)
+
+
+def png_bytes():
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", no_network)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: bad command lines and bad inputs against a directory holding a finished run
+# ---------------------------------------------------------------------------------------------
+
+# Each case: (id, setup, flags, flag the message starts with, text the message holds).
+# ``setup(run_dir, tmp_path, monkeypatch)`` prepares the inputs and returns extra flags (or None).
+
+
+def no_setup(run_dir, tmp_path, monkeypatch):
+    return None
+
+
+def resume(run_dir, tmp_path, monkeypatch):
+    return ["--resume", "auto"]
+
+
+def truncated_last(run_dir, tmp_path, monkeypatch):
+    truncate(run_dir / "last.pt")
+    return ["--resume", "auto"]
+
+
+def empty_last(run_dir, tmp_path, monkeypatch):
+    (run_dir / "last.pt").write_bytes(b"")
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def only_best(run_dir, tmp_path, monkeypatch):
+    (run_dir / "last.pt").unlink()
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def truncated_best(run_dir, tmp_path, monkeypatch):
+    truncate(run_dir / "best.pt")
+    return ["--test_only"]
+
+
+def garbage_checkpoint(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "garbage.pt").write_text("these are not weights")
+    return ["--test_only", "--checkpoint", tmp_path / "garbage.pt"]
+
+
+def list_checkpoint(run_dir, tmp_path, monkeypatch):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    return ["--test_only", "--checkpoint", tmp_path / "list.pt"]
+
+
+def bare_weights_resume(run_dir, tmp_path, monkeypatch):
+    torch.save(utils.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
+    return ["--resume", tmp_path / "weights.pt", "--num_epochs", "2"]
+
+
+def live_lock(run_dir, tmp_path, monkeypatch):
+    (run_dir / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")  # this very process: certainly alive
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def blocked_output_dir(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a directory")
+    return ["--output_dir", tmp_path / "a_file" / "run"]
+
+
+def imagenet(run_dir, tmp_path, monkeypatch):
+    return ["--dataset", "imagenet", "--resize", "32", "--data_path", tmp_path / "images",
+            "--output_dir", tmp_path / "fresh"]
+
+
+def no_class_folders(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def no_image_files(run_dir, tmp_path, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": {"cat": {"notes.txt": b"hello"}, "dog": {"a.png": png_bytes()}},
+                                              "val": {"cat": {"b.png": png_bytes()}, "dog": {"c.png": png_bytes()}}})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def damaged_image(run_dir, tmp_path, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": {"cat": {"a.png": b"not a png"}, "dog": {"b.png": png_bytes()}},
+                                              "val": {"cat": {"c.png": png_bytes()}, "dog": {"d.png": png_bytes()}}})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def damaged_cifar(run_dir, tmp_path, monkeypatch):
+    offline(monkeypatch)
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+    return ["--dataset", "cifar10", "--data_path", tmp_path / "cifar", "--output_dir", tmp_path / "fresh"]
+
+
+def uncreatable_data_path(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a directory")
+    return ["--dataset", "cifar10", "--data_path", tmp_path / "a_file" / "Data", "--output_dir", tmp_path / "fresh"]
+
+
+def bad_synthetic_sizes(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "many,few")
+    return ["--output_dir", tmp_path / "fresh"]
+
+
+CONVNN = ["--layer", "ConvNNAttention"]
+CASES = [
+    ("epochs-zero", no_setup, ["--num_epochs", "0"], "--num_epochs", "must be >= 1"),
+    ("batch-negative", no_setup, ["--batch_size", "-3"], "--batch_size", "-3"),
+    ("lr-zero", no_setup, ["--lr", "0"], "--lr", "must be > 0"),
+    ("dropout-one", no_setup, ["--dropout", "1"], "--dropout", "[0, 1)"),
+    ("padding-negative", no_setup, ["--sample_padding", "-1"], "--sample_padding", ">= 0"),
+    ("step-zero", no_setup, ["--scheduler", "step", "--lr_step", "0"], "--lr_step", ">= 1"),
+    ("gamma-zero", no_setup, ["--scheduler", "step", "--lr_gamma", "0"], "--lr_gamma", "> 0"),
+    ("branch-ratio", no_setup, ["--layer", "BranchConv", "--branch_ratio", "1.5"], "--branch_ratio", "[0, 1]"),
+    ("k-zero", no_setup, [*CONVNN, "--K", "0"], "--K", "between 1 and 17"),
+    ("k-too-large", no_setup, [*CONVNN, "--K", "18"], "--K", "between 1 and 17"),
+    ("k-branch", no_setup, ["--layer", "BranchAttention", "--K", "40"], "--K", "between 1"),
+    ("k-kvt", no_setup, ["--layer", "KvtAttention", "--K", "100"], "--K", ""),
+    ("grid-too-large", no_setup, [*CONVNN, "--sampling_type", "spatial", "--num_samples", "5"], "--num_samples",
+     "5x5 grid"),
+    ("grid-padding", no_setup, [*CONVNN, "--sampling_type", "spatial", "--num_samples", "2", "--sample_padding", "2"],
+     "--num_samples", "--sample_padding 2"),
+    ("random-too-many", no_setup, [*CONVNN, "--sampling_type", "random", "--num_samples", "100"], "--num_samples",
+     "17 tokens"),
+    ("k-above-samples", no_setup, [*CONVNN, "--sampling_type", "random", "--num_samples", "4", "--K", "9"], "--K", ""),
+    ("patch-size", no_setup, ["--patch_size", "7"], "--patch_size", ""),
+    ("heads", no_setup, ["--num_heads", "5"], "--num_heads", ""),
+    ("resize-imagenet", no_setup, ["--dataset", "imagenet", "--resize", "0"], "--resize", "--resize 224"),
+    ("resume-test-only", no_setup, ["--test_only", "--resume", "auto"], "--resume", "--test_only"),
+    ("checkpoint-training", no_setup, ["--checkpoint", "x.pt"], "--checkpoint", "only used with --test_only"),
+    ("missing-checkpoint", no_setup, ["--test_only", "--checkpoint", "/no/such.pt"], "--checkpoint", "/no/such.pt"),
+    ("missing-resume", no_setup, ["--resume", "/no/last.pt"], "--resume", "/no/last.pt"),
+    ("overwrite-resume", resume, ["--overwrite"], "--overwrite", "--resume"),
+    ("overwrite-test-only", no_setup, ["--overwrite", "--test_only"], "--overwrite", "--test_only"),
+    ("earlier-run", no_setup, [], "--output_dir", "--overwrite"),
+    ("live-lock", live_lock, [], "--output_dir", f"running process {os.getpid()}"),
+    ("unwritable-output", blocked_output_dir, [], "--output_dir", "cannot write"),
+    ("truncated-last", truncated_last, [], "--resume", "last.pt is damaged"),
+    ("empty-last", empty_last, [], "--resume", "last.pt is damaged"),
+    ("best-without-last", only_best, [], "--resume", "has a best.pt but no last.pt"),
+    ("truncated-best", truncated_best, [], "--checkpoint", "best.pt is damaged"),
+    ("garbage-checkpoint", garbage_checkpoint, [], "--checkpoint", "garbage.pt is damaged"),
+    ("list-checkpoint", list_checkpoint, [], "--checkpoint", "not a checkpoint"),
+    ("bare-weights-resume", bare_weights_resume, [], "--resume", "not a training checkpoint"),
+    ("other-width", resume, ["--d_hidden", "16"], "--resume", "of another shape"),
+    ("other-depth", resume, ["--num_layers", "3"], "--resume", "parameters missing from the checkpoint"),
+    ("fewer-layers", resume, ["--num_layers", "1"], "--resume", "unexpected parameters (transformer_encoder.1."),
+    ("other-layer", no_setup, ["--test_only", *CONVNN, "--K", "4"], "--checkpoint",
+     "2 parameters missing from the checkpoint (transformer_encoder.0.attention.conv.weight"),
+    ("missing-image-folder", imagenet, [], "--data_path", "no image folder"),
+    ("no-class-folders", no_class_folders, [], "--data_path", "no class folders"),
+    ("no-image-files", no_image_files, [], "--data_path", "no image files in"),
+    ("damaged-image", damaged_image, [], "--data_path", "a.png is not a readable image"),
+    ("damaged-image-in-worker", damaged_image, ["--num_workers", "1"], "--data_path", "a.png is not a readable image"),
+    ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
+    ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
+    ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
+]
+if "cuda" not in utils.available_devices():
+    CASES.append(("no-cuda", no_setup, ["--device", "cuda"], "--device", "available: cpu"))
+
+
+@pytest.mark.parametrize("setup, flags, flag, text", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_and_loses_nothing(setup, flags, flag, text, run_copy, tmp_path, tiny_argv, capsys,
+                                                 monkeypatch):
+    extra = setup(run_copy, tmp_path, monkeypatch) or []
+    before = snapshot(run_copy)
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, *flags, *extra), 2, flag)
+    assert text in line
+    assert snapshot(run_copy) == before
+
+
+def test_the_table_holds_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+def test_mismatch_message_counts_and_names_a_few_parameters(run_copy, tiny_argv, capsys):
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_layers", "4"), 2, "--resume")
+    missing = len([name for name in utils.load_checkpoint(run_copy / "last.pt")["model"]
+                   if name.startswith("transformer_encoder.0.")]) * 2  # blocks 2 and 3 are missing
+    assert f"{missing} parameters missing from the checkpoint (transformer_encoder.2." in line and ", ...)" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_and_released(run_copy, tiny_argv):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its process id now belongs to no process
+    (run_copy / utils.LOCK_NAME).write_text(f"{dead.pid}\n")
+    (run_copy / ".last.pt.abc123").write_bytes(b"half a checkpoint left by a killed run")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
+    assert not (run_copy / utils.LOCK_NAME).exists() and not (run_copy / ".last.pt.abc123").exists()
+    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
+
+
+def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
+    (run_copy / "test_results.txt").write_text("of the earlier run\n")
+    (run_copy / "notes.md").write_text("the user's own file\n")
+    vit_main.main(tiny_argv(run_copy, "--overwrite", "--num_epochs", "1", "--seed", "5"))
+    assert not (run_copy / "test_results.txt").exists() and (run_copy / "notes.md").exists()
+    assert utils.load_checkpoint(run_copy / "last.pt")["args"]["seed"] == 5
+
+
+def test_test_only_works_on_a_finished_run_and_beside_a_live_one(run_copy, tiny_argv):
+    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    before = snapshot(run_copy)
+    vit_main.main(tiny_argv(run_copy, "--test_only"))
+    after = snapshot(run_copy)
+    assert after.pop("test_results.txt").startswith(b"Checkpoint: ") and after == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime faults in-process: non-finite loss, full disk, a write that dies half-way
+# ---------------------------------------------------------------------------------------------
+
+
+def fail_in_epoch(monkeypatch, epoch, step):
+    """Makes the training loss NaN at the given epoch (counting from this run's first) and step."""
+    per_sample_loss = train_eval.per_sample_loss
+    batches_per_epoch = 4  # 200 images in batches of 64
+
+    def poisoned(criterion, num_classes):
+        loss_of, calls = per_sample_loss(criterion, num_classes), {"train": 0}
+
+        def loss(logits, targets):
+            losses = loss_of(logits, targets)
+            if torch.is_grad_enabled():
+                calls["train"] += 1
+                if calls["train"] == (epoch - 1) * batches_per_epoch + step:
+                    return losses * float("nan")
+            return losses
+
+        return loss
+
+    monkeypatch.setattr(train_eval, "per_sample_loss", poisoned)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(run_copy, tiny_argv, capsys, monkeypatch):
+    before = snapshot(run_copy)
+    fail_in_epoch(monkeypatch, epoch=1, step=3)  # the resumed run's first epoch: epoch 2
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "3"), 1,
+                                 "non-finite loss")
+    assert "epoch 2 train, step 3/4" in line and "best.pt and last.pt keep the last good epoch" in line
+    after = snapshot(run_copy)
+    for name in ("last.pt", "best.pt", "metrics.csv"):
+        assert after[name] == before[name], name
+    # The resumed run's restart dropped the finished run's two summary lines; epoch 1 is kept.
+    assert after["train_eval_results.txt"].splitlines() == before["train_eval_results.txt"].splitlines()[:1]
+    assert not (run_copy / utils.LOCK_NAME).exists()
+
+
+def test_a_step_the_gradient_scaler_skips_is_not_a_fault():
+    """Huge inputs give a finite loss whose scaled gradients overflow: the scaler skips the step (the
+    weights stay, the scale drops), and since the check reads the unscaled loss, training goes on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    trainer = train_eval.Trainer(model=model, device=torch.device("cpu"), num_classes=3, optimizer="sgd", lr=0.1,
+                                 weight_decay=0.0, momentum=0.0, scheduler="none", lr_step=1, lr_gamma=0.5,
+                                 num_epochs=1, criterion="CrossEntropy", clip_grad_norm=0.0, use_amp=False,
+                                 use_compiled=False, compile_mode="default", show_progress=False)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # CUDA's float16 scaler, on the CPU
+    weights = [parameter.detach().clone() for parameter in model.parameters()]
+    batches = [(torch.full((4, 12), 1e36), torch.tensor([0, 1, 2, 0]))]
+    result = trainer.train_one_epoch(batches, "epoch 1 train")
+    assert torch.isfinite(torch.tensor(result.loss)) and trainer.scaler.get_scale() < 2.0**16
+    for before, after in zip(weights, model.parameters()):
+        assert torch.equal(before, after)
+
+
+def test_the_non_finite_watch_names_the_first_bad_step():
+    watch = train_eval._NonFiniteWatch(torch.device("cpu"))
+    watch.add(0, torch.tensor([1.0, 2.0]))
+    watch.raise_if_found("epoch 1 train", 2)
+    watch.add(1, torch.tensor([1.0, float("inf")]))
+    watch.add(2, torch.tensor([float("nan")]))
+    with pytest.raises(train_eval.NonFiniteLoss, match="epoch 1 train, step 2/3"):
+        watch.raise_if_found("epoch 1 train", 3)
+
+
+def test_full_disk_keeps_the_earlier_checkpoint(run_copy, tiny_argv, capsys, monkeypatch):
+    before = snapshot(run_copy)
+
+    def disk_full(state, handle):
+        handle.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"), 1,
+                                 "--output_dir: cannot write")
+    assert "last.pt" in line and "--resume auto" in line
+    assert snapshot(run_copy)["last.pt"] == before["last.pt"]
+    assert not [name for name in os.listdir(run_copy) if name.startswith(".")]
+
+
+def test_checkpoint_write_that_dies_half_way_leaves_the_old_file(tmp_path):
+    utils.save_checkpoint(str(tmp_path / "last.pt"), {"epoch": 1})
+
+    def dies(handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_write(str(tmp_path / "last.pt"), dies)
+    assert utils.load_checkpoint(tmp_path / "last.pt") == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: no traceback reaches the terminal, signals, SIGKILL and resume
+# ---------------------------------------------------------------------------------------------
+
+# Subprocesses see the full synthetic set unless told otherwise; one thread each keeps two of them
+# from fighting over the cores.
+SUBPROCESS_ENV = {**os.environ, dataset.SYNTHETIC_SIZES_VARIABLE: "192,64", "OMP_NUM_THREADS": "1"}
+SUBPROCESS_FLAGS = [*TINY_MODEL_FLAGS, "--batch_size", "32", "--seed", "3"]
+
+
+def start(output_dir, *flags):
+    return subprocess.Popen([sys.executable, PROGRAM, *SUBPROCESS_FLAGS, "--output_dir", str(output_dir),
+                             *map(str, flags)], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def metric_rows(output_dir):
+    try:
+        with open(output_dir / "metrics.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return []
+
+
+def wait_for_epochs(process, output_dir, epochs, timeout=240):
+    deadline = time.monotonic() + timeout
+    while len(metric_rows(output_dir)) < epochs:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not finish its epochs in time"
+        time.sleep(0.05)
+
+
+def test_errors_reach_the_terminal_as_one_line(run_copy):
+    truncate(run_copy / "last.pt")
+    process = start(run_copy, "--resume", "auto")
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 2 and "Traceback" not in stderr and stdout == ""
+    assert stderr.rstrip().splitlines()[-1].startswith(f"vit_main.py: error: --resume: {run_copy / 'last.pt'}")
+
+
+@pytest.mark.parametrize("signal_number, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_ends_the_run_with_last_pt_of_the_last_completed_epoch(signal_number, code, tmp_path):
+    process = start(tmp_path, "--num_epochs", "50")
+    wait_for_epochs(process, tmp_path, 1)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code and "Traceback" not in stderr
+    last_line = stderr.rstrip().splitlines()[-1]
+    assert last_line.startswith(f"vit_main.py: stopped by {signal.Signals(signal_number).name} at epoch ")
+    assert last_line.endswith("continue with --resume auto")
+    checkpoint = utils.load_checkpoint(tmp_path / "last.pt")
+    assert [int(row["epoch"]) for row in metric_rows(tmp_path)] == list(range(1, checkpoint["epoch"] + 1))
+    assert not (tmp_path / utils.LOCK_NAME).exists()
+
+
+def test_sigterm_during_set_up_ends_at_the_first_step(tmp_path, tiny_argv, capsys, monkeypatch):
+    write_model_summary = utils.RunOutputs.write_model_summary
+
+    def then_terminated(self, *args):
+        write_model_summary(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(utils.RunOutputs, "write_model_summary", then_terminated)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 143, "stopped by SIGTERM")
+    assert "epoch 1 train, step 1/4" in line and line.endswith("no epoch was completed, so there is nothing to resume")
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / utils.LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the program's handler is gone again
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    flags = ["--num_epochs", "3", "--augment", "--layer", "ConvNNAttention", "--K", "4"]
+    uninterrupted = start(straight, *flags)
+    victim = start(killed, *flags)
+    wait_for_epochs(victim, killed, 1)
+    time.sleep(0.2)  # into the second epoch
+    victim.kill()
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL and len(metric_rows(killed)) < 3  # killed before its end
+    assert (killed / utils.LOCK_NAME).exists()  # a SIGKILL leaves its lock behind; the next run takes it over
+
+    resumed = start(killed, *flags, "--resume", "auto")
+    _, stderr = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, stderr
+    assert uninterrupted.wait(timeout=240) == 0
+
+    expected, actual = metric_rows(straight), metric_rows(killed)
+    assert [row["epoch"] for row in actual] == ["1", "2", "3"]
+    for expected_row, actual_row in zip(expected, actual, strict=True):
+        for column in ("lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5"):
+            assert float(actual_row[column]) == pytest.approx(float(expected_row[column]), rel=0, abs=1e-6)
+    lines = (killed / "train_eval_results.txt").read_text().splitlines()
+    assert [line[:11] for line in lines[:3]] == ["[Epoch 001]", "[Epoch 002]", "[Epoch 003]"] and len(lines) == 5
+    assert not (killed / utils.LOCK_NAME).exists()
