@@ -60,7 +60,8 @@ class NeighbourConv(torch.autograd.Function):
             if depthwise:
                 out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
             else:
-                out.addmm_(gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t())
+                # addmm with out= rather than addmm_: FLOP counters see this form.
+                torch.addmm(out, gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t(), out=out)
         return out.view(batch, seq_len, -1)
 
     @staticmethod
