@@ -14,7 +14,7 @@ import train_eval
 import vit_main
 from models.vit import ViT
 from tests.test_dataset import files_only_integrity, write_cifar10  # noqa: F401  (fixture)
-from tests.test_training import DETERMINISTIC_COLUMNS, Interrupted, interrupt_in_epoch, read_metrics
+from tests.test_training import assert_resume_repeats_a_straight_run, read_metrics
 
 
 def worker_batches(data, batch_size):
@@ -112,18 +112,8 @@ DEVICE_RUN = ["--num_epochs", "3", "--augment", "--data_loader", "device", "--la
 
 
 def test_device_path_trains_and_resumes_exactly(tiny_argv, tmp_path, monkeypatch):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    vit_main.main(tiny_argv(straight, *DEVICE_RUN))
-    with monkeypatch.context() as patch:
-        interrupt_in_epoch(patch, 2)
-        with pytest.raises(Interrupted):
-            vit_main.main(tiny_argv(resumed, *DEVICE_RUN))
-    vit_main.main(tiny_argv(resumed, *DEVICE_RUN, "--resume", "auto"))
-    straight_metrics, resumed_metrics = read_metrics(straight), read_metrics(resumed)
-    assert len(straight_metrics) == 3
-    for expected, actual in zip(straight_metrics, resumed_metrics, strict=True):
-        for column in DETERMINISTIC_COLUMNS:
-            assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
+    straight, _ = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, DEVICE_RUN, 2)
+    assert len(read_metrics(straight)) == 3
 
 
 def compiled_trainer():

@@ -113,23 +113,14 @@ def rotate_by_complex_numbers(x, positions, base=10000.0):
     return torch.cat([rotated.real, rotated.imag], dim=-1)
 
 
-def test_local_with_wide_window_is_full_attention_with_rotary_positions():
+@pytest.mark.parametrize("window", [9, 2], ids=["wide-window-is-full-attention", "narrow-window"])
+def test_local_attention_is_rotary_attention_within_its_window(window):
     x = inputs(seq_len=9)
-    layer = MultiHeadLocalAttention(WIDTH, 2, attention_dropout=0.0, local_window=9).double().eval()
+    layer = MultiHeadLocalAttention(WIDTH, 2, attention_dropout=0.0, local_window=window).double().eval()
     q, k, v = (heads(part, 2) for part in (x @ layer.to_qkv.weight.t()).chunk(3, dim=-1))
     positions = torch.arange(9)
     q, k = rotate_by_complex_numbers(q, positions), rotate_by_complex_numbers(k, positions)
-    expected = merge(plain_attention(q, k, v)) @ layer.to_out.weight.t()
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
-
-
-def test_local_window_limits_attention():
-    x = inputs(seq_len=9)
-    layer = MultiHeadLocalAttention(WIDTH, 2, attention_dropout=0.0, local_window=2).double().eval()
-    q, k, v = (heads(part, 2) for part in (x @ layer.to_qkv.weight.t()).chunk(3, dim=-1))
-    positions = torch.arange(9)
-    q, k = rotate_by_complex_numbers(q, positions), rotate_by_complex_numbers(k, positions)
-    near = (positions.view(-1, 1) - positions.view(1, -1)).abs() <= 2
+    near = (positions.view(-1, 1) - positions.view(1, -1)).abs() <= window  # all True for the wide window
     expected = merge(plain_attention(q, k, v, near)) @ layer.to_out.weight.t()
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 

@@ -153,21 +153,26 @@ RESUME_FLAGS = ["--num_epochs", "4", "--augment", "--scheduler", "cosine", "--la
                 "--sampling_type", "random", "--num_samples", "8", "--K", "3", "--seed", "7"]
 
 
-def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
-    """Dropout, augmentation, random sampling, shuffling and the cosine schedule all continue exactly."""
+def assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, flags, crash_epoch):
+    """Runs ``flags`` straight through, and again crashed in ``crash_epoch`` then continued with
+    ``--resume auto``; every deterministic metric of every epoch must agree. Returns both directories."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    vit_main.main(tiny_argv(straight, *RESUME_FLAGS))
-
+    vit_main.main(tiny_argv(straight, *flags))
     with monkeypatch.context() as patch:
-        interrupt_in_epoch(patch, 3)
+        interrupt_in_epoch(patch, crash_epoch)
         with pytest.raises(Interrupted):
-            vit_main.main(tiny_argv(resumed, *RESUME_FLAGS))
-    assert len(results_lines(resumed)) == 2
-    vit_main.main(tiny_argv(resumed, *RESUME_FLAGS, "--resume", "auto"))
-
+            vit_main.main(tiny_argv(resumed, *flags))
+    assert len(results_lines(resumed)) == crash_epoch - 1
+    vit_main.main(tiny_argv(resumed, *flags, "--resume", "auto"))
     for expected, actual in zip(read_metrics(straight), read_metrics(resumed), strict=True):
         for column in DETERMINISTIC_COLUMNS:
             assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
+    return straight, resumed
+
+
+def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
+    """Dropout, augmentation, random sampling, shuffling and the cosine schedule all continue exactly."""
+    straight, resumed = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, RESUME_FLAGS, 3)
     resumed_lines = results_lines(resumed)
     assert [line[:11] for line in resumed_lines[:4]] == [f"[Epoch {e:03d}]" for e in range(1, 5)]
     assert len(resumed_lines) == 6 and resumed_lines[5] == results_lines(straight)[5]
