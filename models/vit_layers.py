@@ -156,7 +156,7 @@ class MultiHeadConvNNAttention(nn.Module):
         # Set record_selection to keep the (neighbours, weights, candidates) of the latest forward pass in
         # last_selection, for inspecting what the layer chose; off, it costs nothing.
         self.record_selection = False
-        self.last_selection = self.last_candidates = None
+        self.last_selection = None
         self.conv = self._build_conv(d_hidden + int(self.coordinates_in_values), d_hidden)
 
     @staticmethod
@@ -300,19 +300,19 @@ class MultiHeadConvNNAttention(nn.Module):
         """The selected neighbour indices ``(B, N, K)`` and their aggregation weights for input ``x``."""
         batch, seq_len, _ = x.shape
         candidates = None if self.sampling_type == "all" else self.sample_candidates(seq_len, x.device)
-        if self.record_selection:
-            self.last_candidates = candidates
         if self.positional_selection:
             neighbours = self._select_by_position(seq_len, candidates, x.device)
             neighbours = neighbours.unsqueeze(0).expand(batch, -1, -1)
-            return neighbours, x.new_ones(neighbours.shape)
-        neighbours, values = self._select_by_features(x, candidates)
-        return neighbours, self._weights(values)
+            weights = x.new_ones(neighbours.shape)
+        else:
+            neighbours, values = self._select_by_features(x, candidates)
+            weights = self._weights(values)
+        if self.record_selection:
+            self.last_selection = (neighbours.detach(), weights.detach(), candidates)
+        return neighbours, weights
 
     def forward(self, x: Tensor) -> Tensor:
         neighbours, weights = self.neighbours_and_weights(x)
-        if self.record_selection:
-            self.last_selection = (neighbours.detach(), weights.detach(), self.last_candidates)
         return self.W_o(self.dropout(self._aggregate(x, neighbours, weights)))
 
 

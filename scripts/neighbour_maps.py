@@ -147,7 +147,7 @@ def collect_selections(model: nn.Module, inputs: Tensor) -> List[Selection]:
     finally:
         for _, layer in layers:
             layer.record_selection = False
-            layer.last_selection = layer.last_candidates = None  # free the recorded tensors
+            layer.last_selection = None  # free the recorded tensors
     return selections
 
 
