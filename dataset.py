@@ -9,6 +9,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from distributed import ContiguousShards
+
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 
 NORMALISATION = {
@@ -26,8 +28,7 @@ CIFAR_FILES = {
     "cifar100": ("CIFAR-100", datasets.CIFAR100, "cifar-100-python.tar.gz", "cifar-100-python/"),
 }
 
-# The synthetic set's size; tests shrink these for speed. Test programs started as separate
-# processes set CONVNN_SYNTHETIC_SIZES="train,test" (two positive integers) instead.
+# The synthetic set's size; tests shrink these for speed.
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
@@ -288,10 +289,12 @@ class DeviceLoader:
         return -(-self._shard_size() // self.batch_size)
 
     def _shard_size(self) -> int:
-        count = len(self.labels)
         if self.shuffle:
-            return -(-count // self.world_size)
-        return (self.rank + 1) * count // self.world_size - self.rank * count // self.world_size
+            return -(-len(self.labels) // self.world_size)
+        return len(self._evaluation_shard())
+
+    def _evaluation_shard(self) -> ContiguousShards:
+        return ContiguousShards(self.labels, num_replicas=self.world_size, rank=self.rank)
 
     def __iter__(self):
         order = self._order()
@@ -303,9 +306,9 @@ class DeviceLoader:
         """This process's sample order. Under torchrun every rank draws the same permutation: training
         takes every world_size-th sample of it, padded like ``DistributedSampler`` so that all ranks
         take the same number of steps; evaluation takes one contiguous block, each sample once."""
-        count = len(self.labels)
         if not self.shuffle:
-            return torch.arange(self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size)
+            return torch.tensor(list(self._evaluation_shard()), dtype=torch.long)
+        count = len(self.labels)
         order = torch.randperm(count, generator=self.generator)
         padded = self._shard_size() * self.world_size
         return torch.cat([order, order[: padded - count]])[self.rank :: self.world_size]
