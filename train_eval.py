@@ -119,10 +119,11 @@ def _distributed_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset
 def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
     # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
     # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
-    train_loader.generator.manual_seed(seed * 100_003 + epoch)
+    epoch_seed = seed * 100_003 + epoch
+    train_loader.generator.manual_seed(epoch_seed)
     if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
         # The sampler shuffles with its seed (0) plus this number: the same on every rank.
-        train_loader.sampler.set_epoch(seed * 100_003 + epoch)
+        train_loader.sampler.set_epoch(epoch_seed)
 
 
 @dataclass

@@ -8,46 +8,16 @@ markdown table of both and their ratios.
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
 from tests.convnn_reference import reference_convnn  # noqa: E402
-
-
-def saved_bytes(step) -> int:
-    """Bytes of all tensors autograd keeps for backward during ``step()`` (each storage once)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = step()
-    del output
-    return sum(storages.values())
-
-
-def interleaved_medians(steps, repeats: int, warmup: int):
-    """Median forward+backward seconds of each step, the steps alternating so that drift hits all alike."""
-    for step in steps:
-        for _ in range(warmup):
-            step().sum().backward()
-    times = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step().sum().backward()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
 
 
 def main(argv=None):
@@ -67,7 +37,8 @@ def main(argv=None):
                                          convolution_type=convolution_type, num_tokens=args.tokens).eval()
         x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
         fast, plain = (lambda: layer(x)), (lambda: reference_convnn(layer, x))
-        fast_time, plain_time = interleaved_medians([fast, plain], args.repeats, args.warmup)
+        steps = [lambda forward=forward: forward().sum().backward() for forward in (fast, plain)]
+        fast_time, plain_time = interleaved_medians(steps, args.repeats, args.warmup, torch.device("cpu"))
         fast_saved, plain_saved = saved_bytes(fast), saved_bytes(plain)
         rows.append((convolution_type, fast_time, plain_time, fast_saved, plain_saved))
 
