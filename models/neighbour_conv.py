@@ -1,4 +1,4 @@
-"""The aggregation step of ConvNN-Attention as one memory-lean autograd function.
+"""The aggregation step of ConvNN-Attention as one memory-lean operator.
 
 For every token ``i`` with neighbours ``n(i, k)`` and weights ``w_ik`` (``k < K``) it computes
 
@@ -11,12 +11,17 @@ values and keep them (and their weighted copy) until the backward pass. Here bot
 so no ``N x K x C`` tensor ever exists, and the backward pass gathers again instead of saving:
 only the inputs are kept. The slabs live in two buffers reused across slots: on the CPU a fresh
 large allocation per slot is mapped and page-faulted anew each time, which costs more than the copy.
+
+Both passes are registered as ``torch.library`` custom operators, so ``torch.compile`` calls them
+as they are instead of tracing the slot loop: traced, Inductor turns the backward's ``index_add_``
+into a scalar loop of atomic adds, which made the compiled model slower than the eager one.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 
 def _slot_rows(neighbours: Tensor) -> Tensor:
@@ -30,10 +35,111 @@ def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
     return source if value_weight is None else source @ value_weight.t()
 
 
-class NeighbourConv(torch.autograd.Function):
+@torch.library.custom_op("convnn::neighbour_conv", mutates_args=())
+def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
+             value_weight: Optional[Tensor]) -> Tensor:
+    values = _values(source, value_weight)
+    batch, seq_len, slots = neighbours.shape
+    flat_values = values.reshape(-1, values.shape[-1])
+    rows = _slot_rows(neighbours)
+    token_weights = weights.reshape(batch * seq_len, slots)
+    depthwise = kernel.dim() == 2
+    out = values.new_zeros(batch * seq_len, kernel.shape[0])
+    gathered = values.new_empty(batch * seq_len, values.shape[-1])
+    for slot in range(slots):
+        torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
+        if depthwise:
+            out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
+        else:
+            out.addmm_(gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t())
+    return out.view(batch, seq_len, -1)
+
+
+@_forward.register_fake
+def _forward_shape(source, neighbours, weights, kernel, value_weight):
+    batch, seq_len, _ = neighbours.shape
+    return source.new_empty(batch, seq_len, kernel.shape[0])
+
+
+@register_flop_formula(torch.ops.convnn.neighbour_conv)
+def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, value_weight_shape,
+                   *args, **kwargs) -> int:
+    """The FLOPs of the convolution this computes (as counted for ``conv1d``) and of ``v = x W^T``."""
+    batch, seq_len, slots = neighbours_shape
+    channels_in = source_shape[-1] if value_weight_shape is None else value_weight_shape[0]
+    per_output = slots if len(kernel_shape) == 2 else slots * channels_in
+    flops = 2 * batch * seq_len * kernel_shape[0] * per_output
+    if value_weight_shape is not None:
+        flops += 2 * batch * seq_len * value_weight_shape[0] * value_weight_shape[1]
+    return flops
+
+
+@torch.library.custom_op("convnn::neighbour_conv_backward", mutates_args=())
+def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
+                     value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients with respect to the values ``v`` (flattened to ``(B*N, C)``), the weights and the kernel."""
+    values = _values(source, value_weight)
+    batch, seq_len, slots = neighbours.shape
+    flat_values = values.reshape(-1, values.shape[-1])
+    rows = _slot_rows(neighbours)
+    token_weights = weights.reshape(batch * seq_len, slots)
+    grad_out = grad_out.reshape(batch * seq_len, -1)
+    depthwise = kernel.dim() == 2
+
+    grad_values = torch.zeros_like(flat_values)
+    grad_weights = values.new_empty(batch * seq_len, slots)
+    grad_kernel = torch.empty_like(kernel)
+    gathered, grad_gathered = torch.empty_like(flat_values), torch.empty_like(flat_values)
+    for slot in range(slots):
+        slot_weights = token_weights[:, slot : slot + 1]
+        torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
+        if depthwise:
+            # gathered * grad_out is the common factor of the kernel and the weight gradients.
+            gathered.mul_(grad_out)
+            grad_kernel[:, slot] = token_weights[:, slot] @ gathered
+            grad_weights[:, slot] = gathered @ kernel[:, slot]
+            torch.mul(grad_out, kernel[:, slot], out=grad_gathered)
+        else:
+            torch.mm(grad_out, kernel[:, :, slot], out=grad_gathered)
+            grad_weights[:, slot] = (gathered * grad_gathered).sum(-1)
+            grad_kernel[:, :, slot] = grad_out.t() @ gathered.mul_(slot_weights)
+        grad_values.index_add_(0, rows[:, slot], grad_gathered.mul_(slot_weights))
+    return grad_values, grad_weights.view(batch, seq_len, slots), grad_kernel
+
+
+@_backward_kernel.register_fake
+def _backward_shapes(grad_out, source, neighbours, weights, kernel, value_weight):
+    batch, seq_len, _ = neighbours.shape
+    channels_in = source.shape[-1] if value_weight is None else value_weight.shape[0]
+    return source.new_empty(batch * seq_len, channels_in), torch.empty_like(weights), torch.empty_like(kernel)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out: Tensor):
+    source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
+    grad_values, grad_weights, grad_kernel = _backward_kernel(grad_out, source, neighbours, weights, kernel,
+                                                              value_weight)
+    grad_source = grad_value_weight = None
+    if value_weight is None:
+        grad_source = grad_values.view_as(source)
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_source = (grad_values @ value_weight).view_as(source)
+        if ctx.needs_input_grad[4]:
+            grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
+    return grad_source, None, grad_weights, grad_kernel, grad_value_weight
+
+
+_forward.register_autograd(_backward, setup_context=_save_inputs)
+
+
+def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
+                   value_weight: Optional[Tensor] = None) -> Tensor:
     """``out = conv_K(w * v[neighbours])``, recomputing gathered neighbours instead of saving them.
 
-    Arguments of ``apply``:
       source        ``(B, N, C_in)``: the values ``v``, or with ``value_weight`` the input ``x`` of ``v = x W^T``
       neighbours    ``(B, N, K)`` integer positions into the ``N`` axis of the values
       weights       ``(B, N, K)``
@@ -43,74 +149,4 @@ class NeighbourConv(torch.autograd.Function):
                     keeps anyway) is saved instead of ``v``.
     Returns ``(B, N, C_out)``.
     """
-
-    @staticmethod
-    def forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
-                value_weight: Optional[Tensor]) -> Tensor:
-        values = _values(source, value_weight)
-        batch, seq_len, slots = neighbours.shape
-        flat_values = values.reshape(-1, values.shape[-1])
-        rows = _slot_rows(neighbours)
-        token_weights = weights.reshape(batch * seq_len, slots)
-        depthwise = kernel.dim() == 2
-        out = values.new_zeros(batch * seq_len, kernel.shape[0])
-        gathered = values.new_empty(batch * seq_len, values.shape[-1])
-        for slot in range(slots):
-            torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
-            if depthwise:
-                out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
-            else:
-                # addmm with out= rather than addmm_: FLOP counters see this form.
-                torch.addmm(out, gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t(), out=out)
-        return out.view(batch, seq_len, -1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
-        values = _values(source, value_weight)
-        batch, seq_len, slots = neighbours.shape
-        channels_in = values.shape[-1]
-        flat_values = values.reshape(-1, channels_in)
-        rows = _slot_rows(neighbours)
-        token_weights = weights.reshape(batch * seq_len, slots)
-        grad_out = grad_out.reshape(batch * seq_len, -1)
-        depthwise = kernel.dim() == 2
-
-        grad_values = torch.zeros_like(flat_values)
-        grad_weights = values.new_empty(batch * seq_len, slots)
-        grad_kernel = torch.empty_like(kernel)
-        gathered, grad_gathered = torch.empty_like(flat_values), torch.empty_like(flat_values)
-        for slot in range(slots):
-            slot_weights = token_weights[:, slot : slot + 1]
-            torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
-            if depthwise:
-                # gathered * grad_out is the common factor of the kernel and the weight gradients.
-                gathered.mul_(grad_out)
-                grad_kernel[:, slot] = token_weights[:, slot] @ gathered
-                grad_weights[:, slot] = gathered @ kernel[:, slot]
-                torch.mul(grad_out, kernel[:, slot], out=grad_gathered)
-            else:
-                torch.mm(grad_out, kernel[:, :, slot], out=grad_gathered)
-                grad_weights[:, slot] = (gathered * grad_gathered).sum(-1)
-                grad_kernel[:, :, slot] = grad_out.t() @ gathered.mul_(slot_weights)
-            grad_values.index_add_(0, rows[:, slot], grad_gathered.mul_(slot_weights))
-
-        grad_source = grad_value_weight = None
-        if value_weight is None:
-            grad_source = grad_values.view_as(values)
-        else:
-            if ctx.needs_input_grad[0]:
-                grad_source = (grad_values @ value_weight).view_as(source)
-            if ctx.needs_input_grad[4]:
-                grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
-        return grad_source, None, grad_weights.view(batch, seq_len, slots), grad_kernel, grad_value_weight
-
-
-def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
-                   value_weight: Optional[Tensor] = None) -> Tensor:
-    """Functional form of :class:`NeighbourConv`; see there for shapes."""
-    return NeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+    return _forward(source, neighbours, weights, kernel, value_weight)

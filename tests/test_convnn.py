@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.neighbour_conv import neighbour_conv
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
@@ -110,17 +111,61 @@ def test_depthwise_kernel_starts_at_one():
     assert torch.equal(layer.conv.weight, torch.ones(8, 1, 3))
 
 
+def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
+    torch.manual_seed(0)
+    batch, seq_len, slots = 2, 6, 3
+    source = torch.randn(batch, seq_len, 4 if projected else 5, dtype=dtype, requires_grad=True)
+    neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
+    weights = torch.randn(batch, seq_len, slots, dtype=dtype, requires_grad=True)
+    kernel = torch.randn(*kernel_shape, dtype=dtype, requires_grad=True)
+    value_weight = torch.randn(5, 4, dtype=dtype, requires_grad=True) if projected else None
+    return source, neighbours, weights, kernel, value_weight
+
+
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
 def test_gradcheck_neighbour_conv(kernel_shape, projected):
-    torch.manual_seed(0)
-    batch, seq_len, slots = 2, 6, 3
-    source = torch.randn(batch, seq_len, 4 if projected else 5, dtype=torch.float64, requires_grad=True)
-    neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
-    weights = torch.randn(batch, seq_len, slots, dtype=torch.float64, requires_grad=True)
-    kernel = torch.randn(*kernel_shape, dtype=torch.float64, requires_grad=True)
-    value_weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True) if projected else None
-    assert torch.autograd.gradcheck(neighbour_conv, (source, neighbours, weights, kernel, value_weight))
+    inputs = neighbour_conv_inputs(kernel_shape, projected)
+    assert torch.autograd.gradcheck(neighbour_conv, inputs)
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+@pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
+def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected):
+    # Shapes from the fake kernel, schema, autograd registration and AOT tracing, as torch.compile sees them.
+    torch.library.opcheck(torch.ops.convnn.neighbour_conv.default, neighbour_conv_inputs(kernel_shape, projected))
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+@pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
+def test_neighbour_conv_flops_are_those_of_the_convolution_it_computes(kernel_shape, projected):
+    source, neighbours, weights, kernel, value_weight = neighbour_conv_inputs(kernel_shape, projected)
+    with FlopCounterMode(display=False) as counted:
+        neighbour_conv(source, neighbours, weights, kernel, value_weight)
+    with FlopCounterMode(display=False) as plain:
+        values = source if value_weight is None else source @ value_weight.t()
+        batch, seq_len, slots = neighbours.shape
+        gathered = values[torch.arange(batch).view(-1, 1, 1), neighbours] * weights.unsqueeze(-1)
+        sequence = gathered.reshape(batch, seq_len * slots, -1).transpose(1, 2)
+        if kernel.dim() == 2:
+            F.conv1d(sequence, kernel.unsqueeze(1), stride=slots, groups=kernel.shape[0])
+        else:
+            F.conv1d(sequence, kernel, stride=slots)
+    assert counted.get_total_flops() == plain.get_total_flops() > 0
+
+
+def test_compiled_layer_calls_the_aggregation_operator_instead_of_tracing_its_loop():
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    layer = make_layer().float().train()
+    torch.compile(layer, backend=capture, fullgraph=True)(torch.randn(2, SEQ_LEN, WIDTH))
+    called = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert torch.ops.convnn.neighbour_conv.default in called
+    assert torch.index_select not in called
 
 
 def test_neighbour_conv_handles_repeated_neighbours():
