@@ -8,8 +8,7 @@ repeat, so drift on a shared machine hits all of them alike):
    and ``spatial`` (8x8 grid) sampling;
 2. whole-model ViT-Tiny training steps (forward, backward, AdamW step) in images per second, at
    32 px / patch 4 and 224 px / patch 16, for ``Attention`` and ``ConvNNAttention``, eager and compiled;
-3. data loading in images per second at 224 px, for the worker loader and the device-resident one
-   (when ``dataset.py`` provides it).
+3. data loading in images per second at 224 px, for the worker loader and the device-resident one.
 
 Prints markdown tables and writes every figure to a JSON file.
 
@@ -29,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
+from train_eval import compile_network, make_loaders  # noqa: E402
 
 SHAPES = ((32, 65), (32, 197), (8, 1025))
 WIDTH = 192
@@ -133,7 +134,7 @@ def model_table(device, dtype, repeats, warmup, batch, compile_modes):
                 torch.manual_seed(0)
                 model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch).to(device).train()
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                runnable = torch.compile(model) if compiled else model
+                runnable = compile_network(model, "default", device) if compiled else model
                 names.append((layer, "compiled" if compiled else "eager"))
                 steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
         measured = dict(zip(names, interleaved_medians(steps, repeats, warmup, device)))
@@ -148,9 +149,6 @@ def model_table(device, dtype, repeats, warmup, batch, compile_modes):
 def data_table(device, batches, batch_size):
     """Images per second that each data path delivers on ``device``: synthetic CIFAR-sized images
     resized to 224 px with augmentation, the worker path with one process per core."""
-    import dataset
-    from train_eval import make_loaders
-
     train, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=224, augment=True)
     on_device = dict(dataset="synthetic", resize=224, augment=True)
     workers = max(1, torch.get_num_threads())

@@ -372,6 +372,27 @@ def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
     assert plain.network is plain.model and not plain.model.activation_checkpointing
 
 
+@pytest.mark.parametrize("layer", ["Attention", "ConvNNAttention"])
+def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
+    # Inductor's own CPU random numbers are slower than ATen's and differ from them; compile_network
+    # keeps ATen's, so a compiled run is the eager run, dropout included.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ViT(img_size=16, num_classes=10, layer=layer, patch_size=4, num_layers=2, num_heads=2, d_hidden=16,
+                d_mlp=32, dropout=0.5, attention_dropout=0.5, K=3).train()
+    compiled = train_eval.compile_network(model, "default", torch.device("cpu"))
+    images = torch.randn(4, 3, 16, 16)
+    results = []
+    for network in (model, compiled):
+        torch.manual_seed(1)
+        out = network(images)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(model.parameters()))))
+    (eager, eager_grads), (out, grads) = results
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_epoch_seeding_fixes_the_shuffle_of_each_epoch():
     data = torch.utils.data.TensorDataset(torch.arange(20).float(), torch.arange(20))
     loader, _ = train_eval.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
