@@ -12,9 +12,13 @@ so no ``N x K x C`` tensor ever exists, and the backward pass gathers again inst
 only the inputs are kept. The slabs live in two buffers reused across slots: on the CPU a fresh
 large allocation per slot is mapped and page-faulted anew each time, which costs more than the copy.
 
-Both passes are registered as ``torch.library`` custom operators, so ``torch.compile`` calls them
-as they are instead of tracing the slot loop: traced, Inductor turns the backward's ``index_add_``
-into a scalar loop of atomic adds, which made the compiled model slower than the eager one.
+The two passes are wrapped twice:
+
+- as ``torch.library`` custom operators (with a FLOP formula), which eager code and compiled CPU
+  graphs call as they are. Traced, Inductor's CPU code turns the backward's ``index_add_`` into a
+  scalar loop of atomic adds, which made the compiled model slower than the eager one;
+- as an ``autograd.Function`` that ``torch.compile`` traces on GPUs, where Inductor fuses the slot
+  loop into a few kernels (compiled, the ConvNN ViT ran at 1.6x to 2x its eager speed on an H100).
 """
 
 from typing import Optional, Tuple
@@ -35,7 +39,6 @@ def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
     return source if value_weight is None else source @ value_weight.t()
 
 
-@torch.library.custom_op("convnn::neighbour_conv", mutates_args=())
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
              value_weight: Optional[Tensor]) -> Tensor:
     values = _values(source, value_weight)
@@ -55,7 +58,10 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     return out.view(batch, seq_len, -1)
 
 
-@_forward.register_fake
+_forward_operator = torch.library.custom_op("convnn::neighbour_conv", _forward, mutates_args=())
+
+
+@_forward_operator.register_fake
 def _forward_shape(source, neighbours, weights, kernel, value_weight):
     batch, seq_len, _ = neighbours.shape
     return source.new_empty(batch, seq_len, kernel.shape[0])
@@ -74,7 +80,6 @@ def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, 
     return flops
 
 
-@torch.library.custom_op("convnn::neighbour_conv_backward", mutates_args=())
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                      value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients with respect to the values ``v`` (flattened to ``(B*N, C)``), the weights and the kernel."""
@@ -107,7 +112,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     return grad_values, grad_weights.view(batch, seq_len, slots), grad_kernel
 
 
-@_backward_kernel.register_fake
+_backward_operator = torch.library.custom_op("convnn::neighbour_conv_backward", _backward_kernel, mutates_args=())
+
+
+@_backward_operator.register_fake
 def _backward_shapes(grad_out, source, neighbours, weights, kernel, value_weight):
     batch, seq_len, _ = neighbours.shape
     channels_in = source.shape[-1] if value_weight is None else value_weight.shape[0]
@@ -118,10 +126,10 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_out: Tensor):
+def _input_gradients(ctx, grad_out: Tensor, backward_kernel):
     source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
-    grad_values, grad_weights, grad_kernel = _backward_kernel(grad_out, source, neighbours, weights, kernel,
-                                                              value_weight)
+    grad_values, grad_weights, grad_kernel = backward_kernel(grad_out, source, neighbours, weights, kernel,
+                                                             value_weight)
     grad_source = grad_value_weight = None
     if value_weight is None:
         grad_source = grad_values.view_as(source)
@@ -133,7 +141,19 @@ def _backward(ctx, grad_out: Tensor):
     return grad_source, None, grad_weights, grad_kernel, grad_value_weight
 
 
-_forward.register_autograd(_backward, setup_context=_save_inputs)
+_forward_operator.register_autograd(lambda ctx, grad_out: _input_gradients(ctx, grad_out, _backward_operator),
+                                    setup_context=_save_inputs)
+
+
+class TracedNeighbourConv(torch.autograd.Function):
+    """The same passes as an autograd function, for ``torch.compile`` to trace and fuse."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_save_inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return _input_gradients(ctx, grad_out, _backward_kernel)
 
 
 def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
@@ -149,4 +169,6 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
                     keeps anyway) is saved instead of ``v``.
     Returns ``(B, N, C_out)``.
     """
-    return _forward(source, neighbours, weights, kernel, value_weight)
+    if torch.compiler.is_compiling() and source.device.type != "cpu":
+        return TracedNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+    return _forward_operator(source, neighbours, weights, kernel, value_weight)

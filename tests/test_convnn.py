@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.neighbour_conv import neighbour_conv
+from models.neighbour_conv import TracedNeighbourConv, neighbour_conv
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from tests.convnn_reference import reference_convnn
 
@@ -122,11 +122,12 @@ def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
     return source, neighbours, weights, kernel, value_weight
 
 
+@pytest.mark.parametrize("wrapper", [neighbour_conv, TracedNeighbourConv.apply], ids=["operator", "traced"])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_gradcheck_neighbour_conv(kernel_shape, projected):
+def test_gradcheck_neighbour_conv(wrapper, kernel_shape, projected):
     inputs = neighbour_conv_inputs(kernel_shape, projected)
-    assert torch.autograd.gradcheck(neighbour_conv, inputs)
+    assert torch.autograd.gradcheck(wrapper, inputs)
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
@@ -166,6 +167,22 @@ def test_compiled_layer_calls_the_aggregation_operator_instead_of_tracing_its_lo
     called = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
     assert torch.ops.convnn.neighbour_conv.default in called
     assert torch.index_select not in called
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+def test_traced_neighbour_conv_compiles_to_the_eager_result(kernel_shape):
+    # The form torch.compile traces on GPUs; Inductor's CPU code runs the same graph here.
+    torch._dynamo.reset()
+    inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
+    differentiable = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
+    results = []
+    for function in (TracedNeighbourConv.apply, torch.compile(TracedNeighbourConv.apply, fullgraph=True)):
+        out = function(*inputs)
+        results.append((out, torch.autograd.grad(out.square().sum(), differentiable)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_neighbour_conv_handles_repeated_neighbours():
