@@ -86,9 +86,9 @@ def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):
     return [statistics.median(record) for record in times]
 
 
-def layer_table(device, dtype, repeats, warmup):
+def layer_table(device, dtype, repeats, warmup, shapes=SHAPES):
     rows = []
-    for batch, seq_len in SHAPES:
+    for batch, seq_len in shapes:
         grid_side = math.isqrt(seq_len - 1)
         options = dict(d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, K=9, kernel_size=9,
                        num_tokens=seq_len, grid_size=(grid_side, grid_side), branch_ratio=0.5)

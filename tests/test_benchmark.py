@@ -1,0 +1,52 @@
+"""scripts/benchmark.py runs end to end on small sizes and reports ratios to Attention from the same run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import benchmark  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_layer_table_covers_every_case_with_ratios_to_attention():
+    rows = benchmark.layer_table(CPU, None, repeats=1, warmup=0, shapes=((2, 65),))
+    assert [row["layer"] for row in rows] == [name for name, _ in benchmark.LAYER_CASES]
+    attention = rows[0]
+    assert attention["time_ratio"] == attention["memory_ratio"] == 1.0
+    for row in rows:
+        assert row["ms"] > 0 and row["saved_mib"] > 0
+        assert row["time_ratio"] == pytest.approx(row["ms"] / attention["ms"])
+        assert row["memory_ratio"] == pytest.approx(row["saved_mib"] / attention["saved_mib"])
+
+
+def test_saved_bytes_counts_each_storage_once():
+    x = torch.randn(1000, requires_grad=True)  # 4000 bytes, saved twice by x * x
+    assert benchmark.saved_bytes(lambda: x * x) == 4000
+    assert benchmark.saved_bytes(lambda: x.exp()) == 4000  # exp saves its output only
+
+
+def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVNN_SYNTHETIC_SIZES", "64,16")
+    models = benchmark.model_table(CPU, None, repeats=1, warmup=0, batch=2, compile_modes=(False,))
+    assert {(row["image"], row["layer"]) for row in models} == {
+        (32, "Attention"), (32, "ConvNNAttention"), (224, "Attention"), (224, "ConvNNAttention")}
+    for row in models:
+        assert row["images_per_second"] > 0 and row["ratio_to_eager"] == 1.0
+        if row["layer"] == "Attention":
+            assert row["ratio_to_attention"] == 1.0
+    data = benchmark.data_table(CPU, batches=3, batch_size=4)
+    assert [row["path"] for row in data] == ["workers", "device"]
+    assert all(row["images_per_second"] > 0 for row in data)
+
+    out = tmp_path / "benchmark.json"
+    monkeypatch.setattr(benchmark, "layer_table", lambda *args: [])
+    monkeypatch.setattr(benchmark, "model_table", lambda *args: models)
+    monkeypatch.setattr(benchmark, "data_table", lambda *args, **kwargs: data)
+    benchmark.main(["--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text())["models"] == models
