@@ -35,20 +35,21 @@ def _slot_rows(neighbours: Tensor) -> Tensor:
     return (neighbours + offsets).view(batch * seq_len, slots)
 
 
-def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
-    return source if value_weight is None else source @ value_weight.t()
+def _flat_operands(source: Tensor, neighbours: Tensor, weights: Tensor,
+                   value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The values ``v`` as ``(B*N, C)``, their row for every token and slot ``(B*N, K)``, and the weights
+    as ``(B*N, K)``; ``v = source @ value_weight.T`` when ``value_weight`` is given."""
+    values = source if value_weight is None else source @ value_weight.t()
+    return values.reshape(-1, values.shape[-1]), _slot_rows(neighbours), weights.reshape(-1, weights.shape[-1])
 
 
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
              value_weight: Optional[Tensor]) -> Tensor:
-    values = _values(source, value_weight)
+    flat_values, rows, token_weights = _flat_operands(source, neighbours, weights, value_weight)
     batch, seq_len, slots = neighbours.shape
-    flat_values = values.reshape(-1, values.shape[-1])
-    rows = _slot_rows(neighbours)
-    token_weights = weights.reshape(batch * seq_len, slots)
     depthwise = kernel.dim() == 2
-    out = values.new_zeros(batch * seq_len, kernel.shape[0])
-    gathered = values.new_empty(batch * seq_len, values.shape[-1])
+    out = flat_values.new_zeros(batch * seq_len, kernel.shape[0])
+    gathered = torch.empty_like(flat_values)
     for slot in range(slots):
         torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
         if depthwise:
@@ -83,16 +84,13 @@ def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, 
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                      value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients with respect to the values ``v`` (flattened to ``(B*N, C)``), the weights and the kernel."""
-    values = _values(source, value_weight)
+    flat_values, rows, token_weights = _flat_operands(source, neighbours, weights, value_weight)
     batch, seq_len, slots = neighbours.shape
-    flat_values = values.reshape(-1, values.shape[-1])
-    rows = _slot_rows(neighbours)
-    token_weights = weights.reshape(batch * seq_len, slots)
     grad_out = grad_out.reshape(batch * seq_len, -1)
     depthwise = kernel.dim() == 2
 
     grad_values = torch.zeros_like(flat_values)
-    grad_weights = values.new_empty(batch * seq_len, slots)
+    grad_weights = torch.empty_like(token_weights)
     grad_kernel = torch.empty_like(kernel)
     gathered, grad_gathered = torch.empty_like(flat_values), torch.empty_like(flat_values)
     for slot in range(slots):

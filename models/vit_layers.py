@@ -286,7 +286,7 @@ class MultiHeadConvNNAttention(nn.Module):
             source, value_weight = _with_coordinates(self.W_v(x)), None
         else:
             source, value_weight = x, self.W_v.weight
-        # The autograd function runs in one dtype, autocast's where it is on, with autocast off inside,
+        # The aggregation runs in one dtype, autocast's where it is on, with autocast off inside,
         # so that its recomputation in backward (where autocast is off) sees the same dtypes as forward.
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
