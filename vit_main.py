@@ -19,11 +19,8 @@ import distributed
 import train_eval
 import utils
 from models.vit import ViT
+from models.vit_layers import LAYER_REGISTRY
 
-LAYERS = [
-    "Attention", "ConvNNAttention", "KvtAttention", "LocalAttention", "SparseAttention",
-    "Conv1d", "BranchConv", "BranchAttention",
-]
 COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
 # What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
 CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
@@ -45,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model and layer")
-    model.add_argument("--layer", default="Attention", choices=LAYERS, help="token-mixing layer of every block")
+    model.add_argument("--layer", default="Attention", choices=list(LAYER_REGISTRY), help="token-mixing layer of every block")
     model.add_argument("--patch_size", type=int, default=16, help="side of the square patches")
     model.add_argument("--num_layers", type=int, default=12, help="number of encoder blocks")
     model.add_argument("--num_heads", type=int, default=3, help="attention heads (ConvNNAttention uses one)")
