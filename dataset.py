@@ -28,6 +28,9 @@ CIFAR_FILES = {
     "cifar100": ("CIFAR-100", datasets.CIFAR100, "cifar-100-python.tar.gz", "cifar-100-python/"),
 }
 
+# Zero pixels around an image before --augment's random crop, in both data paths.
+AUGMENT_PADDING = 4
+
 # The synthetic set's size; tests shrink these for speed.
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
@@ -76,7 +79,7 @@ def build_transform(dataset: str, resize: int, augment: bool) -> v2.Compose:
         steps.append(v2.Resize((resize, resize), antialias=True))
     if augment:
         size = image_size(dataset, resize)
-        steps += [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+        steps += [v2.RandomCrop(size, padding=AUGMENT_PADDING), v2.RandomHorizontalFlip()]
     mean, std = NORMALISATION[dataset]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
@@ -244,7 +247,6 @@ class SyntheticImages(Dataset):
 
 # Datasets whose images fit in memory as one uint8 tensor; image folders are streamed by workers.
 IN_MEMORY_DATASETS = ("cifar10", "cifar100", "synthetic")
-AUGMENT_PADDING = 4
 
 
 def stored_images(data: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:

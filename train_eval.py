@@ -292,7 +292,7 @@ class Trainer:
         # every block's activations recomputed in the backward pass instead of stored.
         if compile_mode == "reduce-memory":
             self.model.set_activation_checkpointing(True)
-            return compile_network(network, "default", self.device)
+            compile_mode = "default"
         return compile_network(network, compile_mode, self.device)
 
     def autocast(self):
