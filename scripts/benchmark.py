@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
-from train_eval import compile_network, make_loaders  # noqa: E402
+from train_eval import AMP_DTYPE, compile_network, make_loaders  # noqa: E402
+from utils import synchronize  # noqa: E402
 
 SHAPES = ((32, 65), (32, 197), (8, 1025))
 WIDTH = 192
@@ -46,13 +47,6 @@ LAYER_CASES = (
     ("BranchConv", {}),
     ("BranchAttention", {}),
 )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def saved_bytes(step) -> int:
@@ -207,7 +201,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
+    dtype = AMP_DTYPE[device.type] if args.amp else None
     parts = set(args.parts.split(","))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"{time.strftime('%Y-%m-%d')}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
+from train_eval import AMP_DTYPE  # noqa: E402
 
 GRID = (6, 6)
 SEQ_LEN = GRID[0] * GRID[1] + 1
@@ -47,7 +48,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "mps" else torch.float64
     tolerance = 1e-4 if dtype == torch.float32 else 1e-9
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    amp_dtype = AMP_DTYPE[device.type]
 
     failures, checked = [], 0
     for options in combinations():

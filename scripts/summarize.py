@@ -18,11 +18,16 @@ import os
 import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils import best_record  # noqa: E402
 
 # Layers whose behaviour depends on --K, and those that contain a ConvNN layer (which alone use
 # the sampling and the convolution type). For the others these columns read "-".
@@ -132,8 +137,7 @@ def summarise_run(run: str, name: str) -> Dict:
         "history": epochs,
     }
     if epochs:
-        # The first epoch reaching the maximum wins ties, as in the run's own "Max Accuracy" line.
-        best = max(epochs, key=lambda record: (record["test_top1"], -record["epoch"]))
+        best = best_record(epochs)  # the rule of the run's own "Max Accuracy" line
         row.update(best_top1=best["test_top1"], best_epoch=int(best["epoch"]), final_top1=epochs[-1]["test_top1"],
                    average_epoch_seconds=sum(record["epoch_seconds"] for record in epochs) / len(epochs))
     return row
