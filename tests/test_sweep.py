@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from matplotlib.figure import Figure
 
 import utils
 import vit_main
 from scripts import summarize
 from tests.conftest import TINY_MODEL_FLAGS
+from tests.figure_checks import saved_figures, texts_outside_or_overlapping  # noqa: F401 (a fixture)
 from tests.test_training import Interrupted, interrupt_in_epoch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -257,35 +257,6 @@ def test_the_summary_goes_to_its_own_folder_by_default(tmp_path, capsys, monkeyp
     assert sorted(os.listdir(run)) == before
     assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "summary.csv", "summary.md",
                                                         "top1_vs_epoch.png"]
-
-
-def texts_outside_or_overlapping(figure, dpi):
-    """Titles and legends of ``figure``, saved at ``dpi``, that are cut off by its edge or overlap one another.
-    Measured at that dpi: text does not scale exactly with it."""
-    figure.set_dpi(dpi)
-    renderer = figure.canvas.get_renderer()
-    texts = [text for text in [figure._suptitle, *(axes.title for axes in figure.axes)] if text and text.get_text()]
-    texts += [axes.get_legend() for axes in figure.axes if axes.get_legend()]
-    extents = [text.get_window_extent(renderer) for text in texts]
-    outside = [text for text, box in zip(texts, extents) if not figure.bbox.contains(box.x0, box.y0)
-               or not figure.bbox.contains(box.x1, box.y1)]
-    overlapping = [(a, b) for i, (a, box_a) in enumerate(zip(texts, extents))
-                   for b, box_b in list(zip(texts, extents))[i + 1:] if box_a.overlaps(box_b)]
-    return outside, overlapping
-
-
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """Every Figure saved while the test runs, with the dpi it was saved at."""
-    figures = []
-    save = Figure.savefig
-
-    def keep(figure, *args, **kwargs):
-        figures.append((figure, kwargs.get("dpi", figure.dpi)))
-        return save(figure, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return figures
 
 
 def test_accuracy_axes_stop_at_100_and_titles_fit(tmp_path, capsys, saved_figures):
