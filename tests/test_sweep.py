@@ -3,8 +3,10 @@ of output directories written by real short runs."""
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,13 +40,17 @@ def interrupted_run(argv, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def sweep_environment(output_root, **settings):
+    return {**os.environ, "PYTHON": sys.executable, "OUTPUT_ROOT": str(output_root), "DATASET": "synthetic",
+            "EPOCHS": "2", "DEVICE": "cpu", "LAYERS": "ConvNNAttention", "K_VALUES": "2 3 4", "SAMPLINGS": "all",
+            "BASELINES": "", "EXTRA_FLAGS": " ".join(TINY_MODEL_FLAGS), "CONVNN_SYNTHETIC_SIZES": "200,100",
+            # One thread: on a shared CPU, several threads per process slow a run down many times.
+            "OMP_NUM_THREADS": "1", **settings}
+
+
 def run_sweep(output_root) -> str:
-    environment = dict(os.environ, PYTHON=sys.executable, OUTPUT_ROOT=str(output_root), DATASET="synthetic",
-                       EPOCHS="2", DEVICE="cpu", LAYERS="ConvNNAttention", K_VALUES="2 3 4", SAMPLINGS="all",
-                       BASELINES="", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS), CONVNN_SYNTHETIC_SIZES="200,100",
-                       # One thread: on a shared CPU, several threads per process slow a run down many times.
-                       OMP_NUM_THREADS="1")
-    finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(["bash", str(SWEEP)], env=sweep_environment(output_root), capture_output=True,
+                              text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout
 
@@ -77,6 +83,62 @@ def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_one
 
     again = run_sweep(root)
     assert again.count("skip    ") == 3 and "start" not in again and "resume" not in again
+
+
+def wait_for(path, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path):
+    root = tmp_path / "sweep"
+    first, second = root / "ConvNNAttention_K2_all", root / "ConvNNAttention_K3_all"
+    # A new session, so that the test can signal the sweep's process group as a terminal does on Ctrl-C.
+    sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, EPOCHS="1000", K_VALUES="2 3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(first / "metrics.csv", sweep)  # training has started
+        os.killpg(sweep.pid, signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, stdout + stderr
+    assert "start   ConvNNAttention_K3_all" not in stdout and not second.exists()
+    assert "vit_main.py: stopped by SIGINT" in (first / "console.log").read_text()
+    assert stderr.splitlines()[-1] == ("sweep.sh: stopped by SIGINT during ConvNNAttention_K2_all; "
+                                       "start the sweep again to continue")
+
+
+def recording_python(path):
+    """An executable at ``path`` that appends the command line it was started with to $CALLS."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('#!/bin/sh\necho "$0 $*" >> "$CALLS"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_venv", [True, False], ids=["venv", "no venv"])
+def test_python_defaults_to_the_projects_venv(tmp_path, with_venv):
+    repository = tmp_path / "repository"
+    (repository / "scripts").mkdir(parents=True)
+    (repository / "scripts" / "sweep.sh").write_text(SWEEP.read_text())
+    expected = recording_python(repository / ".venv" / "bin" / "python" if with_venv else tmp_path / "bin" / "python3")
+    recording_python(tmp_path / "bin" / "python")  # never the bare name: it may be another Python or none
+    environment = {name: value for name, value in sweep_environment(tmp_path / "sweep", K_VALUES="2").items()
+                   if name not in ("PYTHON", "LAUNCHER")}
+    environment.update(CALLS=str(tmp_path / "calls"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    subprocess.run(["bash", str(repository / "scripts" / "sweep.sh")], env=environment, check=True,
+                   capture_output=True, timeout=60)
+
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith(f"{expected} {repository / 'vit_main.py'} --dataset synthetic")
 
 
 # ---------------------------------------------------------------------------------------------
