@@ -41,6 +41,7 @@ from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
 CLASS_TOKEN = 0
 QUERY_COLOUR = "cyan"
 SELECTED_COLOUR = "orange"
+SUMMARY_DPI = 90
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,21 +375,24 @@ def summary_table(rows: List[Dict]) -> str:
 def draw_summary(path: str, rows: List[Dict], references: Dict[str, float], title: str) -> None:
     labels = [row["label"].replace(" (ConvNN branch)", "\n(ConvNN)") for row in rows]
     positions = range(len(rows))
-    figure = Figure(figsize=(max(7.0, 0.7 * len(rows) + 4), 3.6))
+    # Laid out at the dpi it is saved at: text does not scale exactly with the dpi.
+    figure = Figure(figsize=(max(7.0, 1.1 * len(rows) + 2.5), 3.8), dpi=SUMMARY_DPI)
     distance_axes, share_axes = figure.subplots(1, 2)
     distance_axes.plot(positions, [row["mean_distance"] for row in rows], marker="o", color="tab:blue")
     for (name, value), style in zip(references.items(), ("--", ":")):
         distance_axes.axhline(value, color="grey", linestyle=style, label=f"{name}: {value:.2f}")
-    distance_axes.set(ylabel="mean distance (patches)", title="Patch to selected patches", ylim=(0, None))
+    distance_axes.set(ylabel="mean distance (patches)", ylim=(0, None))
+    distance_axes.set_title("Distance from a patch\nto its selected patches", fontsize=10)
     distance_axes.legend(fontsize=7)
     share_axes.bar(positions, [row["class_token_fraction"] for row in rows], color="tab:orange")
-    share_axes.set(ylabel="fraction", title="Share of patch selections: class token", ylim=(0, 1))
+    share_axes.set(ylabel="fraction", ylim=(0, 1))
+    share_axes.set_title("Share of the patches' selections\nthat pick the class token", fontsize=10)
     for axes in (distance_axes, share_axes):
         axes.set_xticks(list(positions), labels, fontsize=7)
         axes.grid(True, alpha=0.3)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=SUMMARY_DPI)
 
 
 def write_summary(model: ViT, args: argparse.Namespace, out: str, max_images: Optional[int],

@@ -4,15 +4,23 @@
 # Each run gets its own directory under OUTPUT_ROOT, named after its settings
 # (e.g. ConvNNAttention_K9_random32). Running the script again skips finished runs (their
 # train_eval_results.txt ends with the "Max Accuracy" line) and continues unfinished ones from their
-# last.pt (--resume auto), so an interrupted sweep is continued by starting it again.
+# last.pt (--resume auto), so an interrupted sweep is continued by starting it again. Ctrl-C (SIGINT)
+# or SIGTERM stops the run in progress at its next step and then the whole sweep, exit code 130 or 143.
 # Summarise the results with: python scripts/summarize.py "$OUTPUT_ROOT"
 #
 # Every setting below can be overridden from the environment, e.g.
 #   DATASET=synthetic EPOCHS=3 DEVICE=cpu scripts/sweep.sh
 set -euo pipefail
 
+REPOSITORY=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
 # ---- Settings ---------------------------------------------------------------------------------
-PYTHON=${PYTHON:-python}
+# The project's virtual environment when it has one.
+if [[ -x $REPOSITORY/.venv/bin/python ]]; then
+    PYTHON=${PYTHON:-$REPOSITORY/.venv/bin/python}
+else
+    PYTHON=${PYTHON:-python3}
+fi
 # Command that starts vit_main.py; for data parallelism e.g.
 #   LAUNCHER="torchrun --nproc_per_node 4"   (--batch_size is then per process)
 LAUNCHER=${LAUNCHER:-$PYTHON}
@@ -31,10 +39,37 @@ BASELINES=${BASELINES-Attention}
 EXTRA_FLAGS=${EXTRA_FLAGS:-"--resize 0 --patch_size 4 --num_layers 6 --augment --scheduler cosine --lr 5e-4"}
 # -----------------------------------------------------------------------------------------------
 
-REPOSITORY=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 read -r -a launcher <<< "$LAUNCHER"
 read -r -a extra_flags <<< "$EXTRA_FLAGS"
 failed_runs=()
+
+# Ctrl-C sends SIGINT to every process of the terminal's process group: the run in progress stops at
+# its next step and writes its stop line. The script only notes the signal (bash runs the trap once
+# the run has ended) and starts no further run.
+stop_signal=
+trap 'stop_signal=INT' INT
+trap 'stop_signal=TERM' TERM
+
+# stop_if_signalled WHEN: ends the sweep, naming WHEN ("during NAME"), once a signal has arrived.
+stop_if_signalled() {
+    [[ -z $stop_signal ]] && return
+    report_failed_runs
+    echo "sweep.sh: stopped by SIG$stop_signal $1; start the sweep again to continue" >&2
+    [[ $stop_signal == INT ]] && exit 130
+    exit 143
+}
+
+report_failed_runs() {
+    if (( ${#failed_runs[@]} > 0 )); then
+        echo "failed: ${failed_runs[*]}" >&2
+    fi
+}
+
+# tee -a FILE, deaf to the signals: it must copy the run's stop line, written after the signal.
+copy_to_log() {
+    trap '' INT TERM
+    exec tee -a "$1"
+}
 
 is_finished() {
     local results="$1/train_eval_results.txt"
@@ -46,6 +81,7 @@ run() {
     local name=$1
     shift
     local directory="$OUTPUT_ROOT/$name"
+    stop_if_signalled "before $name"
     if is_finished "$directory"; then
         echo "skip    $name (finished)"
         return
@@ -59,9 +95,10 @@ run() {
     # A failed run is reported at the end instead of stopping the runs after it.
     if ! "${launcher[@]}" "$REPOSITORY/vit_main.py" --dataset "$DATASET" --device "$DEVICE" \
         --num_epochs "$EPOCHS" "${extra_flags[@]}" "$@" --output_dir "$directory" --resume auto \
-        2>&1 | tee -a "$directory/console.log"; then
-        failed_runs+=("$name")
+        2>&1 | copy_to_log "$directory/console.log"; then
+        [[ -n $stop_signal ]] || failed_runs+=("$name")
     fi
+    stop_if_signalled "during $name"
 }
 
 for layer in $LAYERS; do
@@ -80,7 +117,5 @@ for layer in $BASELINES; do
     run "$layer" --layer "$layer"
 done
 
-if (( ${#failed_runs[@]} > 0 )); then
-    echo "failed: ${failed_runs[*]}" >&2
-    exit 1
-fi
+report_failed_runs
+(( ${#failed_runs[@]} == 0 )) || exit 1

@@ -12,6 +12,7 @@ import vit_main
 from models.vit import ViT
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts import neighbour_maps
+from tests.figure_checks import saved_figures, texts_outside_or_overlapping  # noqa: F401 (a fixture)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GRID_SIDE = 4  # the tiny runs: 32 px images, patch 8
@@ -99,6 +100,21 @@ def test_candidates_are_shaded_and_a_selected_class_token_gets_a_badge():
     assert sorted((p.get_x(), p.get_y()) for p in shaded) == [(0, 0), (2, 1), (3, 3)]  # tokens 1, 7, 16
     texts = [text.get_text() for text in axes.texts]
     assert "CLS: slot 1" in texts and "0" in texts and "2" in texts and "CLS is a candidate" in texts
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 12])
+@pytest.mark.parametrize("branch", [False, True], ids=["ConvNN", "branch"])
+def test_summary_titles_fit_the_figure(tmp_path, saved_figures, blocks, branch):
+    suffix = ".attention.convnn" if branch else ".attention"
+    rows = [{"label": neighbour_maps.layer_label(f"transformer_encoder.{block}{suffix}"), "mean_distance": 3.0,
+             "class_token_fraction": 0.05} for block in range(blocks)]
+    references = neighbour_maps.reference_distances(8, 9)
+    title = "BranchAttention, spatial sampling, K=9, Cosine similarity"
+
+    neighbour_maps.draw_summary(str(tmp_path / "summary.png"), rows, references, title)
+
+    ((figure, dpi),) = saved_figures
+    assert texts_outside_or_overlapping(figure, dpi) == ([], [])
 
 
 # ---------------------------------------------------------------------------------------------

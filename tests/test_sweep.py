@@ -3,15 +3,19 @@ of output directories written by real short runs."""
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import utils
 import vit_main
 from scripts import summarize
 from tests.conftest import TINY_MODEL_FLAGS
+from tests.figure_checks import saved_figures, texts_outside_or_overlapping  # noqa: F401 (a fixture)
 from tests.test_training import Interrupted, interrupt_in_epoch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -36,13 +40,17 @@ def interrupted_run(argv, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def sweep_environment(output_root, **settings):
+    return {**os.environ, "PYTHON": sys.executable, "OUTPUT_ROOT": str(output_root), "DATASET": "synthetic",
+            "EPOCHS": "2", "DEVICE": "cpu", "LAYERS": "ConvNNAttention", "K_VALUES": "2 3 4", "SAMPLINGS": "all",
+            "BASELINES": "", "EXTRA_FLAGS": " ".join(TINY_MODEL_FLAGS), "CONVNN_SYNTHETIC_SIZES": "200,100",
+            # One thread: on a shared CPU, several threads per process slow a run down many times.
+            "OMP_NUM_THREADS": "1", **settings}
+
+
 def run_sweep(output_root) -> str:
-    environment = dict(os.environ, PYTHON=sys.executable, OUTPUT_ROOT=str(output_root), DATASET="synthetic",
-                       EPOCHS="2", DEVICE="cpu", LAYERS="ConvNNAttention", K_VALUES="2 3 4", SAMPLINGS="all",
-                       BASELINES="", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS), CONVNN_SYNTHETIC_SIZES="200,100",
-                       # One thread: on a shared CPU, several threads per process slow a run down many times.
-                       OMP_NUM_THREADS="1")
-    finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(["bash", str(SWEEP)], env=sweep_environment(output_root), capture_output=True,
+                              text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     return finished.stdout
 
@@ -75,6 +83,62 @@ def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_one
 
     again = run_sweep(root)
     assert again.count("skip    ") == 3 and "start" not in again and "resume" not in again
+
+
+def wait_for(path, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path):
+    root = tmp_path / "sweep"
+    first, second = root / "ConvNNAttention_K2_all", root / "ConvNNAttention_K3_all"
+    # A new session, so that the test can signal the sweep's process group as a terminal does on Ctrl-C.
+    sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, EPOCHS="1000", K_VALUES="2 3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(first / "metrics.csv", sweep)  # training has started
+        os.killpg(sweep.pid, signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, stdout + stderr
+    assert "start   ConvNNAttention_K3_all" not in stdout and not second.exists()
+    assert "vit_main.py: stopped by SIGINT" in (first / "console.log").read_text()
+    assert stderr.splitlines()[-1] == ("sweep.sh: stopped by SIGINT during ConvNNAttention_K2_all; "
+                                       "start the sweep again to continue")
+
+
+def recording_python(path):
+    """An executable at ``path`` that appends the command line it was started with to $CALLS."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('#!/bin/sh\necho "$0 $*" >> "$CALLS"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_venv", [True, False], ids=["venv", "no venv"])
+def test_python_defaults_to_the_projects_venv(tmp_path, with_venv):
+    repository = tmp_path / "repository"
+    (repository / "scripts").mkdir(parents=True)
+    (repository / "scripts" / "sweep.sh").write_text(SWEEP.read_text())
+    expected = recording_python(repository / ".venv" / "bin" / "python" if with_venv else tmp_path / "bin" / "python3")
+    recording_python(tmp_path / "bin" / "python")  # never the bare name: it may be another Python or none
+    environment = {name: value for name, value in sweep_environment(tmp_path / "sweep", K_VALUES="2").items()
+                   if name not in ("PYTHON", "LAUNCHER")}
+    environment.update(CALLS=str(tmp_path / "calls"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    subprocess.run(["bash", str(repository / "scripts" / "sweep.sh")], env=environment, check=True,
+                   capture_output=True, timeout=60)
+
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith(f"{expected} {repository / 'vit_main.py'} --dataset synthetic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,3 +200,136 @@ def test_summary_table_and_plots(run_directories, tmp_path, capsys):
 def test_summary_of_nothing_is_an_error(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 1
     assert "no runs found" in capsys.readouterr().err
+
+
+# Damaged or partial files: each bad run is skipped with one line, the others are summarised.
+
+RUN_ARGS = {"layer": "ConvNNAttention", "K": 4, "sampling_type": "all", "num_samples": -1,
+            "convolution_type": "depthwise", "num_epochs": 5}
+
+
+def epoch_record(epoch, test_top1):
+    return {"epoch": epoch, "lr": 0.001, "train_loss": 1.5, "train_top1": 40.0, "train_top5": 90.0, "test_loss": 1.25,
+            "test_top1": test_top1, "test_top5": 95.0, "epoch_seconds": 2.0, "images_per_second": 100.0}
+
+
+def written_run(directory, top1s=(50.0, 87.5, 62.5), **arguments):
+    """A run directory as vit_main writes it (args.txt, model.txt, metrics.csv), with one epoch per top-1."""
+    directory.mkdir(parents=True)
+    outputs = utils.RunOutputs(str(directory))
+    outputs.write_args({**RUN_ARGS, **arguments})
+    (directory / "model.txt").write_text("ViT()\n\nTotal parameters: 1,234\nGFLOPs per image (32x32, forward): 0.5\n")
+    outputs.start_logs([epoch_record(epoch, top1) for epoch, top1 in enumerate(top1s, start=1)])
+    return directory
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def summarise_root(root, out_dir, capsys):
+    """summarize.main over ``root``; returns the CSV rows by run and the lines printed on stderr."""
+    assert summarize.main([str(root), "--out_dir", str(out_dir)]) == 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return {row["run"]: row for row in read_rows(out_dir / "summary.csv")}, stderr.splitlines()
+
+
+METRICS_HEADER = ",".join(utils.METRIC_COLUMNS)
+DAMAGES = {
+    "row missing columns": ("metrics.csv", "87.5,95.0,2.0,100.0", "87.5", "metrics.csv line 3: 7 values for 10 columns"),
+    "row with extra columns": ("metrics.csv", "87.5,", "87.5,1,", "metrics.csv line 3: 11 values for 10 columns"),
+    "non-numeric value": ("metrics.csv", "1.25,87.5,", "1.25,eighty,", "metrics.csv line 3: test_top1 is 'eighty'"),
+    "empty value": ("metrics.csv", "1.25,87.5,", "1.25,,", "metrics.csv line 3: test_top1 is ''"),
+    "accuracy above 100": ("metrics.csv", "1.25,87.5,", "1.25,875.0,", "metrics.csv line 3: test_top1 is 875.0"),
+    "epoch missing": ("metrics.csv", "\n2,", "\n3,", "metrics.csv: epoch 3 on line 3, expected 2"),
+    "fractional epoch": ("metrics.csv", "\n2,", "\n2.5,", "metrics.csv: epoch 2.5 on line 3, expected 2"),
+    "blank line": ("metrics.csv", "\n2,", "\n\n2,", "metrics.csv line 3: 0 values for 10 columns"),
+    "empty metrics.csv": ("metrics.csv", None, "", "metrics.csv is empty"),
+    "header lacks a column": ("metrics.csv", ",test_top1,", ",top1,", "metrics.csv: its header lacks test_top1"),
+    "header only, cut short": ("metrics.csv", None, METRICS_HEADER[:20], "metrics.csv: its header line is cut short"),
+    "not UTF-8": ("metrics.csv", None, b"epoch\xff\n", "metrics.csv is not UTF-8 text"),
+    "args.txt line without ': '": ("args.txt", "K: 4", "K=4", "args.txt line 2 is not 'name: value': 'K=4'"),
+    "args.txt K not a number": ("args.txt", "K: 4", "K: four", "args.txt: K is 'four', not an integer"),
+    "args.txt num_epochs not a number": ("args.txt", "num_epochs: 5", "num_epochs: 5.5",
+                                         "args.txt: num_epochs is '5.5', not an integer"),
+    "args.txt cut short": ("args.txt", "num_epochs: 5\n", "num_epochs: ", "args.txt: its last line is cut short"),
+    "args.txt empty": ("args.txt", None, "", "args.txt is empty"),
+    "args.txt repeats a name": ("args.txt", "K: 4\n", "K: 4\nK: 9\n", "args.txt line 3 repeats K"),
+    "model.txt GFLOPs not a number": ("model.txt", "forward): 0.5", "forward): half",
+                                      "model.txt: GFLOPs is 'half', not a number"),
+}
+
+
+@pytest.mark.parametrize("file, old, new, reason", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_run_is_skipped_with_one_line_naming_it_and_the_reason(tmp_path, capsys, file, old, new, reason):
+    root = tmp_path / "sweep"
+    written_run(root / "good")
+    bad = written_run(root / "bad")
+    path = bad / file
+    if old is None:
+        (path.write_bytes if isinstance(new, bytes) else path.write_text)(new)
+    else:
+        edit(path, old, new)
+
+    rows, stderr = summarise_root(root, tmp_path / "summary", capsys)
+
+    assert sorted(rows) == ["good"]
+    assert float(rows["good"]["best_top1"]) == 87.5
+    assert stderr == [f"summarize.py: skipped {bad}: {reason}"] or (
+        len(stderr) == 1 and stderr[0].startswith(f"summarize.py: skipped {bad}: {reason}")), stderr
+
+
+def test_a_last_line_without_its_line_end_is_dropped_with_a_note(tmp_path, capsys):
+    """The writer appends whole lines, each with its line end: a last line without one was still being written
+    (or the write was killed), and its last number may be cut short, as 87.5 to 8."""
+    root = tmp_path / "sweep"
+    in_progress = written_run(root / "in_progress", top1s=(50.0, 62.5))
+    with open(in_progress / "metrics.csv", "a") as handle:
+        handle.write("3,0.001,1.5,40.0,90.0,1.25,8")  # test_top1 87.5 cut short: too few columns
+    cut_in_last_column = written_run(root / "cut_in_last_column", top1s=(50.0, 62.5))
+    with open(cut_in_last_column / "metrics.csv", "a") as handle:
+        handle.write("3,0.001,1.5,40.0,90.0,1.25,87.5,95.0,4.0,1")  # images_per_second 100.0 cut short
+
+    rows, stderr = summarise_root(root, tmp_path / "summary", capsys)
+
+    for name, directory in (("in_progress", in_progress), ("cut_in_last_column", cut_in_last_column)):
+        assert (rows[name]["epochs"], rows[name]["best_top1"], rows[name]["final_top1"]) == ("2/5", "62.5", "62.5")
+        assert float(rows[name]["average_epoch_seconds"]) == 2.0
+        assert (f"summarize.py: {directory}: ignored the last line of metrics.csv, cut short (no line end): "
+                f"an epoch being written, or a write that was killed") in stderr
+    assert len(stderr) == 2
+
+
+def test_a_run_with_no_finished_epoch_is_listed_with_no_numbers(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    written_run(root / "started", top1s=())
+    rows, stderr = summarise_root(root, tmp_path / "summary", capsys)
+    assert (rows["started"]["epochs"], rows["started"]["best_top1"], rows["started"]["finished"]) == ("0/5", "", "False")
+    assert stderr == []
+
+
+def test_the_summary_goes_to_its_own_folder_by_default(tmp_path, capsys, monkeypatch):
+    run = written_run(tmp_path / "runs" / "one")
+    before = sorted(os.listdir(run))
+    monkeypatch.chdir(tmp_path)
+    assert summarize.main([str(run)]) == 0
+    assert sorted(os.listdir(run)) == before
+    assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "summary.csv", "summary.md",
+                                                        "top1_vs_epoch.png"]
+
+
+def test_accuracy_axes_stop_at_100_and_titles_fit(tmp_path, capsys, saved_figures):
+    root = tmp_path / "sweep"
+    written_run(root / "ConvNNAttention_K4_all_with_a_name_long_enough_to_need_room", top1s=(99.0, 100.0))
+    written_run(root / "ConvNNAttention_K9_random32", K=9, sampling_type="random", num_samples=32, top1s=(98.0, 99.9))
+    written_run(root / "Attention", layer="Attention", top1s=(99.5, 99.95))
+    summarise_root(root, tmp_path / "summary", capsys)
+
+    assert len(saved_figures) == 2
+    for figure, dpi in saved_figures:
+        (axes,) = figure.axes
+        assert axes.get_ylim()[1] <= 100
+        assert texts_outside_or_overlapping(figure, dpi) == ([], [])
