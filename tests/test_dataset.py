@@ -279,3 +279,14 @@ def test_check_data_passes_intact_folders(tmp_path):
     dataset.check_data("imagenet", str(tmp_path))
     dataset.check_data("imagenet", str(tmp_path), need_train=False)
 
+
+def test_synthetic_sizes_must_fit_in_memory(monkeypatch):
+    monkeypatch.setattr(dataset, "_physical_memory", lambda: 300 * dataset.SYNTHETIC_BYTES_PER_IMAGE)
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "200,100")
+    assert dataset.synthetic_sizes() == (200, 100)
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "200,101")
+    with pytest.raises(dataset.DatasetUnavailableError) as error:
+        dataset.check_data("synthetic", "unused")
+    assert str(error.value) == ("CONVNN_SYNTHETIC_SIZES: 200,101 is 301 images, more than this machine's memory "
+                                "holds while generating them (300 at most, 64 KiB each); give smaller sizes, "
+                                "e.g. 5000,1000")

@@ -240,6 +240,11 @@ def bad_synthetic_sizes(run_dir, tmp_path, monkeypatch):
     return ["--output_dir", tmp_path / "fresh"]
 
 
+def huge_synthetic_sizes(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "100000000,1")
+    return ["--output_dir", tmp_path / "fresh"]
+
+
 CONVNN = ["--layer", "ConvNNAttention"]
 CASES = [
     ("epochs-zero", no_setup, ["--num_epochs", "0"], "--num_epochs", "must be >= 1"),
@@ -300,10 +305,11 @@ CASES = [
     ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
+    ("synthetic-too-large", huge_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "100000000,1 is 100000001 images"),
 ]
 # Data faults found before the run writes anything (args.txt, model.txt) into its fresh output directory.
 FOUND_BEFORE_ANY_OUTPUT = ["missing-image-folder", "no-class-folders", "val-lacks-a-class", "val-has-an-extra-class",
-                           "val-renames-a-class", "damaged-val-image", "synthetic-sizes"]
+                           "val-renames-a-class", "damaged-val-image", "synthetic-sizes", "synthetic-too-large"]
 if "cuda" not in utils.available_devices():
     CASES.append(("no-cuda", no_setup, ["--device", "cuda"], "--device", "available: cpu"))
 
