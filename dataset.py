@@ -1,10 +1,13 @@
 """Datasets: CIFAR-10/100 (torchvision), ImageNet-style image folders, and an in-memory synthetic set."""
 
+import functools
 import os
 import tarfile
-from typing import Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -38,6 +41,9 @@ SYNTHETIC_CLASSES = 10
 # "TRAIN,TEST" sizes that replace the two above, e.g. for quick trials and for tests that start
 # the program in another process (where they cannot patch the constants).
 SYNTHETIC_SIZES_VARIABLE = "CONVNN_SYNTHETIC_SIZES"
+# Peak memory taken while one synthetic image is generated: about five float32 copies of it (measured
+# with 10,000 and 40,000 images: 51 and 62 KiB an image).
+SYNTHETIC_BYTES_PER_IMAGE = 64 * 1024
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -53,22 +59,57 @@ def image_size(dataset: str, resize: int) -> int:
     return NATIVE_SIZE[dataset]
 
 
-def num_classes(dataset: str, data_path: str) -> int:
-    """Number of classes, known without loading the data (image folders: one class per train/ subfolder)."""
+def num_classes(dataset: str, data_path: str, need_train: bool = True) -> int:
+    """Number of classes, known without loading the data (image folders: see ``image_folder_classes``)."""
     if dataset == "cifar100":
         return 100
     if dataset in ("cifar10", "synthetic"):
         return 10
-    return len(_class_folders(os.path.join(data_path, "train")))
+    return len(image_folder_classes(data_path, need_train))
 
 
-def _class_folders(root: str) -> list:
+def image_folder_classes(data_path: str, need_train: bool = True) -> List[str]:
+    """The class index of the image folders, shared by both splits: train/'s class folders in sorted
+    order. val/ must hold the same class names, as torchvision would otherwise number each split's own
+    folders and give a class's images another class's label. Evaluation alone may go without train/;
+    the index then comes from val/."""
+    train_root, val_root = os.path.join(data_path, "train"), os.path.join(data_path, "val")
+    if not need_train and not os.path.isdir(train_root):
+        return _class_folders(val_root)
+    classes = _class_folders(train_root)
+    _check_same_classes(classes, _class_folders(val_root), train_root, val_root)
+    return classes
+
+
+def _class_folders(root: str) -> List[str]:
+    """The visible subfolders of ``root``; hidden ones (.ipynb_checkpoints, .git) are no class."""
     if not os.path.isdir(root):
         raise DatasetUnavailableError(f"--data_path: no image folder at {root}; expected {root}/<class>/<image files>")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name))
     if not folders:
         raise DatasetUnavailableError(f"--data_path: {root} holds no class folders; expected {root}/<class>/<image files>")
     return folders
+
+
+def _check_same_classes(train_classes: List[str], val_classes: List[str], train_root: str, val_root: str) -> None:
+    missing = sorted(set(train_classes) - set(val_classes))
+    extra = sorted(set(val_classes) - set(train_classes))
+    if not missing and not extra:
+        return
+    differences = [f"{where}: {_listed(names)}" for where, names in (("missing from val/", missing),
+                                                                     ("only in val/", extra)) if names]
+    raise DatasetUnavailableError(f"--data_path: {val_root} and {train_root} hold different classes "
+                                  f"({'; '.join(differences)}); give val/ one folder for each class of train/, "
+                                  "named alike, so that each label means the same class in both")
+
+
+def _listed(names: List[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
 
 
 def build_transform(dataset: str, resize: int, augment: bool) -> v2.Compose:
@@ -95,15 +136,16 @@ def load_datasets(
     if dataset in CIFAR_FILES:
         train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
     elif dataset == "imagenet":
-        train = _image_folder(os.path.join(data_path, "train"), train_transform) if need_train else None
-        test = _image_folder(os.path.join(data_path, "val"), test_transform)
+        classes = image_folder_classes(data_path, need_train)
+        train = _image_folder(os.path.join(data_path, "train"), classes, train_transform) if need_train else None
+        test = _image_folder(os.path.join(data_path, "val"), classes, test_transform)
     elif dataset == "synthetic":
         train_size, test_size = synthetic_sizes()
         train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
         test = SyntheticImages(test_size, seed=2, transform=test_transform)
     else:
         raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    return train, test, num_classes(dataset, data_path), image_size(dataset, resize)
+    return train, test, num_classes(dataset, data_path, need_train), image_size(dataset, resize)
 
 
 def synthetic_sizes() -> Tuple[int, int]:
@@ -118,7 +160,49 @@ def synthetic_sizes() -> Tuple[int, int]:
     if train_size < 1 or test_size < 1:
         raise DatasetUnavailableError(f"{SYNTHETIC_SIZES_VARIABLE}: expected two positive integers "
                                       f"'train,test', e.g. 200,100, got {value!r}")
+    most = _physical_memory() // SYNTHETIC_BYTES_PER_IMAGE
+    if train_size + test_size > most:
+        raise DatasetUnavailableError(
+            f"{SYNTHETIC_SIZES_VARIABLE}: {value} is {train_size + test_size} images, more than this machine's "
+            f"memory holds while generating them ({most} at most, {SYNTHETIC_BYTES_PER_IMAGE // 1024} KiB each); "
+            f"give smaller sizes, e.g. {SYNTHETIC_TRAIN_SIZE},{SYNTHETIC_TEST_SIZE}")
     return train_size, test_size
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_data(dataset: str, data_path: str, need_train: bool = True) -> None:
+    """Faults of the data that would otherwise surface only after an epoch's work, found before training:
+    synthetic sizes that do not fit in memory, and damaged images in the image folders' val/ split."""
+    if dataset == "synthetic":
+        synthetic_sizes()
+    elif dataset == "imagenet":
+        val = _image_folder(os.path.join(data_path, "val"), image_folder_classes(data_path, need_train), None)
+        _check_images_decode([path for path, _ in val.samples])
+
+
+def _check_images_decode(paths: List[str]) -> None:
+    """Raises for the first of ``paths`` (in their order) that does not decode. PIL decodes outside the
+    GIL, so threads share the work."""
+    pool = ThreadPoolExecutor()
+    try:
+        for _ in pool.map(_decode_quickly, paths):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _decode_quickly(path: str) -> None:
+    # A JPEG decoded at 1/8 scale (draft) still reads its whole stream, so a truncated file fails as
+    # it would in training, at about 3/4 of the cost of a full decode; other formats decode in full.
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged or foreign files
+        raise DatasetUnavailableError(_unreadable_image(path, error)) from error
 
 
 def check_data_path(dataset: str, data_path: str) -> None:
@@ -132,12 +216,23 @@ def check_data_path(dataset: str, data_path: str) -> None:
                                       f"({error.strerror or error}); give a directory that can hold the dataset")
 
 
-def _image_folder(root: str, transform) -> Dataset:
-    _class_folders(root)
+class _ClassFolders(datasets.ImageFolder):
+    """An ImageFolder numbered by a given class index instead of its own folders, which skips hidden
+    files and folders: a notebook's .ipynb_checkpoints or macOS's ._photo.jpg hold no image of the class."""
+
+    def __init__(self, root: str, classes: List[str], transform):
+        self.class_index = classes
+        super().__init__(root, transform, loader=_read_image, is_valid_file=functools.partial(_is_visible_image, root))
+
+    def find_classes(self, directory: str) -> Tuple[List[str], dict]:
+        return list(self.class_index), {name: index for index, name in enumerate(self.class_index)}
+
+
+def _image_folder(root: str, classes: List[str], transform) -> Dataset:
     try:
-        return datasets.ImageFolder(root, transform, loader=_read_image)
+        return _ClassFolders(root, classes, transform)
     except FileNotFoundError as error:  # a class folder without a single file of an image type
-        folders = [os.path.join(root, name) for name in _class_folders(root)]
+        folders = [os.path.join(root, name) for name in classes]
         empty = [folder for folder in folders if not _holds_images(folder)]
         others = f" and {len(empty) - 1} other class folders" if len(empty) > 1 else ""
         extensions = ", ".join(datasets.folder.IMG_EXTENSIONS)
@@ -146,16 +241,24 @@ def _image_folder(root: str, transform) -> Dataset:
 
 
 def _holds_images(folder: str) -> bool:
-    return any(datasets.folder.has_file_allowed_extension(name, datasets.folder.IMG_EXTENSIONS)
-               for _, _, names in os.walk(folder) for name in names)
+    return any(_is_visible_image(folder, os.path.join(directory, name))
+               for directory, _, names in os.walk(folder) for name in names)
+
+
+def _is_visible_image(root: str, path: str) -> bool:
+    hidden = any(_is_hidden(part) for part in os.path.relpath(path, root).split(os.sep))
+    return not hidden and datasets.folder.has_file_allowed_extension(path, datasets.folder.IMG_EXTENSIONS)
 
 
 def _read_image(path: str):
     try:
         return datasets.folder.default_loader(path)
     except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged or foreign files
-        raise DatasetUnavailableError(f"--data_path: {path} is not a readable image ({_first_line(error)}); "
-                                      "replace or remove it") from error
+        raise DatasetUnavailableError(_unreadable_image(path, error)) from error
+
+
+def _unreadable_image(path: str, error: Exception) -> str:
+    return f"--data_path: {path} is not a readable image ({_first_line(error)}); replace or remove it"
 
 
 def _first_line(error: Exception) -> str:

@@ -264,13 +264,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         dataset.check_data_path(args.dataset, args.data_path)
         img_size = dataset.image_size(args.dataset, args.resize)
-        num_classes = dataset.num_classes(args.dataset, args.data_path)
+        num_classes = dataset.num_classes(args.dataset, args.data_path, need_train=not args.test_only)
         model = ViT(**model_config(args, img_size, num_classes))
     except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
     run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
     if run_problem:
         parser.error(run_problem)
+    try:  # after the cheap checks: it may read the whole test split
+        dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only)
+    except dataset.DatasetUnavailableError as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        _exit(f"{parser.prog}: interrupted while checking the data; nothing was written", 130)
     trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
                                  show_progress=train_eval.show_progress_bars() and distributed.is_main_process(),
                                  distributed_replica=distributed.is_distributed(), **trainer_config(args))

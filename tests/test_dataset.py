@@ -173,3 +173,120 @@ def test_synthetic_default_size_is_a_few_thousand_images():
     assert (len(train), len(test), classes, size) == (5000, 1000, 10, 32)
     image, label = test[0]
     assert image.shape == (3, 32, 32) and 0 <= label < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: one class index for both splits, hidden entries, damaged test images
+# ---------------------------------------------------------------------------------------------
+
+
+def write_split(root, split, classes, per_class=2):
+    for index, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for number in range(per_class):
+            Image.new("RGB", (8, 8), color=(index * 100, 50, 200)).save(folder / f"{number}.png")
+
+
+@pytest.mark.parametrize("val_classes, differences", [
+    (("cat", "fox"), "(missing from val/: dog)"),
+    (("cat", "dog", "fox", "owl", "yak"), "(only in val/: owl, yak)"),
+    (("cat", "dog", "fax"), "(missing from val/: fox; only in val/: fax)"),
+], ids=["val-lacks-a-class", "val-has-extra-classes", "val-renames-a-class"])
+def test_val_must_hold_the_classes_of_train(tmp_path, val_classes, differences):
+    write_split(tmp_path, "train", ("cat", "dog", "fox"))
+    write_split(tmp_path, "val", val_classes)
+    for need_train in (True, False):  # evaluation alone numbers by train/ too when it is there
+        with pytest.raises(dataset.DatasetUnavailableError) as error:
+            dataset.num_classes("imagenet", str(tmp_path), need_train)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(
+            f"--data_path: {tmp_path / 'val'} and {tmp_path / 'train'} hold different classes {differences}; "
+            "give val/ one folder for each class of train/")
+        with pytest.raises(dataset.DatasetUnavailableError, match="hold different classes"):
+            dataset.load_datasets("imagenet", str(tmp_path), resize=8, augment=False, need_train=need_train)
+
+
+def test_many_differing_classes_are_counted_not_all_named(tmp_path):
+    write_split(tmp_path, "train", [f"class{index:02}" for index in range(12)], per_class=1)
+    write_split(tmp_path, "val", ["class00"], per_class=1)
+    with pytest.raises(dataset.DatasetUnavailableError,
+                       match=r"\(missing from val/: class01, class02, class03, class04, class05 and 6 more\)"):
+        dataset.num_classes("imagenet", str(tmp_path))
+
+
+def test_evaluation_without_train_numbers_the_classes_of_val(tmp_path):
+    write_split(tmp_path, "val", ("cat", "dog"))
+    assert dataset.num_classes("imagenet", str(tmp_path), need_train=False) == 2
+    train, test, classes, _ = dataset.load_datasets("imagenet", str(tmp_path), resize=8, augment=False,
+                                                    need_train=False)
+    assert train is None and classes == 2 and [test[i][1] for i in range(4)] == [0, 0, 1, 1]
+    with pytest.raises(dataset.DatasetUnavailableError, match="no image folder at .*train"):
+        dataset.num_classes("imagenet", str(tmp_path))  # training needs train/
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    write_split(tmp_path, "train", ("cat", "dog", "fox"))
+    write_split(tmp_path, "val", ("cat", "dog", "fox"))
+    for split in ("train", "val"):
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()  # an empty one, as Jupyter leaves them
+        notebook_copies = tmp_path / split / "dog" / ".ipynb_checkpoints"
+        notebook_copies.mkdir()
+        Image.new("RGB", (8, 8)).save(notebook_copies / "0-checkpoint.png")
+        (tmp_path / split / "cat" / "._0.png").write_bytes(b"macOS resource fork, not an image")
+    train, test, classes, _ = dataset.load_datasets("imagenet", str(tmp_path), resize=8, augment=False)
+    assert classes == 3 and train.classes == test.classes == ["cat", "dog", "fox"]
+    assert len(train) == len(test) == 6 and [test[i][1] for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    dataset.check_data("imagenet", str(tmp_path))
+
+
+def test_a_class_with_only_hidden_images_has_no_image_files(tmp_path):
+    write_split(tmp_path, "train", ("cat", "dog"))
+    write_split(tmp_path, "val", ("cat",))
+    (tmp_path / "val" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "dog" / ".hidden.png")
+    with pytest.raises(dataset.DatasetUnavailableError) as error:
+        dataset.check_data("imagenet", str(tmp_path))
+    assert str(error.value).startswith(f"--data_path: no image files in {tmp_path / 'val' / 'dog'};")
+
+
+def truncated_jpeg(path):
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated-jpeg", "not-an-image"])
+def test_a_damaged_test_image_is_found_before_training(tmp_path, damage):
+    write_split(tmp_path, "train", ("cat", "dog"))
+    write_split(tmp_path, "val", ("cat", "dog"))
+    bad = tmp_path / "val" / "dog" / "1.jpg"
+    if damage == "truncated-jpeg":
+        truncated_jpeg(bad)  # opens and passes PIL's verify(); only decoding finds it
+    else:
+        bad.write_bytes(b"an HTML error page saved as .jpg")
+    with pytest.raises(dataset.DatasetUnavailableError) as error:
+        dataset.check_data("imagenet", str(tmp_path))
+    assert str(error.value).startswith(f"--data_path: {bad} is not a readable image (")
+    assert str(error.value).endswith("); replace or remove it")
+
+
+def test_check_data_passes_intact_folders(tmp_path):
+    write_split(tmp_path, "train", ("cat", "dog"))
+    write_split(tmp_path, "val", ("cat", "dog"))
+    Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8)).save(tmp_path / "val" / "cat" / "2.jpg")
+    dataset.check_data("imagenet", str(tmp_path))
+    dataset.check_data("imagenet", str(tmp_path), need_train=False)
+
+
+def test_synthetic_sizes_must_fit_in_memory(monkeypatch):
+    monkeypatch.setattr(dataset, "_physical_memory", lambda: 300 * dataset.SYNTHETIC_BYTES_PER_IMAGE)
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "200,100")
+    assert dataset.synthetic_sizes() == (200, 100)
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "200,101")
+    with pytest.raises(dataset.DatasetUnavailableError) as error:
+        dataset.check_data("synthetic", "unused")
+    assert str(error.value) == ("CONVNN_SYNTHETIC_SIZES: 200,101 is 301 images, more than this machine's memory "
+                                "holds while generating them (300 at most, 64 KiB each); give smaller sizes, "
+                                "e.g. 5000,1000")

@@ -81,6 +81,7 @@ def write_image_folders(root, split_files):
             folder = root / split / name
             folder.mkdir(parents=True)
             for file_name, content in files.items():
+                (folder / file_name).parent.mkdir(parents=True, exist_ok=True)
                 (folder / file_name).write_bytes(content)
 
 
@@ -92,6 +93,21 @@ def png_bytes():
     buffer = BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def truncated_jpeg_bytes():
+    """The first half of a JPEG: it opens, passes PIL's verify(), and fails only when decoded."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.effect_noise((96, 96), 80).convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def class_folders(*names):
+    return {name: {f"{name}.png": png_bytes()} for name in names}
 
 
 def offline(monkeypatch):
@@ -184,6 +200,29 @@ def damaged_image(run_dir, tmp_path, monkeypatch):
     return imagenet(run_dir, tmp_path, monkeypatch)
 
 
+def val_lacks_a_class(run_dir, tmp_path, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": class_folders("cat", "dog", "fox"),
+                                              "val": class_folders("cat", "fox")})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def val_has_an_extra_class(run_dir, tmp_path, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": class_folders("cat", "dog"),
+                                              "val": class_folders("cat", "dog", "owl")})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def val_renames_a_class(run_dir, tmp_path, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": class_folders("cat", "dog"), "val": class_folders("cat", "Dog")})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
+def damaged_val_image(run_dir, tmp_path, monkeypatch):
+    val = {"cat": {"c.png": png_bytes()}, "dog": {"d.jpg": truncated_jpeg_bytes()}}
+    write_image_folders(tmp_path / "images", {"train": class_folders("cat", "dog"), "val": val})
+    return imagenet(run_dir, tmp_path, monkeypatch)
+
+
 def damaged_cifar(run_dir, tmp_path, monkeypatch):
     offline(monkeypatch)
     (tmp_path / "cifar").mkdir()
@@ -198,6 +237,11 @@ def uncreatable_data_path(run_dir, tmp_path, monkeypatch):
 
 def bad_synthetic_sizes(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "many,few")
+    return ["--output_dir", tmp_path / "fresh"]
+
+
+def huge_synthetic_sizes(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "100000000,1")
     return ["--output_dir", tmp_path / "fresh"]
 
 
@@ -251,10 +295,21 @@ CASES = [
     ("no-image-files", no_image_files, [], "--data_path", "no image files in"),
     ("damaged-image", damaged_image, [], "--data_path", "a.png is not a readable image"),
     ("damaged-image-in-worker", damaged_image, ["--num_workers", "1"], "--data_path", "a.png is not a readable image"),
+    ("val-lacks-a-class", val_lacks_a_class, [], "--data_path", "hold different classes (missing from val/: dog)"),
+    ("val-has-an-extra-class", val_has_an_extra_class, [], "--data_path", "hold different classes (only in val/: owl)"),
+    ("val-renames-a-class", val_renames_a_class, [], "--data_path",
+     "hold different classes (missing from val/: dog; only in val/: Dog)"),
+    ("damaged-val-image", damaged_val_image, [], "--data_path",
+     "d.jpg is not a readable image (image file is truncated"),
+    ("damaged-val-image-test-only", damaged_val_image, ["--test_only"], "--data_path", "d.jpg is not a readable image"),
     ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
+    ("synthetic-too-large", huge_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "100000000,1 is 100000001 images"),
 ]
+# Data faults found before the run writes anything (args.txt, model.txt) into its fresh output directory.
+FOUND_BEFORE_ANY_OUTPUT = ["missing-image-folder", "no-class-folders", "val-lacks-a-class", "val-has-an-extra-class",
+                           "val-renames-a-class", "damaged-val-image", "synthetic-sizes", "synthetic-too-large"]
 if "cuda" not in utils.available_devices():
     CASES.append(("no-cuda", no_setup, ["--device", "cuda"], "--device", "available: cpu"))
 
@@ -267,6 +322,53 @@ def test_bad_input_is_one_line_and_loses_nothing(setup, flags, flag, text, run_c
     line = expect_one_line_error(capsys, tiny_argv(run_copy, *flags, *extra), 2, flag)
     assert text in line
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("setup, flags, flag", [case[1:4] for case in CASES if case[0] in FOUND_BEFORE_ANY_OUTPUT],
+                         ids=FOUND_BEFORE_ANY_OUTPUT)
+def test_data_faults_are_found_before_any_output(setup, flags, flag, run_copy, tmp_path, tiny_argv, capsys,
+                                                 monkeypatch):
+    extra = setup(run_copy, tmp_path, monkeypatch) or []
+    expect_one_line_error(capsys, tiny_argv(run_copy, *flags, *extra), 2, flag)
+    assert snapshot(tmp_path / "fresh") == {}
+
+
+def test_ctrl_c_while_the_test_images_are_checked_is_one_line(tmp_path, tiny_argv, capsys, monkeypatch):
+    write_image_folders(tmp_path / "images", {"train": class_folders("cat", "dog"), "val": class_folders("cat", "dog")})
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "_decode_quickly", interrupted)
+    line = expect_one_line_error(capsys, tiny_argv(tmp_path / "run", "--dataset", "imagenet", "--resize", "32",
+                                                   "--data_path", tmp_path / "images"), 130, "interrupted")
+    assert line.endswith("interrupted while checking the data; nothing was written")
+    assert snapshot(tmp_path / "run") == {}
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, tiny_argv, capsys):
+    folders = {"train": class_folders("cat", "dog"), "val": class_folders("cat", "dog")}
+    for split in folders.values():
+        split[".ipynb_checkpoints"] = {}  # Jupyter's, empty
+        split["cat"][".ipynb_checkpoints/cat-checkpoint.png"] = png_bytes()
+        split["dog"]["._dog.png"] = b"macOS metadata, not an image"
+    write_image_folders(tmp_path / "images", folders)
+    vit_main.main(tiny_argv(tmp_path / "run", "--dataset", "imagenet", "--resize", "32",
+                            "--data_path", tmp_path / "images", "--num_epochs", "1"))
+    assert "imagenet: 2 training and 2 test images" in capsys.readouterr().out
+    assert utils.load_checkpoint(tmp_path / "run" / "last.pt")["model"]["classifier.weight"].shape[0] == 2
+
+
+def test_test_only_needs_no_train_folder_and_its_classes_must_fit_the_checkpoint(tmp_path, tiny_argv, capsys):
+    images = tmp_path / "images"
+    write_image_folders(images, {"train": class_folders("cat", "dog"), "val": class_folders("cat", "dog")})
+    flags = ["--dataset", "imagenet", "--resize", "32", "--data_path", images]
+    vit_main.main(tiny_argv(tmp_path / "run", *flags, "--num_epochs", "1"))
+    shutil.rmtree(images / "train")
+    vit_main.main(tiny_argv(tmp_path / "run", *flags, "--test_only"))
+    assert (tmp_path / "run" / "test_results.txt").read_text().startswith("Checkpoint: ")
+    write_image_folders(images, {"val": class_folders("owl")})
+    expect_one_line_error(capsys, tiny_argv(tmp_path / "run", *flags, "--test_only"), 2, "--checkpoint")
 
 
 def test_the_table_holds_at_least_30_cases():
