@@ -295,7 +295,7 @@ def output_directory_claimed(parser: argparse.ArgumentParser, output_dir: str):
     lock = utils.OutputLock(output_dir)
     try:
         lock.acquire()
-    except utils.DirectoryInUseError as error:
+    except utils.LockFileError as error:
         parser.error(f"--output_dir: {error}")
     try:
         utils.remove_stale_temporaries(output_dir)

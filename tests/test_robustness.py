@@ -2,6 +2,7 @@
 (2 for bad input, 1 for runtime faults, 128 + the signal for SIGINT / SIGTERM), never with a traceback,
 and never costs more than the epoch in progress."""
 
+import contextlib
 import csv
 import os
 import shutil
@@ -67,6 +68,47 @@ def expect_one_line_error(capsys, argv, code, starts_with):
     message = last.split(": error: ", 1)[-1] if ": error: " in last else last.split(": ", 1)[-1]
     assert message.startswith(starts_with), last
     return last
+
+
+# Locks taken by the table's setups; each is released after its test.
+HELD_LOCKS = []
+
+
+@pytest.fixture(autouse=True)
+def release_held_locks():
+    yield
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
+
+
+def hold_lock(directory):
+    """Takes ``directory``'s lock in this process, as a live run would, until the test ends."""
+    lock = utils.OutputLock(str(directory))
+    lock.acquire()
+    HELD_LOCKS.append(lock)
+
+
+HOLD_LOCK_PROGRAM = """
+import sys
+import utils
+utils.OutputLock(sys.argv[1]).acquire()
+print("held", flush=True)
+sys.stdin.read()  # until the test closes the pipe
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory):
+    """Yields the process id of a live process holding ``directory``'s lock."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_PROGRAM, str(directory)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        holder.stdout.close()
 
 
 def truncate(path):
@@ -153,7 +195,12 @@ def bare_weights_resume(run_dir, tmp_path, monkeypatch):
 
 
 def live_lock(run_dir, tmp_path, monkeypatch):
-    (run_dir / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")  # this very process: certainly alive
+    hold_lock(run_dir)
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def lock_directory(run_dir, tmp_path, monkeypatch):
+    (run_dir / utils.LOCK_NAME).mkdir()
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
@@ -233,6 +280,7 @@ CASES = [
     ("overwrite-test-only", no_setup, ["--overwrite", "--test_only"], "--overwrite", "--test_only"),
     ("earlier-run", no_setup, [], "--output_dir", "--overwrite"),
     ("live-lock", live_lock, [], "--output_dir", f"running process {os.getpid()}"),
+    ("lock-directory", lock_directory, [], "--output_dir", ".lock is a directory, not a lock file"),
     ("unwritable-output", blocked_output_dir, [], "--output_dir", "cannot write"),
     ("truncated-last", truncated_last, [], "--resume", "last.pt is damaged"),
     ("empty-last", empty_last, [], "--resume", "last.pt is damaged"),
@@ -295,6 +343,61 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_released(run_copy, tiny_
     assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
 
 
+def test_a_lock_naming_this_very_process_is_taken_over_when_nobody_holds_it(run_copy, tiny_argv):
+    """A container's run is process 1, and so is the same job restarted after a kill: the lock the dead
+    run left names the new run's own process id, which must not pass for a live owner."""
+    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
+    assert not (run_copy / utils.LOCK_NAME).exists()
+    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_lock_held_by_another_process_refuses_a_second_run(run_copy, tiny_argv, capsys):
+    with lock_held_by_another_process(run_copy) as holder:
+        before = snapshot(run_copy)
+        line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"), 2,
+                                     "--output_dir")
+        assert f"in use by the running process {holder} " in line
+        # The probe before the model is built, and taking the lock itself, both see the holder.
+        with pytest.raises(utils.DirectoryInUseError, match=f"running process {holder} "):
+            utils.OutputLock(str(run_copy)).acquire()
+        assert snapshot(run_copy) == before
+    assert utils.live_lock_owner(str(run_copy)) is None  # the holder ended: its lock went with it
+
+
+FORK_AND_DIE_PROGRAM = """
+import os, sys, time
+import utils
+utils.OutputLock(sys.argv[1]).acquire()
+worker = os.fork()
+if worker == 0:  # a data-loading worker that outlives its killed run
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    time.sleep(60)
+    os._exit(0)
+print(worker, flush=True)
+os._exit(0)  # killed: the lock is never released
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_worker_outliving_its_run_does_not_hold_the_lock(tmp_path):
+    dying = subprocess.run([sys.executable, "-c", FORK_AND_DIE_PROGRAM, str(tmp_path)], cwd=REPO, timeout=60,
+                           stdout=subprocess.PIPE, text=True)
+    worker = int(dying.stdout)
+    try:
+        assert (tmp_path / utils.LOCK_NAME).exists() and utils.live_lock_owner(str(tmp_path)) is None
+        lock = utils.OutputLock(str(tmp_path))
+        lock.acquire()
+        assert (tmp_path / utils.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        lock.release()
+        assert not (tmp_path / utils.LOCK_NAME).exists()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
     (run_copy / "test_results.txt").write_text("of the earlier run\n")
     (run_copy / "notes.md").write_text("the user's own file\n")
@@ -304,7 +407,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
 
 
 def test_test_only_works_on_a_finished_run_and_beside_a_live_one(run_copy, tiny_argv):
-    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    hold_lock(run_copy)
     before = snapshot(run_copy)
     vit_main.main(tiny_argv(run_copy, "--test_only"))
     after = snapshot(run_copy)
