@@ -257,7 +257,7 @@ def model_weights(checkpoint: Dict) -> Dict:
 # ---------------------------------------------------------------------------------------------
 
 LOCK_NAME = ".lock"
-# Files that show a directory holds a training run (even one stopped before its first epoch ended).
+# Files that show a directory holds a training run: the checkpoints, and the logs once they hold an epoch.
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
 OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results.txt")
@@ -409,7 +409,22 @@ def _remove_if_present(path: str) -> None:
 
 
 def earlier_run_files(output_dir: str) -> List[str]:
-    return [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    """The files that show ``output_dir`` holds a run: a checkpoint, or a log with at least one epoch.
+    Logs without one (what a run stopped before its first epoch ended leaves) hold nothing to lose."""
+    return [name for name in RUN_FILES if _holds_run_output(os.path.join(output_dir, name))]
+
+
+def _holds_run_output(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    if path.endswith(".pt"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read(4096).splitlines()
+    except OSError:
+        return True  # unreadable: it may hold anything
+    return len(lines) > (1 if path.endswith(".csv") else 0)  # metrics.csv starts with its header
 
 
 def remove_earlier_run(output_dir: str) -> None:

@@ -580,6 +580,24 @@ def test_sigterm_during_set_up_ends_at_the_first_step(tmp_path, tiny_argv, capsy
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the program's handler is gone again
 
 
+def test_a_run_stopped_before_its_first_epoch_does_not_refuse_the_same_command(tmp_path, tiny_argv, capsys):
+    """A SIGTERM just after the lock is taken leaves args.txt, model.txt and logs without an epoch: no
+    run's results, so the same command starts afresh instead of being refused as an earlier run."""
+    argv = tiny_argv(tmp_path, "--num_epochs", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        write_args = utils.RunOutputs.write_args
+
+        def then_terminated(self, arguments):  # the first file the run writes
+            write_args(self, arguments)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        patch.setattr(utils.RunOutputs, "write_args", then_terminated)
+        expect_one_line_error(capsys, argv, 143, "stopped by SIGTERM")
+    assert {"args.txt", "metrics.csv", "train_eval_results.txt"} <= set(os.listdir(tmp_path))
+    vit_main.main(argv)
+    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     flags = ["--num_epochs", "3", "--augment", "--layer", "ConvNNAttention", "--K", "4"]
