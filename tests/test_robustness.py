@@ -4,6 +4,8 @@ and never costs more than the epoch in progress."""
 
 import contextlib
 import csv
+import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -495,6 +497,45 @@ def test_full_disk_keeps_the_earlier_checkpoint(run_copy, tiny_argv, capsys, mon
     assert "last.pt" in line and "--resume auto" in line
     assert snapshot(run_copy)["last.pt"] == before["last.pt"]
     assert not [name for name in os.listdir(run_copy) if name.startswith(".")]
+
+
+def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(tmp_path, tiny_argv, capsys,
+                                                                                 monkeypatch):
+    """last.pt is written before best.pt: a disk filling up in between leaves last.pt holding the best
+    epoch and no best.pt of it. Resumed, the run writes best.pt from that state at once, since a later
+    epoch that does not improve would never write it."""
+    save_checkpoint = utils.save_checkpoint
+
+    def best_pt_fails(path, state):
+        if os.path.basename(path) == "best.pt":
+            raise utils.OutputWriteError(path, OSError(errno.ENOSPC, "No space left on device"))
+        save_checkpoint(path, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "save_checkpoint", best_pt_fails)
+        line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 1, "--output_dir: cannot write")
+    assert "best.pt: No space left on device" in line and not (tmp_path / "best.pt").exists()
+    best_epoch = utils.load_checkpoint(tmp_path / "last.pt")
+
+    evaluate = train_eval.Trainer.evaluate
+
+    def later_epochs_do_not_improve(self, loader, description="test"):
+        result = evaluate(self, loader, description)
+        return result if description.startswith("epoch 1 ") else dataclasses.replace(result, top1=0.0)
+
+    monkeypatch.setattr(train_eval.Trainer, "evaluate", later_epochs_do_not_improve)
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
+    best = utils.load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == best["best_epoch"] == 1 and best["history"] == best_epoch["history"]
+    for name, weights in best_epoch["model"].items():
+        assert torch.equal(best["model"][name], weights), name
+    assert utils.load_checkpoint(tmp_path / "last.pt")["best_epoch"] == 1
+
+    # Resumed after a later epoch, the best epoch's state is gone: said, not hidden.
+    (tmp_path / "best.pt").unlink()
+    capsys.readouterr()
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--resume", "auto"))
+    assert "best.pt does not hold the best epoch 1 of the resumed run" in capsys.readouterr().err
 
 
 def test_checkpoint_write_that_dies_half_way_leaves_the_old_file(tmp_path):
