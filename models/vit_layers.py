@@ -254,7 +254,7 @@ class MultiHeadConvNNAttention(nn.Module):
         values, picked = torch.topk(similarity, self.K - 1, dim=-1, largest=largest)
         self_index = tokens.view(1, seq_len, 1).expand(batch, seq_len, 1)
         neighbours = torch.cat([self_index, candidates[picked]], dim=-1)
-        values = torch.cat([torch.ones_like(values[..., :1]), values], dim=-1)
+        values = torch.cat([values.new_ones(batch, seq_len, 1), values], dim=-1)  # values is empty when K = 1
         return neighbours, values
 
     def _select_by_position(self, seq_len: int, candidates: Optional[Tensor], device) -> Tensor:
