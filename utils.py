@@ -42,6 +42,10 @@ def str2bool(value) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# numpy takes seeds in [0, 2**32 - 1].
+SEED_MAX = 2**32 - 1
+
+
 def seed_everything(seed: int) -> None:
     """Seeds every generator the run draws from (python, numpy, torch on all devices)."""
     random.seed(seed)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dataset
+import distributed
 import train_eval
 import utils
 import vit_main
@@ -304,6 +305,20 @@ CASES = [
     ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
+    ("batch-beyond-64-bit", no_setup, ["--batch_size", 2**63], "--batch_size", f"at most {2**63 - 1}"),
+    ("window-beyond-64-bit", no_setup, ["--local_window", -2**63 - 1], "--local_window", "64-bit integer"),
+    ("seed-negative", no_setup, ["--seed", "-1"], "--seed", "between 0 and 4294967295"),
+    ("seed-beyond-numpy", no_setup, ["--seed", 2**32], "--seed", "between 0 and 4294967295"),
+    *[(f"{name}-{value}", no_setup, [f"--{name}", value, *more], f"--{name}", f"must be a finite number, got {value}")
+      for name, value, more in [("lr", "nan", []), ("lr", "inf", []), ("weight_decay", "nan", []),
+                                ("clip_grad_norm", "nan", []), ("clip_grad_norm", "inf", []), ("momentum", "nan", []),
+                                ("dropout", "nan", []), ("attention_dropout", "nan", []),
+                                ("lr_gamma", "nan", ["--scheduler", "step"]), ("lr_gamma", "inf", []),
+                                ("branch_ratio", "nan", ["--layer", "BranchConv"])]],
+    ("branch-ratio-no-convnn-channel", no_setup, ["--layer", "BranchAttention", "--branch_ratio", "0.02"],
+     "--branch_ratio", "gives the ConvNN branch 0 of the 32 channels"),
+    ("kernel-beyond-sequence", no_setup, ["--layer", "Conv1d", "--kernel_size", "34"], "--kernel_size", "at most 33"),
+    ("kernel-branch", no_setup, ["--layer", "BranchConv", "--kernel_size", 2**40], "--kernel_size", "at most 33"),
 ]
 if "cuda" not in utils.available_devices():
     CASES.append(("no-cuda", no_setup, ["--device", "cuda"], "--device", "available: cpu"))
@@ -317,6 +332,19 @@ def test_bad_input_is_one_line_and_loses_nothing(setup, flags, flag, text, run_c
     line = expect_one_line_error(capsys, tiny_argv(run_copy, *flags, *extra), 2, flag)
     assert text in line
     assert snapshot(run_copy) == before
+
+
+def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch):
+    """Ranks other than 0 reseed from --seed plus an offset, which must stay within numpy's seed range."""
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    generators = utils.capture_rng_state()
+    try:
+        distributed.decorrelate_ranks(utils.SEED_MAX, 7)
+        first = torch.rand(4)
+        distributed.decorrelate_ranks(utils.SEED_MAX, 8)
+        assert not torch.equal(first, torch.rand(4))  # a new stream per resumed epoch, as with small seeds
+    finally:
+        utils.restore_rng_state(generators)
 
 
 def test_the_table_holds_at_least_30_cases():
