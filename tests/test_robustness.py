@@ -347,6 +347,13 @@ def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch)
         utils.restore_rng_state(generators)
 
 
+@pytest.mark.parametrize("sampling", [["random", "--num_samples", "4"], ["spatial", "--num_samples", "2"]])
+def test_K_1_with_sampled_candidates_trains(sampling, tmp_path, tiny_argv):
+    """Once a traceback in a reshape after the checks had passed; K = 1 is the token alone."""
+    vit_main.main(tiny_argv(tmp_path, *CONVNN, "--K", "1", "--sampling_type", *sampling, "--num_epochs", "1"))
+    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
 def test_the_table_holds_at_least_30_cases():
     assert len(CASES) >= 30
 
