@@ -77,7 +77,8 @@ def decorrelate_ranks(seed: int, start_epoch: int) -> None:
     than 0 reseed their generators, so that their dropout masks and random neighbour sampling differ
     from rank 0's instead of repeating them. Rank 0 keeps its stream, which the checkpoints save."""
     if rank() > 0:
-        utils.seed_everything(seed + 1_000_003 * rank() + start_epoch)
+        # Wrapped into numpy's seed range, which --seed itself fills.
+        utils.seed_everything((seed + 1_000_003 * rank() + start_epoch) % (utils.SEED_MAX + 1))
 
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -404,6 +404,8 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     writes_outputs = distributed.is_main_process()
     if writes_outputs:
         outputs.start_logs(history)
+        if history:
+            _complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments)
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
@@ -448,10 +450,9 @@ def _report(line: str, show_progress: bool) -> None:
         print(line, flush=True)
 
 
-def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
-                      run_arguments: Dict) -> None:
+def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict) -> Dict:
     best = utils.best_record(history)
-    state = {
+    return {
         **trainer.state_dict(),
         "epoch": epoch,
         "rng": utils.capture_rng_state(),
@@ -460,9 +461,37 @@ def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, h
         "history": history,
         "args": run_arguments,
     }
+
+
+def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
+                      run_arguments: Dict) -> None:
+    state = _checkpoint_state(trainer, epoch, history, run_arguments)
     utils.save_checkpoint(outputs.path("last.pt"), state)
-    if best["epoch"] == epoch:
+    if state["best_epoch"] == epoch:
         utils.save_checkpoint(outputs.path("best.pt"), state)
+
+
+def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
+                              run_arguments: Dict) -> None:
+    """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
+
+    A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
+    epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
+    just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
+    says so, and ``best.pt`` is replaced when an epoch improves on it."""
+    best_epoch = utils.best_record(history)["epoch"]
+    best_history = [record for record in history if record["epoch"] <= best_epoch]
+    path = outputs.path("best.pt")
+    try:
+        if os.path.isfile(path) and utils.load_checkpoint(path).get("history") == best_history:
+            return
+    except utils.CheckpointError:
+        pass  # damaged: replaced below when possible
+    if best_epoch == epoch:
+        utils.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments))
+    else:
+        print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
+              "it is replaced when an epoch improves on it", file=sys.stderr)
 
 
 def show_progress_bars() -> bool:

@@ -3,11 +3,12 @@
 import argparse
 import csv
 import errno
+import fcntl  # Linux and macOS: the output lock is a flock
 import io
 import os
 import random
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 import torch
@@ -39,6 +40,10 @@ def str2bool(value) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Randomness
 # ---------------------------------------------------------------------------------------------
+
+
+# numpy takes seeds in [0, 2**32 - 1].
+SEED_MAX = 2**32 - 1
 
 
 def seed_everything(seed: int) -> None:
@@ -256,58 +261,120 @@ def model_weights(checkpoint: Dict) -> Dict:
 # ---------------------------------------------------------------------------------------------
 
 LOCK_NAME = ".lock"
-# Files that show a directory holds a training run (even one stopped before its first epoch ended).
+# Files that show a directory holds a training run: the checkpoints, and the logs once they hold an epoch.
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
 OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results.txt")
 
 
-class DirectoryInUseError(RuntimeError):
+class LockFileError(RuntimeError):
+    """The output directory's lock cannot be taken; the message is one line naming the lock file."""
+
+
+class DirectoryInUseError(LockFileError):
     """Another live run holds the output directory's lock."""
 
 
 class OutputLock:
-    """``<output_dir>/.lock`` holding the process id of the run that writes there.
+    """``<output_dir>/.lock``, held with ``flock`` for the life of the run that writes there.
 
-    A lock whose process is gone (a killed run) is taken over. Two runs starting within the same few
-    microseconds (one taking over a stale lock, or reading a lock just created but not yet written)
-    could both proceed; that window is accepted here. A reused process id makes a stale lock look live:
-    the message names the process, so its owner can check and remove the lock."""
+    The kernel releases a ``flock`` when its process ends, however it ends, so a lock file that no
+    process holds is what a killed run left, and it is taken over. Nothing depends on the process id,
+    which the file keeps only to name the owner in messages: a restarted container whose run is again
+    process 1 is not mistaken for the dead run that was process 1 before it.
+
+    On NFS the lock spans hosts when the mount passes locks to the server (Linux's default); a mount with
+    ``nolock`` or ``local_lock=flock`` guards each host separately, which is accepted here. Processes
+    forked while the lock is held (data-loading workers) close their copy of it, so that a worker
+    outliving a killed run does not keep its directory locked."""
+
+    # Each try that finds the file removed by a run ending meanwhile starts over with the new file.
+    _TRIES = 3
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_NAME)
-        self.held = False
+        self._file: Optional[io.FileIO] = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
     def acquire(self) -> None:
-        for _ in range(2):  # a second try after removing a stale lock
+        for _ in range(self._TRIES):
+            handle = self._open()
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
-            except FileExistsError:
-                owner = live_lock_owner(os.path.dirname(self.path))
-                if owner is not None:
-                    raise DirectoryInUseError(in_use_message(self.path, owner)) from None
-                _remove_if_present(self.path)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
-            self.held = True
-            return
-        raise DirectoryInUseError(f"could not take the lock file {self.path}; remove it if no run uses the directory")
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _pid_in(handle)
+                handle.close()
+                raise DirectoryInUseError(in_use_message(self.path, owner)) from None
+            except OSError as error:
+                handle.close()
+                raise LockFileError(f"cannot lock {self.path}: {error.strerror or error}") from None
+            if _is_same_file(handle, self.path):
+                handle.truncate(0)
+                handle.write(f"{os.getpid()}\n".encode())
+                self._file = handle
+                _HELD_LOCK_FILES.add(handle)
+                return
+            handle.close()  # removed by a run that ended meanwhile: lock the file now there instead
+        raise LockFileError(f"could not take the lock file {self.path}; remove it if no run uses the directory")
+
+    def _open(self) -> io.FileIO:
+        try:
+            return io.FileIO(self.path, "a+")
+        except IsADirectoryError:
+            raise LockFileError(f"{self.path} is a directory, not a lock file; remove it "
+                                "or choose another --output_dir") from None
+        except OSError as error:
+            raise LockFileError(f"cannot open the lock file {self.path}: {error.strerror or error}") from None
 
     def release(self) -> None:
-        if self.held and _lock_owner(self.path) == os.getpid():
+        if self._file is None:
+            return
+        # Removed while still locked, and only when it is still this run's file, so that no other run can
+        # hold the file being removed, nor lose a lock file it created after the user removed this one.
+        if _is_same_file(self._file, self.path):
             _remove_if_present(self.path)
-        self.held = False
+        _HELD_LOCK_FILES.discard(self._file)
+        self._file.close()
+        self._file = None
+
+
+# Lock files held by this process. A forked child closes its copies (the parent's lock stays, as a flock
+# belongs to the open file, not the process) and does not unlock them, which would unlock the parent's.
+_HELD_LOCK_FILES: Set[io.FileIO] = set()
+
+
+def _close_inherited_locks() -> None:
+    for handle in _HELD_LOCK_FILES:
+        handle.close()
+    _HELD_LOCK_FILES.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def live_lock_owner(output_dir: str) -> Optional[int]:
-    """Process id of the live run holding ``output_dir``'s lock, or None when there is none or it died."""
-    owner = _lock_owner(os.path.join(output_dir, LOCK_NAME))
-    return owner if owner is not None and _process_alive(owner) else None
+    """Process id of the live run holding ``output_dir``'s lock (0 when it has not written it yet),
+    or None when no process holds the lock. Probes with a shared lock taken and dropped at once."""
+    try:
+        handle = io.FileIO(os.path.join(output_dir, LOCK_NAME), "r")
+    except OSError:
+        return None  # absent, or not a readable file: taking the lock reports what is wrong with it
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _pid_in(handle)
+        except OSError:
+            return None
+        return None  # closing the file drops the shared lock
 
 
 def in_use_message(lock_path: str, owner: int) -> str:
-    return (f"{os.path.dirname(lock_path)} is in use by the running process {owner} (lock file {lock_path}); "
+    process = f"the running process {owner}" if owner else "a running process"
+    return (f"{os.path.dirname(lock_path)} is in use by {process} (lock file {lock_path}); "
             "wait for it to end or choose another --output_dir")
 
 
@@ -320,23 +387,22 @@ def remove_stale_temporaries(output_dir: str) -> None:
             _remove_if_present(entry.path)
 
 
-def _lock_owner(path: str) -> Optional[int]:
+def _pid_in(handle: io.FileIO) -> int:
+    """The process id written in a lock file, or 0 when it is not (yet) there."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            pid = int(handle.read().strip())
-        return pid if pid > 0 else None
+        text = os.pread(handle.fileno(), 32, 0).decode("ascii").strip()
+        return max(int(text), 0)
     except (OSError, ValueError):
-        return None  # vanished, unreadable or half-written: nobody can be holding it
+        return 0
 
 
-def _process_alive(pid: int) -> bool:
+def _is_same_file(handle: io.FileIO, path: str) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        found = os.stat(path)
+    except OSError:
         return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
+    opened = os.fstat(handle.fileno())
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _remove_if_present(path: str) -> None:
@@ -347,7 +413,22 @@ def _remove_if_present(path: str) -> None:
 
 
 def earlier_run_files(output_dir: str) -> List[str]:
-    return [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    """The files that show ``output_dir`` holds a run: a checkpoint, or a log with at least one epoch.
+    Logs without one (what a run stopped before its first epoch ended leaves) hold nothing to lose."""
+    return [name for name in RUN_FILES if _holds_run_output(os.path.join(output_dir, name))]
+
+
+def _holds_run_output(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    if path.endswith(".pt"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read(4096).splitlines()
+    except OSError:
+        return True  # unreadable: it may hold anything
+    return len(lines) > (1 if path.endswith(".csv") else 0)  # metrics.csv starts with its header
 
 
 def remove_earlier_run(output_dir: str) -> None:

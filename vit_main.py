@@ -7,6 +7,7 @@ data is checked first, and each problem ends the program with one line naming th
 
 import argparse
 import contextlib
+import math
 import os
 import pickle
 import sys
@@ -26,6 +27,8 @@ COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
 CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
 # What a training checkpoint (last.pt, best.pt) holds beyond a bare state dict; --resume needs all of it.
 TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng")
+# Integer flags must fit the 64-bit sizes of torch and Python's slicing.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Exit code of faults found while running (bad input found before is 2; signals give 128 + their number).
 RUNTIME_FAULT = 1
 
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def argument_problems(args: argparse.Namespace) -> List[str]:
     """Every value or combination that cannot work, as one-line messages starting with the flag."""
-    problems = []
+    problems = _number_problems(args)
     at_least_one = ["num_epochs", "batch_size", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp"]
     problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in at_least_one
                  if getattr(args, name) < 1]
@@ -156,6 +159,22 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     device_problem = utils.device_problem(args.device)
     if device_problem:
         problems.append(f"--device: {device_problem}")
+    return problems
+
+
+def _number_problems(args: argparse.Namespace) -> List[str]:
+    """Numbers no flag can mean: NaN or infinity (NaN passes every comparison, so a range check lets it
+    through to the optimiser, or makes --clip_grad_norm nan mean "off"), integers that overflow the 64-bit
+    sizes of torch and Python's slicing, and seeds outside numpy's range."""
+    problems = []
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{name}: must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            bound = f"at most {INT64_MAX}" if value > 0 else f"at least {INT64_MIN}"
+            problems.append(f"--{name}: {value} does not fit a 64-bit integer; must be {bound}")
+    if not 0 <= args.seed <= utils.SEED_MAX:
+        problems.append(f"--seed: must be between 0 and {utils.SEED_MAX} (the seeds numpy takes), got {args.seed}")
     return problems
 
 
@@ -301,7 +320,7 @@ def output_directory_claimed(parser: argparse.ArgumentParser, output_dir: str):
     lock = utils.OutputLock(output_dir)
     try:
         lock.acquire()
-    except utils.DirectoryInUseError as error:
+    except utils.LockFileError as error:
         parser.error(f"--output_dir: {error}")
     try:
         utils.remove_stale_temporaries(output_dir)

@@ -254,7 +254,7 @@ class MultiHeadConvNNAttention(nn.Module):
         values, picked = torch.topk(similarity, self.K - 1, dim=-1, largest=largest)
         self_index = tokens.view(1, seq_len, 1).expand(batch, seq_len, 1)
         neighbours = torch.cat([self_index, candidates[picked]], dim=-1)
-        values = torch.cat([torch.ones_like(values[..., :1]), values], dim=-1)
+        values = torch.cat([values.new_ones(batch, seq_len, 1), values], dim=-1)  # values is empty when K = 1
         return neighbours, values
 
     def _select_by_position(self, seq_len: int, candidates: Optional[Tensor], device) -> Tensor:
@@ -420,11 +420,19 @@ class MultiHeadSparseAttention(nn.Module):
 class MultiHeadConv1dAttention(nn.Module):
     """A 1-D convolution along the token sequence, one kernel shared by all heads (SPEC 2.8)."""
 
-    def __init__(self, d_hidden: int, num_heads: int, kernel_size: int = 9):
+    def __init__(self, d_hidden: int, num_heads: int, kernel_size: int = 9, num_tokens: Optional[int] = None):
         super().__init__()
         _check_heads(d_hidden, num_heads)
         if kernel_size < 1:
             raise ValueError(f"--kernel_size: must be >= 1, got {kernel_size}")
+        # With padding "same", the taps reach (kernel_size - 1) / 2 tokens to each side (one more to the
+        # right for an even kernel). Beyond 2N - 1 a tap never meets a token: weights that never train,
+        # and a function equal to the (2N - 1)-kernel's, so such sizes are refused.
+        if num_tokens is not None and kernel_size > 2 * num_tokens - 1:
+            raise ValueError(
+                f"--kernel_size: {kernel_size} reaches beyond the {num_tokens} tokens (padding 'same'); use at most "
+                f"{2 * num_tokens - 1}, where every token already sees the whole sequence"
+            )
         self.num_heads = num_heads
         head_width = d_hidden // num_heads
         self.W_x = nn.Linear(d_hidden, d_hidden)
@@ -449,6 +457,14 @@ class _Branching(nn.Module):
         if not 0.0 <= branch_ratio <= 1.0:
             raise ValueError(f"--branch_ratio: must be in [0, 1], got {branch_ratio}")
         self.split = int(branch_ratio * d_hidden)
+        if self.split == 0 and branch_ratio > 0:
+            # Only 0 itself may mean "the other branch alone"; a small ratio rounding down to it would
+            # silently drop the ConvNN branch the user asked for.
+            raise ValueError(
+                f"--branch_ratio: {branch_ratio} gives the ConvNN branch 0 of the {d_hidden} channels "
+                f"(int(ratio x --d_hidden)); use at least {math.ceil(10_000 / d_hidden) / 10_000}, "
+                f"or 0 for the {self.other_name} branch alone"
+            )
         if self.split > 0:
             self.convnn = MultiHeadConvNNAttention(d_hidden=self.split, **convnn_options)
         if self.split < d_hidden:
@@ -483,7 +499,7 @@ class MultiHeadBranchingConv(_Branching):
                  **convnn_options):
         def build_conv1d(width):
             _branch_heads(width, num_heads)
-            return MultiHeadConv1dAttention(width, num_heads, kernel_size)
+            return MultiHeadConv1dAttention(width, num_heads, kernel_size, convnn_options.get("num_tokens"))
 
         super().__init__(d_hidden, branch_ratio, dict(convnn_options, num_heads=num_heads), build_conv1d)
 

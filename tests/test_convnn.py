@@ -89,6 +89,22 @@ def test_matches_reference_for_extreme_K(K):
     compare_with_reference(make_layer(K=K, convolution_type="standard"))
 
 
+@pytest.mark.parametrize("sampling_type", ["random", "spatial"])
+@pytest.mark.parametrize("magnitude_type", ["matmul", "euclidean"])
+@pytest.mark.parametrize("softmax_topk_val", [True, False])
+def test_K_1_in_sampled_modes_is_the_token_alone(sampling_type, magnitude_type, softmax_topk_val):
+    """Slot 0 of a sampled mode is the token itself (SPEC 2.2 step 4), so with K = 1 no candidate is taken
+    and each token's output is the convolution's one slot applied to its own value, weighted as its
+    constant similarity 1.0 gives."""
+    layer = make_layer(sampling_type=sampling_type, K=1, magnitude_type=magnitude_type,
+                       softmax_topk_val=softmax_topk_val, convolution_type="standard")
+    compare_with_reference(layer)
+    x = torch.randn(2, SEQ_LEN, WIDTH, dtype=torch.float64)
+    weight = 1.0 if softmax_topk_val else (1.0 / (1.0 + 1e-8) if magnitude_type == "euclidean" else 1.0)
+    expected = (weight * x @ layer.W_v.weight.t() @ layer.conv.weight[:, :, 0].t()) @ layer.W_o.weight.t()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
 def test_coordinate_encoding_is_loc_col_similarity_and_aggregation():
     encoded = make_layer(coordinate_encoding=True, convolution_type="standard")
     spelled_out = make_layer(similarity_type="Loc_Col", aggregation_type="Loc_Col", convolution_type="standard")

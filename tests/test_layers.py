@@ -137,6 +137,22 @@ def test_conv1d_is_one_shared_convolution_per_head():
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("seq_len", [5, 6])
+def test_conv1d_kernel_up_to_2n_minus_1_has_no_dead_tap_and_beyond_is_refused(seq_len):
+    """With padding "same", a kernel of 2N - 1 lets every token see the whole sequence and every tap meets
+    some token; a longer one only adds taps that never meet a token."""
+    longest = 2 * seq_len - 1
+    for kernel_size in (longest - 1, longest):
+        layer = MultiHeadConv1dAttention(WIDTH, HEADS, kernel_size=kernel_size, num_tokens=seq_len).double()
+        layer(inputs(seq_len=seq_len)).sum().backward()
+        assert (layer.conv.weight.grad.abs().sum(dim=(0, 1)) > 0).all(), kernel_size
+    with pytest.raises(ValueError, match=f"^--kernel_size: {longest + 1} .* use at most {longest},"):
+        MultiHeadConv1dAttention(WIDTH, HEADS, kernel_size=longest + 1, num_tokens=seq_len)
+    unchecked = MultiHeadConv1dAttention(WIDTH, HEADS, kernel_size=longest + 1).double()
+    unchecked(inputs(seq_len=seq_len)).sum().backward()
+    assert (unchecked.conv.weight.grad.abs().sum(dim=(0, 1)) == 0).any()  # the refused size has a dead tap
+
+
 def convnn_options():
     return dict(attention_dropout=0.0, K=3, sampling_type="all", num_samples=-1, sample_padding=0,
                 magnitude_type="matmul", coordinate_encoding=False, convolution_type="standard",
@@ -221,6 +237,9 @@ def test_every_layer_is_deterministic_in_evaluation_and_independent_of_batch(seq
     (lambda: MultiHeadSparseAttention(12, 3, sparse_mode="diagonal"), "--sparse_mode"),
     (lambda: MultiHeadBranchingAttention(12, 4, branch_ratio=0.5, num_tokens=10, K=3), "--branch_ratio"),
     (lambda: MultiHeadBranchingConv(12, 3, branch_ratio=1.5, num_tokens=10, K=3), "--branch_ratio"),
+    (lambda: MultiHeadBranchingConv(12, 3, branch_ratio=0.05, num_tokens=10, K=3), "--branch_ratio"),
+    (lambda: MultiHeadBranchingConv(12, 3, branch_ratio=0.5, kernel_size=20, num_tokens=10, K=3), "--kernel_size"),
+    (lambda: MultiHeadConv1dAttention(12, 3, kernel_size=20, num_tokens=10), "--kernel_size"),
 ])
 def test_constraints_raise_value_error_naming_the_flag(build, flag):
     with pytest.raises(ValueError, match="^" + flag + ":"):

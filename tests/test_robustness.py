@@ -2,7 +2,10 @@
 (2 for bad input, 1 for runtime faults, 128 + the signal for SIGINT / SIGTERM), never with a traceback,
 and never costs more than the epoch in progress."""
 
+import contextlib
 import csv
+import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 import dataset
+import distributed
 import train_eval
 import utils
 import vit_main
@@ -67,6 +71,47 @@ def expect_one_line_error(capsys, argv, code, starts_with):
     message = last.split(": error: ", 1)[-1] if ": error: " in last else last.split(": ", 1)[-1]
     assert message.startswith(starts_with), last
     return last
+
+
+# Locks taken by the table's setups; each is released after its test.
+HELD_LOCKS = []
+
+
+@pytest.fixture(autouse=True)
+def release_held_locks():
+    yield
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
+
+
+def hold_lock(directory):
+    """Takes ``directory``'s lock in this process, as a live run would, until the test ends."""
+    lock = utils.OutputLock(str(directory))
+    lock.acquire()
+    HELD_LOCKS.append(lock)
+
+
+HOLD_LOCK_PROGRAM = """
+import sys
+import utils
+utils.OutputLock(sys.argv[1]).acquire()
+print("held", flush=True)
+sys.stdin.read()  # until the test closes the pipe
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory):
+    """Yields the process id of a live process holding ``directory``'s lock."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_PROGRAM, str(directory)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        holder.stdout.close()
 
 
 def truncate(path):
@@ -169,7 +214,12 @@ def bare_weights_resume(run_dir, tmp_path, monkeypatch):
 
 
 def live_lock(run_dir, tmp_path, monkeypatch):
-    (run_dir / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")  # this very process: certainly alive
+    hold_lock(run_dir)
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def lock_directory(run_dir, tmp_path, monkeypatch):
+    (run_dir / utils.LOCK_NAME).mkdir()
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
@@ -277,6 +327,7 @@ CASES = [
     ("overwrite-test-only", no_setup, ["--overwrite", "--test_only"], "--overwrite", "--test_only"),
     ("earlier-run", no_setup, [], "--output_dir", "--overwrite"),
     ("live-lock", live_lock, [], "--output_dir", f"running process {os.getpid()}"),
+    ("lock-directory", lock_directory, [], "--output_dir", ".lock is a directory, not a lock file"),
     ("unwritable-output", blocked_output_dir, [], "--output_dir", "cannot write"),
     ("truncated-last", truncated_last, [], "--resume", "last.pt is damaged"),
     ("empty-last", empty_last, [], "--resume", "last.pt is damaged"),
@@ -306,6 +357,20 @@ CASES = [
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
     ("synthetic-too-large", huge_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "100000000,1 is 100000001 images"),
+    ("batch-beyond-64-bit", no_setup, ["--batch_size", 2**63], "--batch_size", f"at most {2**63 - 1}"),
+    ("window-beyond-64-bit", no_setup, ["--local_window", -2**63 - 1], "--local_window", "64-bit integer"),
+    ("seed-negative", no_setup, ["--seed", "-1"], "--seed", "between 0 and 4294967295"),
+    ("seed-beyond-numpy", no_setup, ["--seed", 2**32], "--seed", "between 0 and 4294967295"),
+    *[(f"{name}-{value}", no_setup, [f"--{name}", value, *more], f"--{name}", f"must be a finite number, got {value}")
+      for name, value, more in [("lr", "nan", []), ("lr", "inf", []), ("weight_decay", "nan", []),
+                                ("clip_grad_norm", "nan", []), ("clip_grad_norm", "inf", []), ("momentum", "nan", []),
+                                ("dropout", "nan", []), ("attention_dropout", "nan", []),
+                                ("lr_gamma", "nan", ["--scheduler", "step"]), ("lr_gamma", "inf", []),
+                                ("branch_ratio", "nan", ["--layer", "BranchConv"])]],
+    ("branch-ratio-no-convnn-channel", no_setup, ["--layer", "BranchAttention", "--branch_ratio", "0.02"],
+     "--branch_ratio", "gives the ConvNN branch 0 of the 32 channels"),
+    ("kernel-beyond-sequence", no_setup, ["--layer", "Conv1d", "--kernel_size", "34"], "--kernel_size", "at most 33"),
+    ("kernel-branch", no_setup, ["--layer", "BranchConv", "--kernel_size", 2**40], "--kernel_size", "at most 33"),
 ]
 # Data faults found before the run writes anything (args.txt, model.txt) into its fresh output directory.
 FOUND_BEFORE_ANY_OUTPUT = ["missing-image-folder", "no-class-folders", "val-lacks-a-class", "val-has-an-extra-class",
@@ -371,6 +436,26 @@ def test_test_only_needs_no_train_folder_and_its_classes_must_fit_the_checkpoint
     expect_one_line_error(capsys, tiny_argv(tmp_path / "run", *flags, "--test_only"), 2, "--checkpoint")
 
 
+def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch):
+    """Ranks other than 0 reseed from --seed plus an offset, which must stay within numpy's seed range."""
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    generators = utils.capture_rng_state()
+    try:
+        distributed.decorrelate_ranks(utils.SEED_MAX, 7)
+        first = torch.rand(4)
+        distributed.decorrelate_ranks(utils.SEED_MAX, 8)
+        assert not torch.equal(first, torch.rand(4))  # a new stream per resumed epoch, as with small seeds
+    finally:
+        utils.restore_rng_state(generators)
+
+
+@pytest.mark.parametrize("sampling", [["random", "--num_samples", "4"], ["spatial", "--num_samples", "2"]])
+def test_K_1_with_sampled_candidates_trains(sampling, tmp_path, tiny_argv):
+    """Once a traceback in a reshape after the checks had passed; K = 1 is the token alone."""
+    vit_main.main(tiny_argv(tmp_path, *CONVNN, "--K", "1", "--sampling_type", *sampling, "--num_epochs", "1"))
+    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
 def test_the_table_holds_at_least_30_cases():
     assert len(CASES) >= 30
 
@@ -397,6 +482,61 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_released(run_copy, tiny_
     assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
 
 
+def test_a_lock_naming_this_very_process_is_taken_over_when_nobody_holds_it(run_copy, tiny_argv):
+    """A container's run is process 1, and so is the same job restarted after a kill: the lock the dead
+    run left names the new run's own process id, which must not pass for a live owner."""
+    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
+    assert not (run_copy / utils.LOCK_NAME).exists()
+    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_lock_held_by_another_process_refuses_a_second_run(run_copy, tiny_argv, capsys):
+    with lock_held_by_another_process(run_copy) as holder:
+        before = snapshot(run_copy)
+        line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"), 2,
+                                     "--output_dir")
+        assert f"in use by the running process {holder} " in line
+        # The probe before the model is built, and taking the lock itself, both see the holder.
+        with pytest.raises(utils.DirectoryInUseError, match=f"running process {holder} "):
+            utils.OutputLock(str(run_copy)).acquire()
+        assert snapshot(run_copy) == before
+    assert utils.live_lock_owner(str(run_copy)) is None  # the holder ended: its lock went with it
+
+
+FORK_AND_DIE_PROGRAM = """
+import os, sys, time
+import utils
+utils.OutputLock(sys.argv[1]).acquire()
+worker = os.fork()
+if worker == 0:  # a data-loading worker that outlives its killed run
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    time.sleep(60)
+    os._exit(0)
+print(worker, flush=True)
+os._exit(0)  # killed: the lock is never released
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_worker_outliving_its_run_does_not_hold_the_lock(tmp_path):
+    dying = subprocess.run([sys.executable, "-c", FORK_AND_DIE_PROGRAM, str(tmp_path)], cwd=REPO, timeout=60,
+                           stdout=subprocess.PIPE, text=True)
+    worker = int(dying.stdout)
+    try:
+        assert (tmp_path / utils.LOCK_NAME).exists() and utils.live_lock_owner(str(tmp_path)) is None
+        lock = utils.OutputLock(str(tmp_path))
+        lock.acquire()
+        assert (tmp_path / utils.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        lock.release()
+        assert not (tmp_path / utils.LOCK_NAME).exists()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
     (run_copy / "test_results.txt").write_text("of the earlier run\n")
     (run_copy / "notes.md").write_text("the user's own file\n")
@@ -406,7 +546,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
 
 
 def test_test_only_works_on_a_finished_run_and_beside_a_live_one(run_copy, tiny_argv):
-    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    hold_lock(run_copy)
     before = snapshot(run_copy)
     vit_main.main(tiny_argv(run_copy, "--test_only"))
     after = snapshot(run_copy)
@@ -496,6 +636,45 @@ def test_full_disk_keeps_the_earlier_checkpoint(run_copy, tiny_argv, capsys, mon
     assert not [name for name in os.listdir(run_copy) if name.startswith(".")]
 
 
+def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(tmp_path, tiny_argv, capsys,
+                                                                                 monkeypatch):
+    """last.pt is written before best.pt: a disk filling up in between leaves last.pt holding the best
+    epoch and no best.pt of it. Resumed, the run writes best.pt from that state at once, since a later
+    epoch that does not improve would never write it."""
+    save_checkpoint = utils.save_checkpoint
+
+    def best_pt_fails(path, state):
+        if os.path.basename(path) == "best.pt":
+            raise utils.OutputWriteError(path, OSError(errno.ENOSPC, "No space left on device"))
+        save_checkpoint(path, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "save_checkpoint", best_pt_fails)
+        line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 1, "--output_dir: cannot write")
+    assert "best.pt: No space left on device" in line and not (tmp_path / "best.pt").exists()
+    best_epoch = utils.load_checkpoint(tmp_path / "last.pt")
+
+    evaluate = train_eval.Trainer.evaluate
+
+    def later_epochs_do_not_improve(self, loader, description="test"):
+        result = evaluate(self, loader, description)
+        return result if description.startswith("epoch 1 ") else dataclasses.replace(result, top1=0.0)
+
+    monkeypatch.setattr(train_eval.Trainer, "evaluate", later_epochs_do_not_improve)
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
+    best = utils.load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == best["best_epoch"] == 1 and best["history"] == best_epoch["history"]
+    for name, weights in best_epoch["model"].items():
+        assert torch.equal(best["model"][name], weights), name
+    assert utils.load_checkpoint(tmp_path / "last.pt")["best_epoch"] == 1
+
+    # Resumed after a later epoch, the best epoch's state is gone: said, not hidden.
+    (tmp_path / "best.pt").unlink()
+    capsys.readouterr()
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--resume", "auto"))
+    assert "best.pt does not hold the best epoch 1 of the resumed run" in capsys.readouterr().err
+
+
 def test_checkpoint_write_that_dies_half_way_leaves_the_old_file(tmp_path):
     utils.save_checkpoint(str(tmp_path / "last.pt"), {"epoch": 1})
 
@@ -577,6 +756,24 @@ def test_sigterm_during_set_up_ends_at_the_first_step(tmp_path, tiny_argv, capsy
     assert "epoch 1 train, step 1/4" in line and line.endswith("no epoch was completed, so there is nothing to resume")
     assert not (tmp_path / "last.pt").exists() and not (tmp_path / utils.LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the program's handler is gone again
+
+
+def test_a_run_stopped_before_its_first_epoch_does_not_refuse_the_same_command(tmp_path, tiny_argv, capsys):
+    """A SIGTERM just after the lock is taken leaves args.txt, model.txt and logs without an epoch: no
+    run's results, so the same command starts afresh instead of being refused as an earlier run."""
+    argv = tiny_argv(tmp_path, "--num_epochs", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        write_args = utils.RunOutputs.write_args
+
+        def then_terminated(self, arguments):  # the first file the run writes
+            write_args(self, arguments)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        patch.setattr(utils.RunOutputs, "write_args", then_terminated)
+        expect_one_line_error(capsys, argv, 143, "stopped by SIGTERM")
+    assert {"args.txt", "metrics.csv", "train_eval_results.txt"} <= set(os.listdir(tmp_path))
+    vit_main.main(argv)
+    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
