@@ -2,6 +2,7 @@
 training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
 
 import csv
+import math
 import re
 import shutil
 
@@ -20,7 +21,7 @@ EPOCH_LINE = re.compile(
     rf"Top5: \d+\.\d{{4}}% \| \[Test\] Loss: (\d+\.\d{{8}}) Accuracy: Top1: (\d+\.\d{{4}})%, Top5: \d+\.\d{{4}}%$"
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
-                   "history", "args"}
+                   "history", "args", "args_changes", "processes"}
 # Columns that must repeat exactly between two runs of the same seed (timings do not).
 DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
 
@@ -339,6 +340,32 @@ def test_step_and_cosine_schedules():
         cosine.step_scheduler(test_loss=1.0)
     assert cosine.learning_rate() == pytest.approx(0.0, abs=1e-12)
     assert make_trainer(scheduler="none").scheduler is None
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_cosine_schedule_fitted_to_a_new_length_follows_its_closed_form():
+    trainer = make_trainer(scheduler="cosine", num_epochs=2)
+    for _ in range(2):
+        trainer.step_scheduler(test_loss=1.0)
+    assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)  # a finished cosine run is at rate 0
+    trainer.fit_schedule_to(num_epochs=5, completed_epochs=2)
+    rates = []
+    for _ in range(3):
+        rates.append(trainer.learning_rate())
+        trainer.step_scheduler(test_loss=1.0)
+    assert rates == pytest.approx([(1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in (2, 3, 4)], rel=1e-12)
+    assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+@pytest.mark.parametrize("scheduler", ["step", "plateau", "none"])
+def test_other_schedules_do_not_depend_on_the_length(scheduler):
+    short, long = make_trainer(scheduler=scheduler, num_epochs=3), make_trainer(scheduler=scheduler, num_epochs=30)
+    short.fit_schedule_to(num_epochs=30, completed_epochs=0)
+    for _ in range(14):
+        assert short.learning_rate() == long.learning_rate()
+        for trainer in (short, long):
+            trainer.step_scheduler(test_loss=1.0)
 
 
 def test_plateau_watches_the_test_loss():
