@@ -332,7 +332,8 @@ def test_mismatch_message_counts_and_names_a_few_parameters(run_copy, tmp_path, 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(run_copy, tiny_argv, capsys):
     before = snapshot(run_copy)
     vit_main.main(tiny_argv(run_copy, "--resume", "auto"))
-    assert capsys.readouterr().out == f"nothing to do: {run_copy} finished all 1 epochs; raise --num_epochs to train it further\n"
+    assert capsys.readouterr().out == (f"nothing to do: {run_copy} finished all 1 epochs; raise --num_epochs to "
+                                       "train it further\n")
     assert snapshot(run_copy) == before
 
 
