@@ -1,6 +1,7 @@
 """Training and evaluation: optimiser, scheduler, loss, mixed precision, compilation, the epoch loop."""
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -58,6 +59,11 @@ def build_scheduler(optimizer, *, scheduler: str, lr_step: int, lr_gamma: float,
     if scheduler == "none":
         return None
     raise ValueError(f"--scheduler: unknown scheduler {scheduler!r}")
+
+
+def cosine_rate(base_lr: float, epoch: int, num_epochs: int, eta_min: float = 0.0) -> float:
+    """Rate of ``CosineAnnealingLR(T_max=num_epochs)`` after ``epoch`` steps, in closed form."""
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / num_epochs)) / 2
 
 
 def per_sample_loss(criterion: str, num_classes: int):
@@ -380,6 +386,20 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
         }
 
+    def fit_schedule_to(self, num_epochs: int, completed_epochs: int) -> None:
+        """After a resume that changed the run's length: from epoch ``completed_epochs + 1`` on, the
+        learning rate is the one a run started with ``num_epochs`` would use at that epoch. Only the
+        cosine schedule depends on the length; step and plateau go on as they were."""
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        if self.scheduler.T_max == num_epochs:
+            return
+        self.scheduler.T_max = num_epochs
+        # Set from the closed form: the scheduler's own update scales the current rate, which a finished
+        # cosine run has brought to 0, and that would keep it at 0.
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = cosine_rate(base_lr, completed_epochs, num_epochs, self.scheduler.eta_min)
+
     def load_state_dict(self, state: Dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -396,23 +416,25 @@ class Trainer:
 
 def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: utils.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
-        history: Optional[List[Dict]] = None) -> List[Dict]:
+        history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
-    ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs."""
+    ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs.
+    ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
+    ``utils.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
     history = list(history or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
     if writes_outputs:
         outputs.start_logs(history)
         if history:
-            _complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments)
+            _complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments, list(args_changes or []))
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
             # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
-            _save_checkpoints(trainer, outputs, epoch, history, run_arguments)
+            _save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
             outputs.log_epoch(record, history)
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
@@ -450,7 +472,8 @@ def _report(line: str, show_progress: bool) -> None:
         print(line, flush=True)
 
 
-def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict) -> Dict:
+def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict,
+                      args_changes: List[Dict]) -> Dict:
     best = utils.best_record(history)
     return {
         **trainer.state_dict(),
@@ -460,19 +483,22 @@ def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arg
         "best_epoch": best["epoch"],
         "history": history,
         "args": run_arguments,
+        "args_changes": args_changes,
+        # --batch_size is per process: a resume checks the global batch against this.
+        "processes": distributed.world_size(),
     }
 
 
 def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
-                      run_arguments: Dict) -> None:
-    state = _checkpoint_state(trainer, epoch, history, run_arguments)
+                      run_arguments: Dict, args_changes: List[Dict]) -> None:
+    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
     utils.save_checkpoint(outputs.path("last.pt"), state)
     if state["best_epoch"] == epoch:
         utils.save_checkpoint(outputs.path("best.pt"), state)
 
 
 def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
-                              run_arguments: Dict) -> None:
+                              run_arguments: Dict, args_changes: List[Dict]) -> None:
     """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
 
     A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
@@ -488,7 +514,7 @@ def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch
     except utils.CheckpointError:
         pass  # damaged: replaced below when possible
     if best_epoch == epoch:
-        utils.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments))
+        utils.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
     else:
         print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
               "it is replaced when an epoch improves on it", file=sys.stderr)

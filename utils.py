@@ -264,7 +264,7 @@ LOCK_NAME = ".lock"
 # Files that show a directory holds a training run: the checkpoints, and the logs once they hold an epoch.
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
-OUTPUT_FILES = RUN_FILES + ("args.txt", "model.txt", "curves.png", "test_results.txt")
+OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt")
 
 
 class LockFileError(RuntimeError):
@@ -496,6 +496,20 @@ def best_record(history: List[Dict]) -> Dict:
     return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
 
 
+def summary_lines(history: List[Dict]) -> List[str]:
+    return [average_time_line(history), best_accuracy_line(history)]
+
+
+def results_text(history: List[Dict]) -> str:
+    return "".join(epoch_line(record) + "\n" for record in history)
+
+
+def args_change_line(change: Dict) -> str:
+    """``resumed after epoch 5 (2025-01-31T09:00:00) with num_epochs 5 -> 10, device cuda -> cpu``."""
+    values = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in change["values"].items())
+    return f"resumed after epoch {change['after_epoch']} ({change['time']}) with {values}"
+
+
 def test_line(loss: float, top1: float, top5: float) -> str:
     return f"[Test] Loss: {loss:.8f} Accuracy: Top1: {top1:.4f}%, Top5: {top5:.4f}%"
 
@@ -517,7 +531,24 @@ class RunOutputs:
         return os.path.join(self.output_dir, name)
 
     def write_args(self, arguments: Dict) -> None:
-        atomic_write_text(self.path("args.txt"), "".join(f"{name}: {value}\n" for name, value in arguments.items()))
+        self._replace_when_different("args.txt", "".join(f"{name}: {value}\n" for name, value in arguments.items()))
+
+    def write_args_changes(self, changes: List[Dict]) -> None:
+        """args_changes.txt: one line per resume that changed a flag (``args_change_line``), so that args.txt,
+        which holds the values in effect, never hides what the earlier epochs were trained with."""
+        if changes or os.path.exists(self.path("args_changes.txt")):
+            self._replace_when_different("args_changes.txt", "".join(args_change_line(change) + "\n"
+                                                                      for change in changes))
+
+    def _replace_when_different(self, name: str, text: str) -> None:
+        # A resume that changes nothing leaves the run's record as it was, down to its modification time.
+        try:
+            with open(self.path(name), encoding="utf-8") as handle:
+                if handle.read() == text:
+                    return
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write_text(self.path(name), text)
 
     def write_model_summary(self, model: nn.Module, img_size: int, device: torch.device) -> None:
         parameters = count_parameters(model)
@@ -533,7 +564,7 @@ class RunOutputs:
     def start_logs(self, history: List[Dict]) -> None:
         """Rewrites the per-epoch logs to hold exactly ``history`` (empty for a fresh run): lines
         of epochs after a resumed checkpoint, and the summary lines of a finished run, go away."""
-        atomic_write_text(self.results_path, "".join(epoch_line(record) + "\n" for record in history))
+        atomic_write_text(self.results_path, results_text(history))
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -546,8 +577,16 @@ class RunOutputs:
         write_curves(self.path("curves.png"), history)
 
     def finish(self, history: List[Dict]) -> None:
-        append_line(self.results_path, average_time_line(history))
-        append_line(self.results_path, best_accuracy_line(history))
+        for line in summary_lines(history):
+            append_line(self.results_path, line)
+
+    def hold_finished_run(self, history: List[Dict]) -> bool:
+        """Whether the results file is already that of a run finished after ``history``'s epochs."""
+        try:
+            with open(self.results_path, encoding="utf-8") as handle:
+                return handle.read() == results_text(history) + "".join(line + "\n" for line in summary_lines(history))
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def write_test_results(self, checkpoint: str, loss: float, top1: float, top5: float) -> None:
         text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"

@@ -7,11 +7,13 @@ data is checked first, and each problem ends the program with one line naming th
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import pickle
 import sys
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -31,6 +33,23 @@ TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Exit code of faults found while running (bad input found before is 2; signals give 128 + their number).
 RUNTIME_FAULT = 1
+# --checkpoint none: evaluate a freshly initialised model, which is never done unasked.
+FRESH_MODEL = "none"
+
+# The flags that build the model (the keyword arguments of ViT besides the image size and class count).
+MODEL_FLAGS = (
+    "layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp", "dropout", "attention_dropout", "K",
+    "kernel_size", "sampling_type", "num_samples", "sample_padding", "magnitude_type", "coordinate_encoding",
+    "convolution_type", "softmax_topk_val", "similarity_type", "aggregation_type", "branch_ratio", "sparse_mode",
+    "sparse_context_window", "local_window",
+)
+# What a checkpoint's weights mean: --test_only takes these from the checkpoint and refuses other values.
+EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
+# Flags of one invocation rather than settings of a run: never taken from a checkpoint.
+INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "resume", "overwrite")
+# Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
+# Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
+RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
 
 
 def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
@@ -118,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="./Output/VGG/ConvNN", help="directory of results and checkpoints")
     output.add_argument("--test_only", action="store_true", help="only evaluate the test split")
-    output.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="weights for --test_only (default: <output_dir>/best.pt when present)")
+    output.add_argument("--checkpoint", default=None, metavar="PATH|none",
+                        help="weights for --test_only (default: <output_dir>/best.pt); none = a freshly "
+                             "initialised model")
     output.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
     output.add_argument("--overwrite", action="store_true",
@@ -184,17 +204,21 @@ def _mode_problems(args: argparse.Namespace) -> List[str]:
         problems.append("--resume: cannot be combined with --test_only (use --checkpoint to choose the weights)")
     if args.checkpoint and not args.test_only:
         problems.append("--checkpoint: only used with --test_only (use --resume to continue training)")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
+    if args.checkpoint and args.checkpoint != FRESH_MODEL and not os.path.isfile(args.checkpoint):
         problems.append(f"--checkpoint: no file {args.checkpoint}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume: no file {args.resume} (use --resume auto to start fresh when absent)")
-    if args.overwrite and (args.resume or args.test_only):
-        problems.append("--overwrite: only for a fresh training run, not with --resume or --test_only")
+    if args.overwrite and args.test_only:
+        problems.append("--overwrite: only for training, not with --test_only")
+    elif args.overwrite and args.resume and continues_in_place(args):
+        problems.append("--overwrite: would remove the run that --resume continues; it only goes with a fresh run "
+                        "or a --resume PATH outside --output_dir")
     return problems
 
 
 def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
-    """A training run must not write beside a live one, nor a fresh one silently replace an earlier run."""
+    """A training run must not write beside a live one, nor silently replace an earlier run: neither a fresh
+    run nor one that continues, in this directory, a checkpoint from elsewhere."""
     if args.test_only:
         return None
     owner = utils.live_lock_owner(args.output_dir)
@@ -205,11 +229,14 @@ def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
         # Starting afresh would replace best.pt, the one checkpoint left of that run.
         return (f"--resume: {args.output_dir} has a best.pt but no last.pt; continue from it with "
                 f"--resume {best} or replace it with --overwrite")
-    if args.resume or args.overwrite:
+    if args.overwrite or (args.resume and continues_in_place(args)):
         return None
     found = utils.earlier_run_files(args.output_dir)
     if not found:
         return None
+    if args.resume:
+        return (f"--resume: {args.resume} is not in --output_dir {args.output_dir}, which holds another run "
+                f"({', '.join(found)}); continue it in another --output_dir or replace that run with --overwrite")
     return (f"--output_dir: {args.output_dir} holds an earlier run ({', '.join(found)}); "
             "continue it with --resume auto or replace it with --overwrite")
 
@@ -221,23 +248,179 @@ def resume_path(args: argparse.Namespace) -> Optional[str]:
     return args.resume
 
 
+def continues_in_place(args: argparse.Namespace) -> bool:
+    """Whether --resume continues the run of --output_dir (auto, or a checkpoint in that directory)."""
+    return args.resume == "auto" or _same_directory(os.path.dirname(os.path.abspath(args.resume)), args.output_dir)
+
+
+def _same_directory(first: str, second: str) -> bool:
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings taken from the checkpoint that is resumed or evaluated
+# ---------------------------------------------------------------------------------------------
+
+
+def given_flags(argv: Optional[List[str]]) -> Set[str]:
+    """The flags written on the command line: a flag left at its default was not given."""
+    parser = build_parser()
+    # argparse fills in a default only for a name the namespace lacks: names still holding the marker were not given.
+    unset = object()
+    namespace = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    return {name for name, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
+
+
+@dataclass
+class Resumed:
+    """The checkpoint a training run continues, and the record of the run's flags that it carries on."""
+
+    path: str
+    checkpoint: Dict
+    record: Dict  # the flags in effect, as stored in the checkpoints and written to args.txt
+    args_changes: List[Dict]  # every resume that changed a flag (utils.args_change_line), this one's last
+
+
+def resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: Set[str],
+                    path: str) -> Tuple[argparse.Namespace, Resumed]:
+    """The run's settings are the checkpoint's: a flag given with another value is refused, unless it is
+    one a resumed run may change, in which case the change is recorded. Flags not given take the stored
+    values, so ``--output_dir RUN --resume auto`` alone continues RUN as it was started."""
+    checkpoint = _load_checkpoint(parser, "--resume", path)
+    missing = [key for key in TRAINING_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        parser.error(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
+                     "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
+    stored = checkpoint.get("args")
+    if stored is None:
+        print(f"warning: {path} stores no flags (an older version wrote it); resuming with the command line's",
+              file=sys.stderr)
+        merged, record, values = args, dict(vars(args)), {}
+    else:
+        _warn_unstored(path, args, stored)
+        processes_known = "processes" in checkpoint
+        may_change = set(RESUMABLE_FLAGS) | ({"batch_size"} if processes_known else set())
+        _refuse_other_values(parser, args, given, stored, set(_settings(args)) - may_change, path,
+                             lambda flag: f"a resumed run keeps its settings: leave {flag} out, or start a new "
+                                          "run in another --output_dir")
+        merged = _with_stored_values(args, given, stored)
+        values = {name: [stored[name], getattr(merged, name)] for name in RESUMABLE_FLAGS
+                  if name in stored and stored[name] != getattr(merged, name)}
+        if processes_known:
+            values.update(_batch_changes(parser, merged, stored, checkpoint["processes"], path))
+        if "output_dir" in stored and not _same_directory(stored["output_dir"], args.output_dir):
+            values["output_dir"] = [stored["output_dir"], args.output_dir]
+        record = {**stored, **{name: getattr(merged, name) for name in _settings(args) if name not in stored},
+                  **{name: new for name, (_, new) in values.items() if name in stored}}
+    epoch = checkpoint["epoch"]
+    if merged.num_epochs < epoch or (merged.num_epochs == epoch and "num_epochs" in values):
+        parser.error(f"--num_epochs: {path} has trained {epoch} epochs already; give more than {epoch} "
+                     "to train it further")
+    args_changes = list(checkpoint.get("args_changes", []))
+    if values:
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        args_changes.append({"after_epoch": epoch, "time": now, "values": values})
+    return merged, Resumed(path, checkpoint, record, args_changes)
+
+
+def _batch_changes(parser: argparse.ArgumentParser, merged: argparse.Namespace, stored: Dict, stored_processes: int,
+                   path: str) -> Dict[str, List]:
+    """--batch_size is per process: it may change with the number of processes, so that the global
+    batch of every optimiser step stays the one the run was trained with."""
+    processes = _processes()
+    global_batch = stored["batch_size"] * stored_processes
+    if merged.batch_size * processes != global_batch:
+        fix = (f"give --batch_size {global_batch // processes} for {processes} process(es)"
+               if global_batch % processes == 0 else f"resume it with {stored_processes} process(es)")
+        parser.error(f"--batch_size: {path} was trained with a global batch of {global_batch} (--batch_size "
+                     f"{stored['batch_size']} in each of {stored_processes} process(es)); {fix}")
+    changes = {}
+    if merged.batch_size != stored["batch_size"]:
+        changes["batch_size"] = [stored["batch_size"], merged.batch_size]
+    if processes != stored_processes:
+        changes["processes"] = [stored_processes, processes]
+    return changes
+
+
+def _processes() -> int:
+    # Known before the process group is joined: torchrun's environment, or a single process.
+    environment = distributed.torchrun_environment()
+    return environment["world_size"] if environment else 1
+
+
+def evaluation_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        given: Set[str]) -> Tuple[argparse.Namespace, Optional[Tuple[str, Dict]]]:
+    """--test_only: the checkpoint to evaluate (None for --checkpoint none) and the settings to build its
+    model and test split with, the checkpoint's own: a model or dataset flag given with another value is
+    refused. test_results.txt goes to --output_dir, else beside the --checkpoint."""
+    path = evaluated_checkpoint_path(parser, args)
+    if path is None:
+        return args, None
+    checkpoint = _load_checkpoint(parser, "--checkpoint", path)
+    if args.checkpoint and "output_dir" not in given:
+        args = argparse.Namespace(**{**vars(args), "output_dir": os.path.dirname(args.checkpoint) or "."})
+    stored = checkpoint.get("args")
+    if stored is None:  # a bare state dict: the command line describes its model
+        return args, (path, checkpoint)
+    _refuse_other_values(parser, args, given, stored, EVALUATED_FLAGS, path,
+                         lambda flag: f"leave {flag} out to evaluate it as trained")
+    return _with_stored_values(args, given, stored), (path, checkpoint)
+
+
+def evaluated_checkpoint_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """--checkpoint, else <output_dir>/best.pt; never, unasked, the random weights of a fresh model."""
+    if args.checkpoint == FRESH_MODEL:
+        return None
+    if args.checkpoint:
+        return args.checkpoint
+    best, last = (os.path.join(args.output_dir, name) for name in ("best.pt", "last.pt"))
+    if os.path.isfile(best):
+        return best
+    if os.path.isfile(last):
+        parser.error(f"--checkpoint: {args.output_dir} has a last.pt but no best.pt; evaluate the last epoch "
+                     f"with --checkpoint {last}")
+    parser.error(f"--checkpoint: no {best} to evaluate; give the weights with --checkpoint PATH (or evaluate a "
+                 f"freshly initialised model with --checkpoint {FRESH_MODEL})")
+
+
+def _settings(args: argparse.Namespace) -> List[str]:
+    """The names of the flags that are settings of a run, in the parser's order."""
+    return [name for name in vars(args) if name not in INVOCATION_FLAGS]
+
+
+def _with_stored_values(args: argparse.Namespace, given: Set[str], stored: Dict) -> argparse.Namespace:
+    taken = {name: stored[name] for name in _settings(args) if name in stored and name not in given}
+    return argparse.Namespace(**{**vars(args), **taken})
+
+
+def _refuse_other_values(parser: argparse.ArgumentParser, args: argparse.Namespace, given: Set[str],
+                         stored: Dict, checked: Iterable[str], path: str, advice) -> None:
+    """One line naming the first checked flag given with a value other than the stored one (and the others)."""
+    checked = set(checked)
+    different = [name for name in _settings(args) if name in checked and name in given and name in stored
+                 and getattr(args, name) != stored[name]]
+    if not different:
+        return
+    first, *others = different
+    also = f" (and with {', '.join(f'--{name} {stored[name]}' for name in others)})" if others else ""
+    parser.error(f"--{first}: {path} was trained with --{first} {stored[first]}, not {getattr(args, first)}{also}; "
+                 f"{advice('--' + first)}")
+
+
+def _warn_unstored(path: str, args: argparse.Namespace, stored: Dict) -> None:
+    unstored = [name for name in _settings(args) if name not in stored]
+    if unstored:
+        print(f"warning: {path} stores no {', '.join('--' + name for name in unstored)} (an older version wrote "
+              "it); using the command line's", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain configuration handed to the constructors
 # ---------------------------------------------------------------------------------------------
 
 
 def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> Dict:
-    return dict(
-        img_size=img_size, num_classes=num_classes, layer=args.layer, patch_size=args.patch_size,
-        num_layers=args.num_layers, num_heads=args.num_heads, d_hidden=args.d_hidden, d_mlp=args.d_mlp,
-        dropout=args.dropout, attention_dropout=args.attention_dropout, K=args.K, kernel_size=args.kernel_size,
-        sampling_type=args.sampling_type, num_samples=args.num_samples, sample_padding=args.sample_padding,
-        magnitude_type=args.magnitude_type, coordinate_encoding=args.coordinate_encoding,
-        convolution_type=args.convolution_type, softmax_topk_val=args.softmax_topk_val,
-        similarity_type=args.similarity_type, aggregation_type=args.aggregation_type,
-        branch_ratio=args.branch_ratio, sparse_mode=args.sparse_mode,
-        sparse_context_window=args.sparse_context_window, local_window=args.local_window,
-    )
+    return dict(img_size=img_size, num_classes=num_classes, **{name: getattr(args, name) for name in MODEL_FLAGS})
 
 
 def trainer_config(args: argparse.Namespace) -> Dict:
@@ -268,10 +451,21 @@ def loader_config(args: argparse.Namespace, device: torch.device) -> Dict:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    mode_problems = _mode_problems(args)  # first: the settings below come from the files these name
+    if mode_problems:
+        parser.error(mode_problems[0])
+    resumed, evaluated = None, None
+    if args.test_only:
+        args, evaluated = evaluation_settings(parser, args, given_flags(argv))
+    elif resume_path(args):
+        args, resumed = resume_settings(parser, args, given_flags(argv), resume_path(args))
     problems = argument_problems(args)
     if problems:
         parser.error(problems[0])
     directory_problem = utils.directory_problem(args.output_dir)
+    if directory_problem and args.test_only:
+        parser.error(f"--output_dir: {directory_problem}; --test_only writes test_results.txt there: give a writable "
+                     f"--output_dir (and the weights with --checkpoint {evaluated[0] if evaluated else FRESH_MODEL})")
     if directory_problem:
         parser.error(f"--output_dir: {directory_problem}")
     if not args.use_compiled and args.compile_mode != "default":
@@ -287,9 +481,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = ViT(**model_config(args, img_size, num_classes))
     except (ValueError, dataset.DatasetUnavailableError) as error:
         parser.error(str(error))
+    if resumed:
+        _check_weights_fit(parser, "--resume", resumed.path, resumed.checkpoint, model)
+    if evaluated:
+        _check_weights_fit(parser, "--checkpoint", *evaluated, model)
     run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
     if run_problem:
         parser.error(run_problem)
+    outputs = utils.RunOutputs(args.output_dir)
+    if resumed and _is_finished(args, resumed, outputs):
+        print(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise --num_epochs to "
+              "train it further")
+        return
     try:  # after the cheap checks: it may read the whole test split
         dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only)
     except dataset.DatasetUnavailableError as error:
@@ -299,10 +502,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     trainer = train_eval.Trainer(model=model, device=device, num_classes=num_classes,
                                  show_progress=train_eval.show_progress_bars() and distributed.is_main_process(),
                                  distributed_replica=distributed.is_distributed(), **trainer_config(args))
-    outputs = utils.RunOutputs(args.output_dir)
     with faults_explained(parser, outputs):
         if args.test_only:
-            test_only(parser, args, trainer, outputs)  # reads best.pt only: allowed beside a live run
+            test_only(parser, args, trainer, outputs, evaluated)  # reads a checkpoint only: allowed beside a live run
         else:
             # Signals are caught from here on, not only in the epoch loop: a SIGTERM during the set-up
             # still ends with the message and exit code (at the first step), a second one at once.
@@ -311,7 +513,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 contextlib.nullcontext())
             with claim, train_eval.StopSignals() as stop_signals:
                 trainer.stop_signals = stop_signals
-                train(parser, args, trainer, outputs, img_size)
+                train(parser, args, trainer, outputs, img_size, resumed)
+
+
+def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: utils.RunOutputs) -> bool:
+    """Whether resuming would change nothing: the run holds every epoch and its results say so."""
+    return (resumed.checkpoint["epoch"] == args.num_epochs and continues_in_place(args)
+            and outputs.hold_finished_run(resumed.checkpoint["history"]))
 
 
 @contextlib.contextmanager
@@ -367,17 +575,19 @@ def _exit(line: str, code: int) -> None:
     sys.exit(code)
 
 
-def _read_checkpoint(parser: argparse.ArgumentParser, flag: str, path: str, model: torch.nn.Module) -> Dict:
-    """Loads ``path`` and checks that its weights fit ``model``; any problem is a one-line usage error."""
+def _load_checkpoint(parser: argparse.ArgumentParser, flag: str, path: str) -> Dict:
     try:
-        checkpoint = utils.load_checkpoint(path)
+        return utils.load_checkpoint(path)
     except utils.CheckpointError as error:
         parser.error(f"{flag}: {error}; give an intact copy (best.pt and last.pt are separate copies)")
+
+
+def _check_weights_fit(parser: argparse.ArgumentParser, flag: str, path: str, checkpoint: Dict,
+                       model: torch.nn.Module) -> None:
     mismatch = utils.state_dict_mismatch(model.state_dict(), utils.model_weights(checkpoint))
     if mismatch:
         parser.error(f"{flag}: {path} is of another model: {mismatch}; pass the model flags it was trained "
                      "with (see its args.txt)")
-    return checkpoint
 
 
 def _process_device(parser: argparse.ArgumentParser, device_type: str) -> torch.device:
@@ -400,20 +610,18 @@ def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, need_t
 
 
 def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
-              outputs: utils.RunOutputs) -> None:
-    """Evaluates the test split with the weights of --checkpoint, else <output_dir>/best.pt, else fresh ones.
-    Writes only test_results.txt: the args.txt and model.txt of the training run stay as they were."""
-    checkpoint = args.checkpoint or outputs.path("best.pt")
-    if os.path.isfile(checkpoint):
-        weights = utils.model_weights(_read_checkpoint(parser, "--checkpoint", checkpoint, trainer.model))
+              outputs: utils.RunOutputs, evaluated: Optional[Tuple[str, Dict]]) -> None:
+    """Evaluates the test split with the weights of ``evaluated`` (path and checkpoint), or with freshly
+    initialised ones when it is None (--checkpoint none). Writes only test_results.txt: the args.txt and
+    model.txt of the training run stay as they were."""
+    if evaluated:
+        checkpoint, weights = evaluated[0], utils.model_weights(evaluated[1])
         try:
             trainer.model.load_state_dict(weights)
         except CHECKPOINT_ERRORS as error:
             parser.error(f"--checkpoint: {checkpoint} does not fit this model (pass the model flags it was "
                          f"trained with, see its args.txt): {utils.first_line(error)}")
     else:
-        print(f"warning: no checkpoint given and no {checkpoint}; evaluating a freshly initialised model",
-              file=sys.stderr)
         checkpoint = "none (freshly initialised model)"
     _, test_data, _, _ = _load_data(parser, args, need_train=False)
     _, test_loader = train_eval.make_loaders(None, test_data, **loader_config(args, trainer.device))
@@ -425,30 +633,30 @@ def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer
 
 
 def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
-          outputs: utils.RunOutputs, img_size: int) -> None:
+          outputs: utils.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
     start_epoch, history, rng_state = 0, [], None
-    checkpoint_path = resume_path(args)
-    if checkpoint_path:
-        checkpoint = _read_checkpoint(parser, "--resume", checkpoint_path, trainer.model)
-        missing = [key for key in TRAINING_CHECKPOINT_KEYS if key not in checkpoint]
-        if missing:
-            parser.error(f"--resume: {checkpoint_path} is not a training checkpoint (no {', '.join(missing)}); "
-                         "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
+    record, args_changes = vars(args), []
+    if resumed:
         try:
-            trainer.load_state_dict(checkpoint)
+            trainer.load_state_dict(resumed.checkpoint)
         except CHECKPOINT_ERRORS as error:
-            parser.error(f"--resume: {checkpoint_path} does not fit this model and optimiser: "
+            parser.error(f"--resume: {resumed.path} does not fit this model and optimiser: "
                          f"{utils.first_line(error)}")
+        checkpoint = resumed.checkpoint
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
-        print(f"Resuming from {checkpoint_path} after epoch {start_epoch}")
-    elif args.overwrite:
-        utils.remove_earlier_run(args.output_dir)
+        trainer.fit_schedule_to(args.num_epochs, start_epoch)
+        record, args_changes = resumed.record, resumed.args_changes
+        print(f"Resuming from {resumed.path} after epoch {start_epoch}")
 
-    arguments = vars(args)
-    if distributed.is_main_process():
-        outputs.write_args(arguments)
-        outputs.write_model_summary(trainer.model, img_size, trainer.device)
+    # The data first: when it cannot be had, the output directory is left as it was.
     train_data, test_data, _, _ = _load_data(parser, args, need_train=True)
+    if distributed.is_main_process():
+        if args.overwrite:
+            utils.remove_earlier_run(args.output_dir)
+        outputs.write_args(record)
+        outputs.write_args_changes(args_changes)
+        if not resumed or not os.path.isfile(outputs.path("model.txt")):
+            outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_loader, test_loader = train_eval.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
     print(f"{args.layer} ViT, {utils.count_parameters(trainer.model):,} parameters, on {args.device}; "
           f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
@@ -458,8 +666,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
         utils.restore_rng_state(rng_state)
     distributed.decorrelate_ranks(args.seed, start_epoch)
     train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
-                   seed=args.seed, run_arguments=arguments, start_epoch=start_epoch, history=history)
-
+                   seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
+                   args_changes=args_changes)
 
 if __name__ == "__main__":
     main()

@@ -105,6 +105,16 @@ def test_numeric_and_switch_flags_are_read():
     assert (args.resume, args.resize) == ("auto", 0)
 
 
+@pytest.mark.parametrize("argv, given", [
+    ([], set()),
+    (["--lr", "1e-4", "--output_dir", "x"], {"lr", "output_dir"}),  # a default written out is given
+    (["--num_ep", "3", "--augment", "--softmax_topk_val"], {"num_epochs", "augment", "softmax_topk_val"}),
+    (["--resume=auto", "--checkpoint", "none"], {"resume", "checkpoint"}),
+])
+def test_given_flags_are_those_on_the_command_line(argv, given):
+    assert vit_main.given_flags(argv) == given
+
+
 def test_seed_attention_example_parses():
     args = parse(*shlex.split(SEED_ATTENTION_EXAMPLE))
     assert (args.layer, args.num_layers, args.num_heads, args.d_hidden, args.d_mlp) == ("Attention", 12, 3, 192, 768)
@@ -222,6 +232,7 @@ def test_missing_cifar_files_name_what_to_place_where(tmp_path, capsys, monkeypa
             "--output_dir", str(tmp_path / "out")]
     line = expect_usage_error(capsys, argv, "--data_path")
     assert "cifar-10-python.tar.gz" in line and "cifar-10-batches-py/" in line and str(tmp_path / "Data") in line
+    assert not [path.name for path in (tmp_path / "out").iterdir() if path.name in utils.OUTPUT_FILES]
 
 
 @pytest.mark.parametrize("flags, flag", [(["--layer", "ConvNNAttention", "--K", "100"], "--K"),

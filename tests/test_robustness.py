@@ -213,6 +213,32 @@ def bare_weights_resume(run_dir, tmp_path, monkeypatch):
     return ["--resume", tmp_path / "weights.pt", "--num_epochs", "2"]
 
 
+def bare_weights_test_only(run_dir, tmp_path, monkeypatch):
+    torch.save(utils.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
+    return ["--test_only", "--checkpoint", tmp_path / "weights.pt"]
+
+
+def other_run_resumed(run_dir, tmp_path, monkeypatch):
+    shutil.copytree(run_dir, tmp_path / "other")
+    return ["--resume", tmp_path / "other" / "last.pt", "--num_epochs", "2"]
+
+
+def best_lost(run_dir, tmp_path, monkeypatch):
+    (run_dir / "best.pt").unlink()
+    return ["--test_only"]
+
+
+def mistyped_output_dir(run_dir, tmp_path, monkeypatch):
+    return ["--test_only", "--output_dir", tmp_path / "mistyped"]
+
+
+def read_only_run(run_dir, tmp_path, monkeypatch):
+    directory_problem = utils.directory_problem
+    monkeypatch.setattr(utils, "directory_problem", lambda path: f"cannot write to {path}: Read-only file system"
+                        if str(path) == str(run_dir) else directory_problem(path))
+    return ["--test_only"]
+
+
 def live_lock(run_dir, tmp_path, monkeypatch):
     hold_lock(run_dir)
     return ["--resume", "auto", "--num_epochs", "2"]
@@ -336,11 +362,33 @@ CASES = [
     ("garbage-checkpoint", garbage_checkpoint, [], "--checkpoint", "garbage.pt is damaged"),
     ("list-checkpoint", list_checkpoint, [], "--checkpoint", "not a checkpoint"),
     ("bare-weights-resume", bare_weights_resume, [], "--resume", "not a training checkpoint"),
-    ("other-width", resume, ["--d_hidden", "16"], "--resume", "of another shape"),
-    ("other-depth", resume, ["--num_layers", "3"], "--resume", "parameters missing from the checkpoint"),
-    ("fewer-layers", resume, ["--num_layers", "1"], "--resume", "unexpected parameters (transformer_encoder.1."),
-    ("other-layer", no_setup, ["--test_only", *CONVNN, "--K", "4"], "--checkpoint",
+    ("other-width", resume, ["--d_hidden", "16"], "--d_hidden", "last.pt was trained with --d_hidden 32, not 16"),
+    ("other-depth", resume, ["--num_layers", "3"], "--num_layers", "trained with --num_layers 2"),
+    ("other-layer", no_setup, ["--test_only", *CONVNN, "--K", "4"], "--layer",
+     "best.pt was trained with --layer Attention, not ConvNNAttention (and with --K 9); leave --layer out"),
+    ("weights-other-width", bare_weights_test_only, ["--d_hidden", "16"], "--checkpoint", "of another shape"),
+    ("weights-other-depth", bare_weights_test_only, ["--num_layers", "3"], "--checkpoint",
+     "parameters missing from the checkpoint"),
+    ("weights-fewer-layers", bare_weights_test_only, ["--num_layers", "1"], "--checkpoint",
+     "unexpected parameters (transformer_encoder.1."),
+    ("weights-other-layer", bare_weights_test_only, [*CONVNN, "--K", "4"], "--checkpoint",
      "2 parameters missing from the checkpoint (transformer_encoder.0.attention.conv.weight"),
+    ("resume-other-lr", resume, ["--lr", "0.01"], "--lr", "trained with --lr 0.001, not 0.01; a resumed run keeps"),
+    ("resume-other-sampling", resume, ["--sampling_type", "random"], "--sampling_type", "--sampling_type all"),
+    ("resume-other-similarity", resume, ["--magnitude_type", "cosine", "--softmax_topk_val", "False"],
+     "--softmax_topk_val", "--softmax_topk_val True, not False (and with --magnitude_type matmul)"),
+    ("resume-other-heads", resume, ["--num_heads", "4"], "--num_heads", "trained with --num_heads 2"),
+    ("resume-other-optimizer", resume, ["--optimizer", "sgd"], "--optimizer", "trained with --optimizer adamw"),
+    ("resume-other-batch", resume, ["--batch_size", "32"], "--batch_size",
+     "global batch of 64 (--batch_size 64 in each of 1 process(es)); give --batch_size 64 for 1 process(es)"),
+    ("resume-other-seed", resume, ["--seed", "1"], "--seed", "trained with --seed 0"),
+    ("resume-other-run", other_run_resumed, [], "--resume", "holds another run (last.pt, best.pt"),
+    ("test-only-other-heads", no_setup, ["--test_only", "--num_heads", "4"], "--num_heads", "--num_heads 2, not 4"),
+    ("test-only-other-resize", no_setup, ["--test_only", "--resize", "64"], "--resize", "--resize 0, not 64"),
+    ("test-only-no-checkpoint", mistyped_output_dir, [], "--checkpoint", "mistyped/best.pt to evaluate"),
+    ("test-only-best-lost", best_lost, [], "--checkpoint", "has a last.pt but no best.pt; evaluate the last epoch"),
+    ("test-only-read-only", read_only_run, [], "--output_dir", "give a writable --output_dir (and the weights "
+     "with --checkpoint"),
     ("missing-image-folder", imagenet, [], "--data_path", "no image folder"),
     ("no-class-folders", no_class_folders, [], "--data_path", "no class folders"),
     ("no-image-files", no_image_files, [], "--data_path", "no image files in"),
@@ -352,7 +400,7 @@ CASES = [
      "hold different classes (missing from val/: dog; only in val/: Dog)"),
     ("damaged-val-image", damaged_val_image, [], "--data_path",
      "d.jpg is not a readable image (image file is truncated"),
-    ("damaged-val-image-test-only", damaged_val_image, ["--test_only"], "--data_path", "d.jpg is not a readable image"),
+    ("damaged-val-image-test-only", damaged_val_image, ["--test_only", "--checkpoint", "none"], "--data_path", "d.jpg is not a readable image"),
     ("damaged-cifar", damaged_cifar, [], "--data_path", "CIFAR-10 is damaged"),
     ("uncreatable-data-path", uncreatable_data_path, [], "--data_path", "cannot create"),
     ("synthetic-sizes", bad_synthetic_sizes, [], "CONVNN_SYNTHETIC_SIZES", "'many,few'"),
@@ -460,11 +508,61 @@ def test_the_table_holds_at_least_30_cases():
     assert len(CASES) >= 30
 
 
-def test_mismatch_message_counts_and_names_a_few_parameters(run_copy, tiny_argv, capsys):
-    line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", "auto", "--num_layers", "4"), 2, "--resume")
+def test_mismatch_message_counts_and_names_a_few_parameters(run_copy, tmp_path, tiny_argv, capsys):
+    flags = bare_weights_test_only(run_copy, tmp_path, None)
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, *flags, "--num_layers", "4"), 2, "--checkpoint")
     missing = len([name for name in utils.load_checkpoint(run_copy / "last.pt")["model"]
                    if name.startswith("transformer_encoder.0.")]) * 2  # blocks 2 and 3 are missing
     assert f"{missing} parameters missing from the checkpoint (transformer_encoder.2." in line and ", ...)" in line
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(run_copy, tiny_argv, capsys):
+    before = snapshot(run_copy)
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto"))
+    assert capsys.readouterr().out == (f"nothing to do: {run_copy} finished all 1 epochs; raise --num_epochs to "
+                                       "train it further\n")
+    assert snapshot(run_copy) == before
+
+
+def test_resuming_a_run_killed_before_its_summary_lines_writes_them(run_copy, tiny_argv):
+    results = run_copy / "train_eval_results.txt"
+    complete = results.read_text()
+    results.write_text("".join(complete.splitlines(keepends=True)[:1]))
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto"))
+    assert results.read_text() == complete
+
+
+def test_a_checkpoint_of_an_older_version_still_resumes(run_copy, tiny_argv, capsys):
+    """Older versions stored fewer flags (none at all, or not the newer ones): those come from the command line."""
+    checkpoint = utils.load_checkpoint(run_copy / "last.pt")
+    del checkpoint["args"]["data_loader"]
+    for key in ("args_changes", "processes"):
+        checkpoint.pop(key, None)
+    torch.save(checkpoint, run_copy / "last.pt")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2", "--batch_size", "64"))
+    assert f"warning: {run_copy / 'last.pt'} stores no --data_loader (an older version wrote it); using the command " \
+           "line's\n" in capsys.readouterr().err
+    resumed = utils.load_checkpoint(run_copy / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["args"]["data_loader"] == "workers"
+
+    del resumed["args"]
+    torch.save(resumed, run_copy / "last.pt")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "3"))
+    assert "stores no flags (an older version wrote it); resuming with the command line's" in capsys.readouterr().err
+    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 3
+
+
+def test_overwrite_with_a_checkpoint_from_elsewhere_replaces_the_run(run_copy, finished_run, tmp_path, tiny_argv):
+    (run_copy / "test_results.txt").write_text("of the earlier run\n")
+    flags = other_run_resumed(run_copy, tmp_path, None)
+    vit_main.main(tiny_argv(run_copy, *flags, "--overwrite"))
+    assert not (run_copy / "test_results.txt").exists()
+    assert [row["epoch"] for row in metric_rows(run_copy)] == ["1", "2"]
+    best = run_copy / "best.pt"
+    assert not best.exists() or utils.load_checkpoint(best)["epoch"] == 2  # never the replaced run's
+    # The run was started in finished_run: run_copy and other are copies of it.
+    assert (run_copy / "args_changes.txt").read_text().endswith(
+        f"with num_epochs 1 -> 2, output_dir {finished_run} -> {run_copy}\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
 
 import csv
+import math
 import re
 import shutil
 
@@ -20,7 +21,7 @@ EPOCH_LINE = re.compile(
     rf"Top5: \d+\.\d{{4}}% \| \[Test\] Loss: (\d+\.\d{{8}}) Accuracy: Top1: (\d+\.\d{{4}})%, Top5: \d+\.\d{{4}}%$"
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
-                   "history", "args"}
+                   "history", "args", "args_changes", "processes"}
 # Columns that must repeat exactly between two runs of the same seed (timings do not).
 DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
 
@@ -206,7 +207,117 @@ def test_resume_with_another_architecture_is_a_usage_error(tiny_argv, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--d_hidden", "16", "--resume", "auto"))
     assert exit_info.value.code == 2
-    assert "error: --resume:" in capsys.readouterr().err
+    assert "error: --d_hidden: " in capsys.readouterr().err
+
+
+def args_file(output_dir):
+    return dict(line.split(": ", 1) for line in (output_dir / "args.txt").read_text().splitlines())
+
+
+def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_path, small_synthetic, capsys):
+    """``--output_dir RUN --resume auto`` alone continues RUN with its own settings (the defaults of lr,
+    device, model... are not those of the run); a changed --num_epochs is recorded, never hidden."""
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1", "--lr", "3e-3", "--scheduler", "step", "--lr_step", "1",
+                            "--lr_gamma", "0.5"))
+    started_with = args_file(tmp_path)
+    vit_main.main(["--output_dir", str(tmp_path), "--resume", "auto", "--num_epochs", "2"])
+    assert [float(row["lr"]) for row in read_metrics(tmp_path)] == pytest.approx([3e-3, 1.5e-3], rel=1e-12)
+    assert args_file(tmp_path) == {**started_with, "num_epochs": "2"}
+    changes = utils.load_checkpoint(tmp_path / "last.pt")["args_changes"]
+    assert [(change["after_epoch"], change["values"]) for change in changes] == [(1, {"num_epochs": [1, 2]})]
+    line = (tmp_path / "args_changes.txt").read_text()
+    assert re.fullmatch(r"resumed after epoch 1 \(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\) with num_epochs 1 -> 2\n", line)
+
+    # Moved to the device loader and to another directory: both recorded, and the earlier change kept.
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, moved)
+    vit_main.main(["--output_dir", str(moved), "--resume", "auto", "--num_epochs", "3", "--data_loader", "device"])
+    lines = (moved / "args_changes.txt").read_text().splitlines()
+    assert lines[0] == line.strip() and len(lines) == 2
+    assert lines[1].endswith(f"with num_epochs 2 -> 3, data_loader workers -> device, output_dir {tmp_path} -> {moved}")
+    assert args_file(moved) == {**started_with, "num_epochs": "3", "data_loader": "device", "output_dir": str(moved)}
+
+
+def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupt_in_epoch(patch, 2)
+        with pytest.raises(Interrupted):
+            vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
+    written = (tmp_path / "args.txt").stat().st_mtime_ns
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
+    assert (tmp_path / "args.txt").stat().st_mtime_ns == written and not (tmp_path / "args_changes.txt").exists()
+    assert utils.load_checkpoint(tmp_path / "last.pt")["args"]["resume"] is None  # as the run was started
+
+
+def test_resuming_an_earlier_checkpoint_takes_its_record(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
+    shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
+    vit_main.main(tiny_argv(tmp_path, "--resume", "auto", "--num_epochs", "3"))
+    assert " with num_epochs 2 -> 3\n" in (tmp_path / "args_changes.txt").read_text()
+    # Like the results files, the record drops what happened after the checkpoint resumed.
+    vit_main.main(tiny_argv(tmp_path, "--resume", tmp_path / "after_epoch_2.pt", "--num_epochs", "4"))
+    lines = (tmp_path / "args_changes.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resumed after epoch 2 (") and lines[0].endswith(" 2 -> 4")
+    assert args_file(tmp_path)["num_epochs"] == "4"
+
+
+def test_resume_below_the_epochs_already_trained_is_refused(two_epoch_run, tiny_argv, capsys):
+    output_dir, _ = two_epoch_run
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(tiny_argv(output_dir, "--layer", "ConvNNAttention", "--K", "4", "--num_epochs", "1",
+                                "--resume", "auto"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("error: --num_epochs: " + f"{output_dir / 'last.pt'} has trained 2 epochs already; "
+                          "give more than 2 to train it further")
+    assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
+
+
+def cosine(epoch, num_epochs, base=1e-3):
+    return base * (1 + math.cos(math.pi * epoch / num_epochs)) / 2
+
+
+def assert_rates(output_dir, expected):
+    rates = [float(row["lr"]) for row in read_metrics(output_dir)]
+    assert len(rates) == len(expected)
+    for epoch, (rate, want) in enumerate(zip(rates, expected), start=1):
+        assert rate == pytest.approx(want, rel=1e-12, abs=1e-18), f"epoch {epoch}"
+
+
+def test_extending_a_finished_cosine_run_follows_the_cosine_of_the_new_length(tiny_argv, tmp_path, monkeypatch):
+    """Epochs after the extension use the rate a run started with the new --num_epochs has there (not 0,
+    and not the old cosine climbing back); a later plain resume keeps following it."""
+    vit_main.main(tiny_argv(tmp_path, "--scheduler", "cosine", "--num_epochs", "2"))
+    with monkeypatch.context() as patch:
+        interrupt_in_epoch(patch, 2)  # the second epoch of this process: epoch 4
+        with pytest.raises(Interrupted):
+            vit_main.main(tiny_argv(tmp_path, "--resume", "auto", "--num_epochs", "5"))
+    vit_main.main(tiny_argv(tmp_path, "--resume", "auto"))
+    assert_rates(tmp_path, [cosine(0, 2), cosine(1, 2), cosine(2, 5), cosine(3, 5), cosine(4, 5)])
+
+
+def test_extending_an_interrupted_cosine_run(tiny_argv, tmp_path, monkeypatch):
+    flags = ["--scheduler", "cosine", "--num_epochs", "4"]
+    with monkeypatch.context() as patch:
+        interrupt_in_epoch(patch, 3)
+        with pytest.raises(Interrupted):
+            vit_main.main(tiny_argv(tmp_path, *flags))
+    vit_main.main(tiny_argv(tmp_path, *flags, "--resume", "auto", "--num_epochs", "6"))
+    assert_rates(tmp_path, [cosine(0, 4), cosine(1, 4), *(cosine(epoch, 6) for epoch in range(2, 6))])
+
+
+@pytest.mark.parametrize("schedule", [["--scheduler", "step", "--lr_step", "1", "--lr_gamma", "0.5"],
+                                      ["--scheduler", "plateau"]])
+def test_extending_a_step_or_plateau_run_repeats_a_run_started_that_long(schedule, tiny_argv, tmp_path):
+    """Neither schedule depends on --num_epochs: an extended run is the run that was started longer."""
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    vit_main.main(tiny_argv(straight, *schedule, "--num_epochs", "3"))
+    vit_main.main(tiny_argv(extended, *schedule, "--num_epochs", "2"))
+    vit_main.main(tiny_argv(extended, *schedule, "--num_epochs", "3", "--resume", "auto"))
+    for expected, actual in zip(read_metrics(straight), read_metrics(extended), strict=True):
+        for column in DETERMINISTIC_COLUMNS:
+            assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,10 +370,51 @@ def test_only_accepts_a_bare_state_dict_and_rejects_other_files(tiny_argv, tmp_p
     assert "error: --checkpoint:" in capsys.readouterr().err
 
 
-def test_only_without_weights_warns_and_evaluates_a_fresh_model(tiny_argv, tmp_path, capsys):
-    vit_main.main(tiny_argv(tmp_path, "--test_only"))
-    assert "freshly initialised" in capsys.readouterr().err
-    assert (tmp_path / "test_results.txt").read_text().startswith("Checkpoint: none")
+def test_only_without_weights_is_refused_unless_a_fresh_model_is_asked_for(tiny_argv, tmp_path, capsys):
+    mistyped = tmp_path / "mistyped"
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(tiny_argv(mistyped, "--test_only"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: --checkpoint: no {mistyped / 'best.pt'} to evaluate; give the weights with --checkpoint PATH "
+        "(or evaluate a freshly initialised model with --checkpoint none)")
+    assert not mistyped.exists()
+    vit_main.main(tiny_argv(tmp_path, "--test_only", "--checkpoint", "none"))
+    assert (tmp_path / "test_results.txt").read_text().startswith("Checkpoint: none (freshly initialised model)\n")
+
+
+def test_only_reads_the_model_and_data_flags_from_the_checkpoint(tiny_argv, tmp_path, small_synthetic):
+    run = tmp_path / "run"
+    vit_main.main(tiny_argv(run, "--layer", "ConvNNAttention", "--K", "3", "--sampling_type", "random",
+                            "--num_samples", "8", "--magnitude_type", "cosine", "--num_epochs", "1"))
+    record = utils.load_checkpoint(run / "best.pt")["history"][0]
+    expected = utils.test_line(record["test_loss"], record["test_top1"], record["test_top5"])
+    vit_main.main(["--test_only", "--checkpoint", str(run / "best.pt")])  # results beside the checkpoint
+    assert (run / "test_results.txt").read_text().splitlines() == [f"Checkpoint: {run / 'best.pt'}", expected]
+    (run / "test_results.txt").unlink()
+    vit_main.main(["--test_only", "--output_dir", str(run), "--batch_size", "7"])  # evaluation batches may differ
+    assert (run / "test_results.txt").read_text().splitlines()[1] == expected
+
+
+def test_only_on_a_read_only_run_writes_its_results_elsewhere(tiny_argv, tmp_path, monkeypatch, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "results"
+    vit_main.main(tiny_argv(run, "--num_epochs", "1"))
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    directory_problem = utils.directory_problem
+
+    def read_only_run(path):  # root may write anywhere, so the read-only mount is played here
+        return f"cannot write to {path}: Read-only file system" if str(path) == str(run) else directory_problem(path)
+
+    monkeypatch.setattr(utils, "directory_problem", read_only_run)
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(tiny_argv(run, "--test_only"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: --output_dir: cannot write to {run}: Read-only file system; --test_only writes test_results.txt "
+        f"there: give a writable --output_dir (and the weights with --checkpoint {run / 'best.pt'})")
+    vit_main.main(["--test_only", "--checkpoint", str(run / "best.pt"), "--output_dir", str(elsewhere)])
+    assert (elsewhere / "test_results.txt").read_text().startswith(f"Checkpoint: {run / 'best.pt'}\n")
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +491,32 @@ def test_step_and_cosine_schedules():
         cosine.step_scheduler(test_loss=1.0)
     assert cosine.learning_rate() == pytest.approx(0.0, abs=1e-12)
     assert make_trainer(scheduler="none").scheduler is None
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_cosine_schedule_fitted_to_a_new_length_follows_its_closed_form():
+    trainer = make_trainer(scheduler="cosine", num_epochs=2)
+    for _ in range(2):
+        trainer.step_scheduler(test_loss=1.0)
+    assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)  # a finished cosine run is at rate 0
+    trainer.fit_schedule_to(num_epochs=5, completed_epochs=2)
+    rates = []
+    for _ in range(3):
+        rates.append(trainer.learning_rate())
+        trainer.step_scheduler(test_loss=1.0)
+    assert rates == pytest.approx([(1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in (2, 3, 4)], rel=1e-12)
+    assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+@pytest.mark.parametrize("scheduler", ["step", "plateau", "none"])
+def test_other_schedules_do_not_depend_on_the_length(scheduler):
+    short, long = make_trainer(scheduler=scheduler, num_epochs=3), make_trainer(scheduler=scheduler, num_epochs=30)
+    short.fit_schedule_to(num_epochs=30, completed_epochs=0)
+    for _ in range(14):
+        assert short.learning_rate() == long.learning_rate()
+        for trainer in (short, long):
+            trainer.step_scheduler(test_loss=1.0)
 
 
 def test_plateau_watches_the_test_loss():
