@@ -156,3 +156,66 @@ def test_every_layer_compiles_and_matches_eager(name, options):
     (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
     torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=1e-4)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=1e-4)
+
+
+# The parameters of one block's layer, names and shapes, as recorded from the layers before their options
+# moved into one table: checkpoints of earlier runs and reference checkpoints load only while they stay.
+LAYER_STATE = {
+    "Attention": {"W_q.weight": (16, 16), "W_k.weight": (16, 16), "W_v.weight": (16, 16), "W_o.weight": (16, 16)},
+    "ConvNNAttention": {"W_q.weight": (16, 16), "W_k.weight": (16, 16), "W_v.weight": (16, 16),
+                        "W_o.weight": (16, 16), "conv.weight": (16, 1, 3)},
+    "KvtAttention": {"qkv.weight": (48, 16), "proj.weight": (16, 16)},
+    "LocalAttention": {"to_qkv.weight": (384, 16), "to_out.weight": (16, 128)},
+    "SparseAttention": {"q_proj.weight": (16, 16), "k_proj.weight": (16, 16), "v_proj.weight": (16, 16),
+                        "out_proj.weight": (16, 16)},
+    "Conv1d": {"W_x.weight": (16, 16), "W_x.bias": (16,), "conv.weight": (8, 8, 9), "conv.bias": (8,),
+               "W_o.weight": (16, 16), "W_o.bias": (16,)},
+    "BranchConv": {"convnn.W_q.weight": (8, 8), "convnn.W_k.weight": (8, 8), "convnn.W_v.weight": (8, 8),
+                   "convnn.W_o.weight": (8, 8), "convnn.conv.weight": (8, 1, 3), "conv1d.W_x.weight": (8, 8),
+                   "conv1d.W_x.bias": (8,), "conv1d.conv.weight": (4, 4, 9), "conv1d.conv.bias": (4,),
+                   "conv1d.W_o.weight": (8, 8), "conv1d.W_o.bias": (8,), "pointwise_linear.weight": (16, 16),
+                   "pointwise_linear.bias": (16,)},
+    "BranchAttention": {"convnn.W_q.weight": (8, 8), "convnn.W_k.weight": (8, 8), "convnn.W_v.weight": (8, 8),
+                        "convnn.W_o.weight": (8, 8), "convnn.conv.weight": (8, 1, 3), "attention.W_q.weight": (8, 8),
+                        "attention.W_k.weight": (8, 8), "attention.W_v.weight": (8, 8),
+                        "attention.W_o.weight": (8, 8), "pointwise_linear.weight": (16, 16),
+                        "pointwise_linear.bias": (16,)},
+    "ConvNNAttention standard": {"W_q.weight": (16, 16), "W_k.weight": (16, 16), "W_v.weight": (16, 16),
+                                 "W_o.weight": (16, 16), "conv.weight": (16, 16, 3)},
+    "ConvNNAttention depthwise-separable": {"W_q.weight": (16, 16), "W_k.weight": (16, 16), "W_v.weight": (16, 16),
+                                            "W_o.weight": (16, 16), "conv.0.weight": (16, 1, 3),
+                                            "conv.1.weight": (16, 16, 1)},
+    "ConvNNAttention standard coordinates": {"W_q.weight": (16, 16), "W_k.weight": (16, 16),
+                                             "W_v.weight": (16, 16), "W_o.weight": (16, 16),
+                                             "conv.weight": (16, 17, 3)},
+    "ConvNNAttention spatial": {"W_q.weight": (16, 16), "W_k.weight": (16, 16), "W_v.weight": (16, 16),
+                                "W_o.weight": (16, 16), "conv.weight": (16, 1, 3)},
+    "BranchConv ratio 0": {"conv1d.W_x.weight": (16, 16), "conv1d.W_x.bias": (16,), "conv1d.conv.weight": (8, 8, 9),
+                           "conv1d.conv.bias": (8,), "conv1d.W_o.weight": (16, 16), "conv1d.W_o.bias": (16,)},
+    "BranchConv ratio 1": {"convnn.W_q.weight": (16, 16), "convnn.W_k.weight": (16, 16),
+                           "convnn.W_v.weight": (16, 16), "convnn.W_o.weight": (16, 16),
+                           "convnn.conv.weight": (16, 1, 3)},
+    "BranchAttention ratio 0": {"attention.W_q.weight": (16, 16), "attention.W_k.weight": (16, 16),
+                                "attention.W_v.weight": (16, 16), "attention.W_o.weight": (16, 16)},
+    "BranchAttention ratio 1": {"convnn.W_q.weight": (16, 16), "convnn.W_k.weight": (16, 16),
+                                "convnn.W_v.weight": (16, 16), "convnn.W_o.weight": (16, 16),
+                                "convnn.conv.weight": (16, 1, 3)},
+}
+LAYER_STATE_OPTIONS = {
+    "ConvNNAttention standard": dict(convolution_type="standard"),
+    "ConvNNAttention depthwise-separable": dict(convolution_type="depthwise-separable"),
+    "ConvNNAttention standard coordinates": dict(convolution_type="standard", coordinate_encoding=True),
+    "ConvNNAttention spatial": dict(sampling_type="spatial", num_samples=2),
+    "BranchConv ratio 0": dict(branch_ratio=0.0), "BranchConv ratio 1": dict(branch_ratio=1.0),
+    "BranchAttention ratio 0": dict(branch_ratio=0.0), "BranchAttention ratio 1": dict(branch_ratio=1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_STATE))
+def test_layer_parameters_keep_their_recorded_names_and_shapes(case):
+    layer = case.split()[0]
+    model = small_vit(layer, **LAYER_STATE_OPTIONS.get(case, {}))
+    prefix = "transformer_encoder.0.attention."
+    state = {key[len(prefix):]: tuple(value.shape) for key, value in model.state_dict().items()
+             if key.startswith(prefix)}
+    assert state == LAYER_STATE[case]
