@@ -101,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient-norm limit; 0 disables")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--criterion", default="CrossEntropy", choices=["CrossEntropy", "MSE"], help="loss")
-    optimisation.add_argument("--optimizer", default="adamw", choices=["adam", "sgd", "adamw"], help="optimiser")
+    optimisation.add_argument("--criterion", default="CrossEntropy", choices=list(train_eval.LOSSES), help="loss")
+    optimisation.add_argument("--optimizer", default="adamw", choices=list(train_eval.OPTIMIZERS), help="optimiser")
     optimisation.add_argument("--lr", type=float, default=1e-4, help="initial learning rate")
     optimisation.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay")
     optimisation.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optimisation.add_argument("--scheduler", default="none", choices=["step", "cosine", "plateau", "none"],
+    optimisation.add_argument("--scheduler", default="none", choices=list(train_eval.SCHEDULERS),
                               help="learning-rate schedule (plateau watches the test loss)")
     optimisation.add_argument("--lr_step", type=int, default=20, help="step scheduler: epochs between decays")
     optimisation.add_argument("--lr_gamma", type=float, default=0.1, help="step scheduler: decay factor")

@@ -278,6 +278,40 @@ def test_mse_compares_logits_with_one_hot_targets():
     torch.testing.assert_close(losses.mean(), expected)
 
 
+@pytest.mark.parametrize("name, optimizer_class, settings", [
+    ("adam", torch.optim.Adam, dict(lr=0.5, weight_decay=0.25)),
+    ("sgd", torch.optim.SGD, dict(lr=0.5, weight_decay=0.25, momentum=0.75)),
+    ("adamw", torch.optim.AdamW, dict(lr=0.5, weight_decay=0.25)),
+])
+def test_each_optimizer_name_builds_its_optimiser_with_the_settings(name, optimizer_class, settings):
+    optimizer = train_eval.build_optimizer(nn.Linear(2, 2).parameters(), optimizer=name, lr=0.5, weight_decay=0.25,
+                                           momentum=0.75)
+    assert type(optimizer) is optimizer_class
+    assert {key: optimizer.param_groups[0][key] for key in settings} == settings
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("step", lambda s: isinstance(s, torch.optim.lr_scheduler.StepLR) and (s.step_size, s.gamma) == (3, 0.5)),
+    ("cosine", lambda s: isinstance(s, torch.optim.lr_scheduler.CosineAnnealingLR) and s.T_max == 7),
+    ("plateau", lambda s: isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) and s.mode == "min"),
+    ("none", lambda s: s is None),
+])
+def test_each_scheduler_name_builds_its_schedule_with_the_settings(name, expected):
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    assert expected(train_eval.build_scheduler(optimizer, scheduler=name, lr_step=3, lr_gamma=0.5, num_epochs=7))
+
+
+@pytest.mark.parametrize("build, flag", [
+    (lambda: train_eval.build_optimizer([], optimizer="lion", lr=1.0, weight_decay=0.0, momentum=0.0), "--optimizer"),
+    (lambda: train_eval.build_scheduler(None, scheduler="linear", lr_step=1, lr_gamma=1.0, num_epochs=1),
+     "--scheduler"),
+    (lambda: train_eval.per_sample_loss("Hinge", 3), "--criterion"),
+])
+def test_unknown_optimiser_scheduler_or_loss_names_its_flag(build, flag):
+    with pytest.raises(ValueError, match="^" + flag + ": unknown"):
+        build()
+
+
 def test_split_metrics_are_exact_per_sample_averages():
     """Batches of 3 and 1 samples: the split loss is the mean over 4 samples, not over 2 batches."""
     tally = train_eval._Tally(torch.device("cpu"), num_classes=6)
