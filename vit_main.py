@@ -20,7 +20,7 @@ import distributed
 import train_eval
 import utils
 from models.vit import ViT
-from models.vit_layers import LAYER_REGISTRY
+from models.vit_layers import LAYER_REGISTRY, options_from
 
 COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
 # What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
@@ -228,15 +228,10 @@ def resume_path(args: argparse.Namespace) -> Optional[str]:
 
 def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> Dict:
     return dict(
-        img_size=img_size, num_classes=num_classes, layer=args.layer, patch_size=args.patch_size,
+        img_size=img_size, num_classes=num_classes, layer=args.layer,
+        layer_options=options_from(args.layer, vars(args)), patch_size=args.patch_size,
         num_layers=args.num_layers, num_heads=args.num_heads, d_hidden=args.d_hidden, d_mlp=args.d_mlp,
-        dropout=args.dropout, attention_dropout=args.attention_dropout, K=args.K, kernel_size=args.kernel_size,
-        sampling_type=args.sampling_type, num_samples=args.num_samples, sample_padding=args.sample_padding,
-        magnitude_type=args.magnitude_type, coordinate_encoding=args.coordinate_encoding,
-        convolution_type=args.convolution_type, softmax_topk_val=args.softmax_topk_val,
-        similarity_type=args.similarity_type, aggregation_type=args.aggregation_type,
-        branch_ratio=args.branch_ratio, sparse_mode=args.sparse_mode,
-        sparse_context_window=args.sparse_context_window, local_window=args.local_window,
+        dropout=args.dropout, attention_dropout=args.attention_dropout,
     )
 
 

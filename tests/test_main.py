@@ -130,8 +130,9 @@ def test_seed_examples_build_their_models():
 def test_model_config_passes_every_model_flag():
     args = parse("--layer", "BranchConv", "--coordinate_encoding", "--softmax_topk_val", "False", "--kernel_size", "5")
     config = vit_main.model_config(args, img_size=32, num_classes=10)
-    assert config["layer"] == "BranchConv" and config["coordinate_encoding"] is True
-    assert config["softmax_topk_val"] is False and config["kernel_size"] == 5
+    options = config["layer_options"]
+    assert config["layer"] == "BranchConv" and options["coordinate_encoding"] is True
+    assert options["softmax_topk_val"] is False and options["kernel_size"] == 5
     import inspect
     from models.vit import ViT
 

@@ -13,6 +13,7 @@ import train_eval
 import utils
 import vit_main
 from models.vit import ViT
+from models.vit_layers import options_from
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -56,7 +57,7 @@ def test_run_writes_args_and_model_summary(two_epoch_run):
     assert "transformer_encoder" in summary and "MultiHeadConvNNAttention" in summary
     torch.manual_seed(0)
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
-                d_hidden=32, d_mlp=64, K=4)
+                d_hidden=32, d_mlp=64, layer_options={"K": 4})
     assert f"Total parameters: {utils.count_parameters(model):,}" in summary
     gflops = float(re.search(r"GFLOPs per image \(32x32, forward\): (\S+)", summary).group(1))
     assert 0 < gflops < 0.01
@@ -102,7 +103,7 @@ def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
     assert last["args"]["layer"] == "ConvNNAttention" and len(last["history"]) == 2
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
-                d_hidden=32, d_mlp=64, K=4)
+                d_hidden=32, d_mlp=64, layer_options={"K": 4})
     model.load_state_dict(best["model"])  # strict
     assert best["best_accuracy"] == max(record["test_top1"] for record in last["history"])
 
@@ -413,7 +414,7 @@ def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=10, layer=layer, patch_size=4, num_layers=2, num_heads=2, d_hidden=16,
-                d_mlp=32, dropout=0.5, attention_dropout=0.5, K=3).train()
+                d_mlp=32, dropout=0.5, attention_dropout=0.5, layer_options=options_from(layer, {"K": 3})).train()
     compiled = train_eval.compile_network(model, "default", torch.device("cpu"))
     images = torch.randn(4, 3, 16, 16)
     results = []

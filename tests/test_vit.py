@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from models.vit import ViT, build_layer, convert_reference_checkpoint, sinusoidal_table
-from models.vit_layers import LAYER_REGISTRY
+from models.vit_layers import LAYER_REGISTRY, options_from
 
 SMALL = dict(img_size=16, num_classes=5, patch_size=4, num_layers=2, num_heads=2, d_hidden=16, d_mlp=32,
-             dropout=0.0, attention_dropout=0.0, K=3)
+             dropout=0.0, attention_dropout=0.0)
 
 
 def small_vit(layer="Attention", **options):
+    """A small ViT of ``layer`` with K = 3 and those of ``options`` that the layer takes."""
     torch.manual_seed(0)
-    return ViT(layer=layer, **{**SMALL, **options})
+    return ViT(layer=layer, layer_options=options_from(layer, {"K": 3, **options}), **SMALL)
 
 
 def test_sinusoidal_table_follows_the_formula():
@@ -121,9 +122,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
 @pytest.mark.parametrize("options,flag", [
     (dict(patch_size=5), "--patch_size"),
     (dict(num_heads=3), "--num_heads"),
-    (dict(layer="ConvNNAttention", K=18), "--K"),
-    (dict(layer="KvtAttention", K=18), "--K"),
-    (dict(layer="ConvNNAttention", sampling_type="spatial", num_samples=5), "--num_samples"),
+    (dict(layer="ConvNNAttention", layer_options=dict(K=18)), "--K"),
+    (dict(layer="KvtAttention", layer_options=dict(K=18)), "--K"),
+    (dict(layer="ConvNNAttention", layer_options=dict(K=3, sampling_type="spatial", num_samples=5)),
+     "--num_samples"),
     (dict(layer="Nope"), "--layer"),
     (dict(dropout=1.0), "--dropout"),
     (dict(num_layers=0), "--num_layers"),
@@ -133,9 +135,15 @@ def test_model_level_constraints_name_the_flag(options, flag):
         ViT(**{**SMALL, **options})
 
 
+def test_layer_options_default_to_the_table_and_only_the_layers_own_are_taken():
+    layer = ViT(**SMALL, layer="ConvNNAttention", layer_options={"K": 5}).transformer_encoder[0].attention
+    assert (layer.K, layer.convolution_type, layer.sampling_type) == (5, "depthwise", "all")
+    with pytest.raises(TypeError):
+        ViT(**SMALL, layer="Attention", layer_options={"K": 5})
+
+
 def compile_cases():
-    options = dict(d_hidden=24, num_heads=3, attention_dropout=0.0, K=3, kernel_size=3, num_tokens=17,
-                   grid_size=(4, 4), local_window=4, sparse_mode="local", sparse_context_window=4)
+    options = dict(K=3, kernel_size=3, local_window=4, sparse_mode="local", sparse_context_window=4)
     for name in LAYER_REGISTRY:
         yield pytest.param(name, options, id=name)
     yield pytest.param("ConvNNAttention", dict(options, sampling_type="spatial", num_samples=3,
@@ -147,7 +155,8 @@ def compile_cases():
 def test_every_layer_compiles_and_matches_eager(name, options):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = build_layer(name, **options).eval()
+    layer = build_layer(name, d_hidden=24, num_heads=3, attention_dropout=0.0, num_tokens=17, grid_size=(4, 4),
+                        **options_from(name, options)).eval()
     x = torch.randn(5, 17, 24, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=name == "ConvNNAttention")
     compiled_out = compiled(x)
