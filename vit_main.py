@@ -20,6 +20,7 @@ import distributed
 import train_eval
 import utils
 from models.vit import ViT
+from models.layer_options import LAYER_OPTIONS
 from models.vit_layers import LAYER_REGISTRY, options_from
 
 COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
@@ -39,6 +40,15 @@ def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
                               metavar="{True,False}", help=help_text)
 
 
+def _add_layer_options(parser_group, names: List[str]) -> None:
+    for option in map(LAYER_OPTIONS.get, names):
+        if option.type is bool:
+            _boolean(parser_group, f"--{option.name}", option.default, option.help)
+        else:
+            parser_group.add_argument(f"--{option.name}", type=option.type, default=option.default,
+                                      choices=option.choices, help=option.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers.",
@@ -54,32 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.1, help="dropout of the residual branches and MLP")
     model.add_argument("--attention_dropout", type=float, default=0.1, help="dropout inside the token mixer")
 
-    convnn = parser.add_argument_group("ConvNN-Attention")
-    convnn.add_argument("--convolution_type", default="depthwise",
-                        choices=["standard", "depthwise", "depthwise-separable"], help="aggregation convolution")
-    _boolean(convnn, "--softmax_topk_val", True, "softmax over the K neighbour similarities")
-    convnn.add_argument("--K", type=int, default=9, help="neighbours per token (kernel of the aggregation)")
-    convnn.add_argument("--sampling_type", default="all", choices=["all", "random", "spatial"],
-                        help="which tokens are neighbour candidates")
-    convnn.add_argument("--num_samples", type=int, default=-1,
-                        help="random: number of candidates; spatial: side n of the n x n grid; -1 with all")
-    convnn.add_argument("--sample_padding", type=int, default=0, help="border skipped by the spatial grid")
-    convnn.add_argument("--magnitude_type", default="matmul", choices=["cosine", "euclidean", "matmul"],
-                        help="similarity between a query and the candidates' keys")
-    _boolean(convnn, "--coordinate_encoding", False, "append each token's position as an extra channel")
-    convnn.add_argument("--similarity_type", default="Col", choices=["Col", "Loc", "Loc_Col"],
-                        help="neighbours by features (Col), position (Loc) or both")
-    convnn.add_argument("--aggregation_type", default="Col", choices=["Col", "Loc_Col"],
-                        help="Loc_Col appends the position channel to the aggregated values")
-
-    other = parser.add_argument_group("other layers")
-    other.add_argument("--kernel_size", type=int, default=9, help="kernel of the Conv1d layer")
-    other.add_argument("--branch_ratio", type=float, default=0.5,
-                       help="share of channels in the ConvNN branch of BranchConv / BranchAttention")
-    other.add_argument("--sparse_mode", default="all", choices=["all", "local", "strided"],
-                       help="SparseAttention mask")
-    other.add_argument("--sparse_context_window", type=int, default=128, help="SparseAttention window c")
-    other.add_argument("--local_window", type=int, default=128, help="LocalAttention window")
+    convnn_options = LAYER_REGISTRY["ConvNNAttention"].options
+    _add_layer_options(parser.add_argument_group("ConvNN-Attention"),
+                       [name for name in LAYER_OPTIONS if name in convnn_options])
+    _add_layer_options(parser.add_argument_group("other layers"),
+                       [name for name in LAYER_OPTIONS if name not in convnn_options])
 
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", default="cifar10", choices=list(dataset.DATASETS), help="dataset")
@@ -133,21 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def argument_problems(args: argparse.Namespace) -> List[str]:
-    """Every value or combination that cannot work, as one-line messages starting with the flag."""
+    """Every value or combination that cannot work, as one-line messages starting with the flag.
+    The model's flags are checked where the model is built (``ViT`` and its layers), before any data."""
     problems = _number_problems(args)
-    at_least_one = ["num_epochs", "batch_size", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp"]
-    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in at_least_one
+    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in ("num_epochs", "batch_size")
                  if getattr(args, name) < 1]
-    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum", "sample_padding"]
+    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum"]
     problems += [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in not_negative
                  if getattr(args, name) < 0]
+    # Bounds of the layer options, refused whatever --layer is; the layer checks the rest when it is built.
+    problems += list(filter(None, (option.problem(getattr(args, name)) for name, option in LAYER_OPTIONS.items())))
     if args.lr <= 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
-    for name in ("dropout", "attention_dropout"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            problems.append(f"--{name}: must be in [0, 1), got {getattr(args, name)}")
-    if not 0.0 <= args.branch_ratio <= 1.0:
-        problems.append(f"--branch_ratio: must be in [0, 1], got {args.branch_ratio}")
     if args.scheduler == "step" and args.lr_step < 1:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:

@@ -84,6 +84,25 @@ def test_choices_are_exactly_the_documented_ones(flag):
     assert exit_info.value.code == 2
 
 
+def test_layer_flags_keep_their_groups_and_order():
+    groups = {group.title: [action.dest for action in group._group_actions]
+              for group in vit_main.build_parser()._action_groups}
+    assert groups["ConvNN-Attention"] == ["convolution_type", "softmax_topk_val", "K", "sampling_type", "num_samples",
+                                          "sample_padding", "magnitude_type", "coordinate_encoding", "similarity_type",
+                                          "aggregation_type"]
+    assert groups["other layers"] == ["kernel_size", "branch_ratio", "sparse_mode", "sparse_context_window",
+                                      "local_window"]
+
+
+def test_layer_flags_are_made_from_the_option_table():
+    from models.layer_options import LAYER_OPTIONS
+
+    actions = {action.dest: action for action in vit_main.build_parser()._actions}
+    for name, option in LAYER_OPTIONS.items():
+        action = actions[name]
+        assert (action.default, action.help, action.choices) == (option.default, option.help, option.choices), name
+
+
 @pytest.mark.parametrize("flag", ["softmax_topk_val", "coordinate_encoding"])
 @pytest.mark.parametrize("words, expected", [([], True), (["True"], True), (["False"], False),
                                              (["false"], False), (["true"], True)])
