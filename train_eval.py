@@ -1,6 +1,7 @@
 """Training and evaluation: optimiser, scheduler, loss, mixed precision, compilation, the epoch loop."""
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -13,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -38,27 +40,50 @@ NONFINITE_CHECK_INTERVAL = 50
 # ---------------------------------------------------------------------------------------------
 
 
+# Name -> builder tables of the --optimizer, --scheduler and --criterion choices. Each builder is given
+# every setting of its kind and uses those it needs.
+OPTIMIZERS = {
+    "adam": lambda parameters, lr, weight_decay, **_: torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay),
+    "sgd": lambda parameters, lr, weight_decay, momentum: torch.optim.SGD(
+        parameters, lr=lr, weight_decay=weight_decay, momentum=momentum),
+    "adamw": lambda parameters, lr, weight_decay, **_: torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay),
+}
+
+SCHEDULERS = {
+    "step": lambda optimizer, lr_step, lr_gamma, **_: lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma),
+    "cosine": lambda optimizer, num_epochs, **_: lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_epochs),
+    "plateau": lambda optimizer, **_: lr_scheduler.ReduceLROnPlateau(optimizer, mode="min"),
+    "none": lambda optimizer, **_: None,
+}
+
+
+def _cross_entropy(logits, targets, num_classes):
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _mean_squared_error(logits, targets, num_classes):
+    # Logits against one-hot targets; averaging over classes makes the batch mean equal nn.MSELoss.
+    one_hot = F.one_hot(targets, num_classes).to(logits.dtype)
+    return (logits - one_hot).pow(2).mean(dim=1)
+
+
+LOSSES = {"CrossEntropy": _cross_entropy, "MSE": _mean_squared_error}
+
+
+def _chosen(table: Dict, flag: str, name: str):
+    if name not in table:
+        raise ValueError(f"--{flag}: unknown {flag} {name!r}")
+    return table[name]
+
+
 def build_optimizer(parameters, *, optimizer: str, lr: float, weight_decay: float, momentum: float):
-    if optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    if optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    raise ValueError(f"--optimizer: unknown optimizer {optimizer!r}")
+    return _chosen(OPTIMIZERS, "optimizer", optimizer)(parameters, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def build_scheduler(optimizer, *, scheduler: str, lr_step: int, lr_gamma: float, num_epochs: int):
     """A scheduler stepped once per epoch, or None for a constant learning rate."""
-    if scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
-    if scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_epochs)
-    if scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min")
-    if scheduler == "none":
-        return None
-    raise ValueError(f"--scheduler: unknown scheduler {scheduler!r}")
+    return _chosen(SCHEDULERS, "scheduler", scheduler)(optimizer, lr_step=lr_step, lr_gamma=lr_gamma,
+                                                       num_epochs=num_epochs)
 
 
 def cosine_rate(base_lr: float, epoch: int, num_epochs: int, eta_min: float = 0.0) -> float:
@@ -68,16 +93,7 @@ def cosine_rate(base_lr: float, epoch: int, num_epochs: int, eta_min: float = 0.
 
 def per_sample_loss(criterion: str, num_classes: int):
     """A function ``(logits, targets) -> loss of each sample``, so that split losses are exact sums."""
-    if criterion == "CrossEntropy":
-        return lambda logits, targets: F.cross_entropy(logits, targets, reduction="none")
-    if criterion == "MSE":
-        # Logits against one-hot targets; averaging over classes makes the batch mean equal nn.MSELoss.
-        def mse(logits, targets):
-            one_hot = F.one_hot(targets, num_classes).to(logits.dtype)
-            return (logits - one_hot).pow(2).mean(dim=1)
-
-        return mse
-    raise ValueError(f"--criterion: unknown criterion {criterion!r}")
+    return functools.partial(_chosen(LOSSES, "criterion", criterion), num_classes=num_classes)
 
 
 def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,

@@ -22,7 +22,8 @@ import distributed
 import train_eval
 import utils
 from models.vit import ViT
-from models.vit_layers import LAYER_REGISTRY
+from models.layer_options import LAYER_OPTIONS
+from models.vit_layers import LAYER_REGISTRY, options_from
 
 COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
 # What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
@@ -36,13 +37,10 @@ RUNTIME_FAULT = 1
 # --checkpoint none: evaluate a freshly initialised model, which is never done unasked.
 FRESH_MODEL = "none"
 
-# The flags that build the model (the keyword arguments of ViT besides the image size and class count).
-MODEL_FLAGS = (
-    "layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp", "dropout", "attention_dropout", "K",
-    "kernel_size", "sampling_type", "num_samples", "sample_padding", "magnitude_type", "coordinate_encoding",
-    "convolution_type", "softmax_topk_val", "similarity_type", "aggregation_type", "branch_ratio", "sparse_mode",
-    "sparse_context_window", "local_window",
-)
+# The flags that build the model: ViT's own keywords and every layer option (of any layer: a checkpoint's
+# args hold them all, and one that the layer ignores is still refused when changed, which costs nothing).
+MODEL_FLAGS = ("layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp", "dropout",
+               "attention_dropout", *LAYER_OPTIONS)
 # What a checkpoint's weights mean: --test_only takes these from the checkpoint and refuses other values.
 EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
 # Flags of one invocation rather than settings of a run: never taken from a checkpoint.
@@ -56,6 +54,15 @@ def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
     # nargs="?" with const=True: a bare ``--flag`` means True, ``--flag False`` is read as a word.
     parser_group.add_argument(flag, type=utils.str2bool, nargs="?", const=True, default=default,
                               metavar="{True,False}", help=help_text)
+
+
+def _add_layer_options(parser_group, names: List[str]) -> None:
+    for option in map(LAYER_OPTIONS.get, names):
+        if option.type is bool:
+            _boolean(parser_group, f"--{option.name}", option.default, option.help)
+        else:
+            parser_group.add_argument(f"--{option.name}", type=option.type, default=option.default,
+                                      choices=option.choices, help=option.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,32 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.1, help="dropout of the residual branches and MLP")
     model.add_argument("--attention_dropout", type=float, default=0.1, help="dropout inside the token mixer")
 
-    convnn = parser.add_argument_group("ConvNN-Attention")
-    convnn.add_argument("--convolution_type", default="depthwise",
-                        choices=["standard", "depthwise", "depthwise-separable"], help="aggregation convolution")
-    _boolean(convnn, "--softmax_topk_val", True, "softmax over the K neighbour similarities")
-    convnn.add_argument("--K", type=int, default=9, help="neighbours per token (kernel of the aggregation)")
-    convnn.add_argument("--sampling_type", default="all", choices=["all", "random", "spatial"],
-                        help="which tokens are neighbour candidates")
-    convnn.add_argument("--num_samples", type=int, default=-1,
-                        help="random: number of candidates; spatial: side n of the n x n grid; -1 with all")
-    convnn.add_argument("--sample_padding", type=int, default=0, help="border skipped by the spatial grid")
-    convnn.add_argument("--magnitude_type", default="matmul", choices=["cosine", "euclidean", "matmul"],
-                        help="similarity between a query and the candidates' keys")
-    _boolean(convnn, "--coordinate_encoding", False, "append each token's position as an extra channel")
-    convnn.add_argument("--similarity_type", default="Col", choices=["Col", "Loc", "Loc_Col"],
-                        help="neighbours by features (Col), position (Loc) or both")
-    convnn.add_argument("--aggregation_type", default="Col", choices=["Col", "Loc_Col"],
-                        help="Loc_Col appends the position channel to the aggregated values")
-
-    other = parser.add_argument_group("other layers")
-    other.add_argument("--kernel_size", type=int, default=9, help="kernel of the Conv1d layer")
-    other.add_argument("--branch_ratio", type=float, default=0.5,
-                       help="share of channels in the ConvNN branch of BranchConv / BranchAttention")
-    other.add_argument("--sparse_mode", default="all", choices=["all", "local", "strided"],
-                       help="SparseAttention mask")
-    other.add_argument("--sparse_context_window", type=int, default=128, help="SparseAttention window c")
-    other.add_argument("--local_window", type=int, default=128, help="LocalAttention window")
+    convnn_options = LAYER_REGISTRY["ConvNNAttention"].options
+    _add_layer_options(parser.add_argument_group("ConvNN-Attention"),
+                       [name for name in LAYER_OPTIONS if name in convnn_options])
+    _add_layer_options(parser.add_argument_group("other layers"),
+                       [name for name in LAYER_OPTIONS if name not in convnn_options])
 
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", default="cifar10", choices=list(dataset.DATASETS), help="dataset")
@@ -120,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient-norm limit; 0 disables")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--criterion", default="CrossEntropy", choices=["CrossEntropy", "MSE"], help="loss")
-    optimisation.add_argument("--optimizer", default="adamw", choices=["adam", "sgd", "adamw"], help="optimiser")
+    optimisation.add_argument("--criterion", default="CrossEntropy", choices=list(train_eval.LOSSES), help="loss")
+    optimisation.add_argument("--optimizer", default="adamw", choices=list(train_eval.OPTIMIZERS), help="optimiser")
     optimisation.add_argument("--lr", type=float, default=1e-4, help="initial learning rate")
     optimisation.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay")
     optimisation.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optimisation.add_argument("--scheduler", default="none", choices=["step", "cosine", "plateau", "none"],
+    optimisation.add_argument("--scheduler", default="none", choices=list(train_eval.SCHEDULERS),
                               help="learning-rate schedule (plateau watches the test loss)")
     optimisation.add_argument("--lr_step", type=int, default=20, help="step scheduler: epochs between decays")
     optimisation.add_argument("--lr_gamma", type=float, default=0.1, help="step scheduler: decay factor")
@@ -153,21 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def argument_problems(args: argparse.Namespace) -> List[str]:
-    """Every value or combination that cannot work, as one-line messages starting with the flag."""
+    """Every value or combination that cannot work, as one-line messages starting with the flag.
+    The model's flags are checked where the model is built (``ViT`` and its layers), before any data."""
     problems = _number_problems(args)
-    at_least_one = ["num_epochs", "batch_size", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp"]
-    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in at_least_one
+    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in ("num_epochs", "batch_size")
                  if getattr(args, name) < 1]
-    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum", "sample_padding"]
+    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum"]
     problems += [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in not_negative
                  if getattr(args, name) < 0]
+    # Bounds of the layer options, refused whatever --layer is; the layer checks the rest when it is built.
+    problems += list(filter(None, (option.problem(getattr(args, name)) for name, option in LAYER_OPTIONS.items())))
     if args.lr <= 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
-    for name in ("dropout", "attention_dropout"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            problems.append(f"--{name}: must be in [0, 1), got {getattr(args, name)}")
-    if not 0.0 <= args.branch_ratio <= 1.0:
-        problems.append(f"--branch_ratio: must be in [0, 1], got {args.branch_ratio}")
     if args.scheduler == "step" and args.lr_step < 1:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:
@@ -420,7 +403,12 @@ def _warn_unstored(path: str, args: argparse.Namespace, stored: Dict) -> None:
 
 
 def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> Dict:
-    return dict(img_size=img_size, num_classes=num_classes, **{name: getattr(args, name) for name in MODEL_FLAGS})
+    return dict(
+        img_size=img_size, num_classes=num_classes, layer=args.layer,
+        layer_options=options_from(args.layer, vars(args)), patch_size=args.patch_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, d_hidden=args.d_hidden, d_mlp=args.d_mlp,
+        dropout=args.dropout, attention_dropout=args.attention_dropout,
+    )
 
 
 def trainer_config(args: argparse.Namespace) -> Dict:

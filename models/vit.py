@@ -1,13 +1,12 @@
 """Vision Transformer whose token mixer is chosen by name from ``LAYER_REGISTRY`` (SPEC section 1)."""
 
-import inspect
-from typing import Dict
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.vit_layers import LAYER_REGISTRY, MultiHeadConvNNAttention
+from models.vit_layers import layer_class
 
 
 class PatchEmbedding(nn.Module):
@@ -60,31 +59,27 @@ class EncoderBlock(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-def _accepted_keywords(layer_class) -> set:
-    parameters = inspect.signature(layer_class).parameters
-    names = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        names |= set(inspect.signature(MultiHeadConvNNAttention).parameters) - {"d_hidden"}
-    return names
-
-
-def build_layer(layer: str, **options) -> nn.Module:
-    """Builds the ``--layer`` named ``layer``, passing it the options its constructor takes."""
-    if layer not in LAYER_REGISTRY:
-        raise ValueError(f"--layer: {layer!r} is not one of {', '.join(LAYER_REGISTRY)}")
-    layer_class = LAYER_REGISTRY[layer]
-    accepted = _accepted_keywords(layer_class)
-    return layer_class(**{name: value for name, value in options.items() if name in accepted})
+def build_layer(layer: str, *, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, **options) -> nn.Module:
+    """Builds the ``--layer`` named ``layer`` from the structural arguments every layer takes and the
+    options it names (``LAYER_REGISTRY[layer].options``); options not given keep their defaults."""
+    return layer_class(layer)(d_hidden, num_heads, attention_dropout, num_tokens, grid_size, **options)
 
 
 class ViT(nn.Module):
-    """ViT built from keyword arguments named after the command-line flags."""
+    """ViT whose every block mixes tokens with the ``layer`` built from ``layer_options``.
+
+    ``layer_options`` maps option names (the layer's flags without ``--``) to values; it may hold only
+    options the layer takes (``LAYER_REGISTRY[layer].options``), and those missing keep their defaults.
+    The other keywords are named after their command-line flags.
+    """
 
     def __init__(
         self,
         img_size: int,
         num_classes: int,
         layer: str = "Attention",
+        layer_options: Optional[Mapping] = None,
         patch_size: int = 16,
         num_layers: int = 12,
         num_heads: int = 3,
@@ -92,40 +87,20 @@ class ViT(nn.Module):
         d_mlp: int = 768,
         dropout: float = 0.1,
         attention_dropout: float = 0.1,
-        K: int = 9,
-        kernel_size: int = 9,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "matmul",
-        coordinate_encoding: bool = False,
-        convolution_type: str = "depthwise",
-        softmax_topk_val: bool = True,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
-        branch_ratio: float = 0.5,
-        sparse_mode: str = "all",
-        sparse_context_window: int = 128,
-        local_window: int = 128,
     ):
         super().__init__()
         _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout)
         grid_side = img_size // patch_size
         self.num_tokens = grid_side * grid_side + 1
         self.activation_checkpointing = False
-        layer_options = dict(
-            d_hidden=d_hidden, num_heads=num_heads, attention_dropout=attention_dropout, K=K,
-            kernel_size=kernel_size, sampling_type=sampling_type, num_samples=num_samples,
-            sample_padding=sample_padding, magnitude_type=magnitude_type, coordinate_encoding=coordinate_encoding,
-            convolution_type=convolution_type, softmax_topk_val=softmax_topk_val, similarity_type=similarity_type,
-            aggregation_type=aggregation_type, branch_ratio=branch_ratio, sparse_mode=sparse_mode,
-            sparse_context_window=sparse_context_window, local_window=local_window,
-            num_tokens=self.num_tokens, grid_size=(grid_side, grid_side),
-        )
+        structure = dict(d_hidden=d_hidden, num_heads=num_heads, attention_dropout=attention_dropout,
+                         num_tokens=self.num_tokens, grid_size=(grid_side, grid_side))
+        options = dict(layer_options or {})
         self.patch_embedding = PatchEmbedding(patch_size, d_hidden)
         self.positional_encoding = PositionalEncoding(self.num_tokens, d_hidden)
         self.transformer_encoder = nn.ModuleList(
-            EncoderBlock(build_layer(layer, **layer_options), d_hidden, d_mlp, dropout) for _ in range(num_layers)
+            EncoderBlock(build_layer(layer, **structure, **options), d_hidden, d_mlp, dropout)
+            for _ in range(num_layers)
         )
         self.classifier = nn.Linear(d_hidden, num_classes)
 
@@ -144,7 +119,9 @@ class ViT(nn.Module):
 
 
 def _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout):
-    if patch_size < 1 or img_size % patch_size:
+    if patch_size < 1:
+        raise ValueError(f"--patch_size: must be >= 1, got {patch_size}")
+    if img_size % patch_size:
         raise ValueError(
             f"--patch_size: {patch_size} does not divide the image side {img_size}; "
             "choose a divisor or change --resize"

@@ -2,23 +2,31 @@
 
 Every layer maps ``(B, N, D) -> (B, N, D)``; token 0 is the class token and tokens ``1..P`` are
 patches in raster order on an ``Hp x Wp`` grid. See ``SPEC.md`` section 2 for what each computes.
+
+Every constructor takes the same structural arguments, ``(d_hidden, num_heads, attention_dropout,
+num_tokens, grid_size)`` (the width, the heads, the dropout inside the layer, ``N`` and ``(Hp, Wp)``;
+a layer ignores those it does not need), then, by keyword only, the options that its ``options``
+attribute names; ``models.layer_options`` declares each option and its default.
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layer_options import (
+    AGGREGATION_TYPES,
+    CONVOLUTION_TYPES,
+    MAGNITUDE_TYPES,
+    SAMPLING_TYPES,
+    SIMILARITY_TYPES,
+    SPARSE_MODES,
+    check_bounds,
+    default,
+)
 from models.neighbour_conv import neighbour_conv
-
-SAMPLING_TYPES = ("all", "random", "spatial")
-MAGNITUDE_TYPES = ("matmul", "cosine", "euclidean")
-CONVOLUTION_TYPES = ("standard", "depthwise", "depthwise-separable")
-SIMILARITY_TYPES = ("Col", "Loc", "Loc_Col")
-AGGREGATION_TYPES = ("Col", "Loc_Col")
-SPARSE_MODES = ("all", "local", "strided")
 
 
 def _choice(flag: str, value, choices: Sequence) -> None:
@@ -47,7 +55,10 @@ def _merge_heads(x: Tensor) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """Standard multi-head self-attention through PyTorch's fused kernel."""
 
-    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0):
+    options = ()
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None):
         super().__init__()
         _check_heads(d_hidden, num_heads)
         self.num_heads = num_heads
@@ -104,23 +115,27 @@ class MultiHeadConvNNAttention(nn.Module):
     when the layer is built; ``spatial`` sampling requires ``grid_size``.
     """
 
+    options = ("convolution_type", "softmax_topk_val", "K", "sampling_type", "num_samples", "sample_padding",
+               "magnitude_type", "coordinate_encoding", "similarity_type", "aggregation_type")
+
     def __init__(
         self,
         d_hidden: int,
         num_heads: int = 1,
         attention_dropout: float = 0.0,
-        K: int = 9,
-        sampling_type: str = "all",
-        num_samples: int = -1,
-        sample_padding: int = 0,
-        magnitude_type: str = "matmul",
-        coordinate_encoding: bool = False,
-        convolution_type: str = "depthwise",
-        softmax_topk_val: bool = True,
-        similarity_type: str = "Col",
-        aggregation_type: str = "Col",
         num_tokens: Optional[int] = None,
         grid_size: Optional[Tuple[int, int]] = None,
+        *,
+        convolution_type: str = default("convolution_type"),
+        softmax_topk_val: bool = default("softmax_topk_val"),
+        K: int = default("K"),
+        sampling_type: str = default("sampling_type"),
+        num_samples: int = default("num_samples"),
+        sample_padding: int = default("sample_padding"),
+        magnitude_type: str = default("magnitude_type"),
+        coordinate_encoding: bool = default("coordinate_encoding"),
+        similarity_type: str = default("similarity_type"),
+        aggregation_type: str = default("aggregation_type"),
     ):
         super().__init__()
         _choice("--sampling_type", sampling_type, SAMPLING_TYPES)
@@ -162,8 +177,7 @@ class MultiHeadConvNNAttention(nn.Module):
     @staticmethod
     def _checked_grid(grid_size, num_samples: int, padding: int) -> Tensor:
         height, width = grid_size
-        if padding < 0:
-            raise ValueError(f"--sample_padding: must be >= 0, got {padding}")
+        check_bounds("sample_padding", padding)
         if num_samples < 1:
             raise ValueError(
                 f"--num_samples: spatial sampling needs a grid side >= 1 (e.g. 3 for 3x3), got {num_samples}"
@@ -319,8 +333,11 @@ class MultiHeadConvNNAttention(nn.Module):
 class MultiHeadKvtAttention(nn.Module):
     """k-NN attention (KVT): each query keeps exactly its ``K`` largest scores before the softmax."""
 
-    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, K: int = 9,
-                 num_tokens: Optional[int] = None):
+    options = ("K",)
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, *,
+                 K: int = default("K")):
         super().__init__()
         _check_heads(d_hidden, num_heads)
         if K < 1 or (num_tokens is not None and K > num_tokens):
@@ -360,8 +377,11 @@ class MultiHeadLocalAttention(nn.Module):
     """Windowed attention with heads of width 64 and rotary positions (SPEC 2.6)."""
 
     head_width = 64
+    options = ("local_window",)
 
-    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, local_window: int = 128):
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, *,
+                 local_window: int = default("local_window")):
         super().__init__()
         if local_window < 0:
             raise ValueError(f"--local_window: must be >= 0, got {local_window}")
@@ -387,8 +407,12 @@ class MultiHeadLocalAttention(nn.Module):
 class MultiHeadSparseAttention(nn.Module):
     """Multi-head attention under a fixed bidirectional sparsity mask (SPEC 2.7)."""
 
-    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0, sparse_mode: str = "all",
-                 sparse_context_window: int = 128):
+    options = ("sparse_mode", "sparse_context_window")
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, *,
+                 sparse_mode: str = default("sparse_mode"),
+                 sparse_context_window: int = default("sparse_context_window")):
         super().__init__()
         _check_heads(d_hidden, num_heads)
         _choice("--sparse_mode", sparse_mode, SPARSE_MODES)
@@ -420,7 +444,11 @@ class MultiHeadSparseAttention(nn.Module):
 class MultiHeadConv1dAttention(nn.Module):
     """A 1-D convolution along the token sequence, one kernel shared by all heads (SPEC 2.8)."""
 
-    def __init__(self, d_hidden: int, num_heads: int, kernel_size: int = 9, num_tokens: Optional[int] = None):
+    options = ("kernel_size",)
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, *,
+                 kernel_size: int = default("kernel_size")):
         super().__init__()
         _check_heads(d_hidden, num_heads)
         if kernel_size < 1:
@@ -447,15 +475,28 @@ class MultiHeadConv1dAttention(nn.Module):
         return self.W_o(_merge_heads(mixed))
 
 
-class _Branching(nn.Module):
-    """ConvNN-Attention on the first ``int(branch_ratio * D)`` channels, another layer on the rest."""
+class MultiHeadBranching(nn.Module):
+    """ConvNN-Attention on the first ``int(branch_ratio * D)`` channels, another layer on the rest.
 
+    A subclass names the other layer (``other_class``) and the attribute holding it (``other_name``, part
+    of the checkpoint keys); it takes the options of both layers and ``branch_ratio``.
+    """
+
+    other_class: type
     other_name: str
 
-    def __init__(self, d_hidden: int, branch_ratio: float, convnn_options: dict, build_other):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.options = (*MultiHeadConvNNAttention.options, *cls.other_class.options, "branch_ratio")
+
+    def __init__(self, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
+                 num_tokens: Optional[int] = None, grid_size: Optional[Tuple[int, int]] = None, *,
+                 branch_ratio: float = default("branch_ratio"), **options):
         super().__init__()
-        if not 0.0 <= branch_ratio <= 1.0:
-            raise ValueError(f"--branch_ratio: must be in [0, 1], got {branch_ratio}")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes no option {', '.join(unknown)}")
+        check_bounds("branch_ratio", branch_ratio)
         self.split = int(branch_ratio * d_hidden)
         if self.split == 0 and branch_ratio > 0:
             # Only 0 itself may mean "the other branch alone"; a small ratio rounding down to it would
@@ -465,10 +506,16 @@ class _Branching(nn.Module):
                 f"(int(ratio x --d_hidden)); use at least {math.ceil(10_000 / d_hidden) / 10_000}, "
                 f"or 0 for the {self.other_name} branch alone"
             )
+        structure = dict(num_heads=num_heads, attention_dropout=attention_dropout, num_tokens=num_tokens,
+                         grid_size=grid_size)
         if self.split > 0:
-            self.convnn = MultiHeadConvNNAttention(d_hidden=self.split, **convnn_options)
+            self.convnn = MultiHeadConvNNAttention(self.split, **structure,
+                                                   **_options_of(MultiHeadConvNNAttention, options))
         if self.split < d_hidden:
-            setattr(self, self.other_name, build_other(d_hidden - self.split))
+            width = d_hidden - self.split
+            _branch_heads(width, num_heads)
+            setattr(self, self.other_name, self.other_class(width, **structure,
+                                                            **_options_of(self.other_class, options)))
         if 0 < self.split < d_hidden:
             self.pointwise_linear = nn.Linear(d_hidden, d_hidden)
 
@@ -482,6 +529,10 @@ class _Branching(nn.Module):
         return self.pointwise_linear(mixed)
 
 
+def _options_of(layer_class, options: dict) -> dict:
+    return {name: value for name, value in options.items() if name in layer_class.options}
+
+
 def _branch_heads(width: int, num_heads: int) -> None:
     if width % num_heads:
         raise ValueError(
@@ -490,33 +541,16 @@ def _branch_heads(width: int, num_heads: int) -> None:
         )
 
 
-class MultiHeadBranchingConv(_Branching):
+class MultiHeadBranchingConv(MultiHeadBranching):
     """ConvNN-Attention beside a :class:`MultiHeadConv1dAttention` branch."""
 
-    other_name = "conv1d"
-
-    def __init__(self, d_hidden: int, num_heads: int, branch_ratio: float = 0.5, kernel_size: int = 9,
-                 **convnn_options):
-        def build_conv1d(width):
-            _branch_heads(width, num_heads)
-            return MultiHeadConv1dAttention(width, num_heads, kernel_size, convnn_options.get("num_tokens"))
-
-        super().__init__(d_hidden, branch_ratio, dict(convnn_options, num_heads=num_heads), build_conv1d)
+    other_class, other_name = MultiHeadConv1dAttention, "conv1d"
 
 
-class MultiHeadBranchingAttention(_Branching):
+class MultiHeadBranchingAttention(MultiHeadBranching):
     """ConvNN-Attention beside a :class:`MultiHeadAttention` branch."""
 
-    other_name = "attention"
-
-    def __init__(self, d_hidden: int, num_heads: int, branch_ratio: float = 0.5, attention_dropout: float = 0.0,
-                 **convnn_options):
-        def build_attention(width):
-            _branch_heads(width, num_heads)
-            return MultiHeadAttention(width, num_heads, attention_dropout)
-
-        options = dict(convnn_options, num_heads=num_heads, attention_dropout=attention_dropout)
-        super().__init__(d_hidden, branch_ratio, options, build_attention)
+    other_class, other_name = MultiHeadAttention, "attention"
 
 
 LAYER_REGISTRY = {
@@ -529,3 +563,20 @@ LAYER_REGISTRY = {
     "BranchConv": MultiHeadBranchingConv,
     "BranchAttention": MultiHeadBranchingAttention,
 }
+
+
+def layer_class(layer: str) -> type:
+    """The class of the ``--layer`` named ``layer``."""
+    if layer not in LAYER_REGISTRY:
+        raise ValueError(f"--layer: {layer!r} is not one of {', '.join(LAYER_REGISTRY)}")
+    return LAYER_REGISTRY[layer]
+
+
+def layers_taking(option: str) -> Tuple[str, ...]:
+    """The ``--layer`` names whose layer takes ``option``, e.g. ``layers_taking("K")``."""
+    return tuple(name for name, layer in LAYER_REGISTRY.items() if option in layer.options)
+
+
+def options_from(layer: str, values: Mapping) -> dict:
+    """The options of ``layer`` found in ``values`` (e.g. all the flags); those absent keep their defaults."""
+    return {name: values[name] for name in layer_class(layer).options if name in values}

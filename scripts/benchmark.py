@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
+from models.vit_layers import options_from  # noqa: E402
 from train_eval import AMP_DTYPE, compile_network, make_loaders  # noqa: E402
 from utils import synchronize  # noqa: E402
 
@@ -84,12 +85,14 @@ def layer_table(device, dtype, repeats, warmup, shapes=SHAPES):
     rows = []
     for batch, seq_len in shapes:
         grid_side = math.isqrt(seq_len - 1)
-        options = dict(d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, K=9, kernel_size=9,
-                       num_tokens=seq_len, grid_size=(grid_side, grid_side), branch_ratio=0.5)
+        structure = dict(d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, num_tokens=seq_len,
+                         grid_size=(grid_side, grid_side))
         x = torch.randn(batch, seq_len, WIDTH, device=device, requires_grad=True)
         names, steps, forwards = [], [], []
         for name, extra in LAYER_CASES:
-            layer = build_layer(name.split()[0], **options, **extra).to(device).train()
+            layer_name = name.split()[0]
+            options = options_from(layer_name, dict(K=9, kernel_size=9, branch_ratio=0.5, **extra))
+            layer = build_layer(layer_name, **structure, **options).to(device).train()
 
             def forward(layer=layer):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -31,12 +31,13 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.vit_layers import layers_taking  # noqa: E402
 from utils import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
 
-# Layers whose behaviour depends on --K, and those that contain a ConvNN layer (which alone use
-# the sampling and the convolution type). For the others these columns read "-".
-LAYERS_USING_K = {"ConvNNAttention", "KvtAttention", "BranchConv", "BranchAttention"}
-LAYERS_WITH_CONVNN = {"ConvNNAttention", "BranchConv", "BranchAttention"}
+# The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
+LAYERS_USING_K = layers_taking("K")
+LAYERS_USING_SAMPLING = layers_taking("sampling_type")
+LAYERS_USING_CONVOLUTION = layers_taking("convolution_type")
 NOT_APPLICABLE = "-"
 
 CSV_COLUMNS = ["run", "finished", "layer", "K", "sampling", "convolution_type", "parameters", "gflops",
@@ -199,7 +200,7 @@ def is_finished(run: str) -> bool:
 
 
 def sampling_label(arguments: Dict[str, str]) -> str:
-    if arguments.get("layer") not in LAYERS_WITH_CONVNN:
+    if arguments.get("layer") not in LAYERS_USING_SAMPLING:
         return NOT_APPLICABLE
     sampling_type = arguments.get("sampling_type", "all")
     num_samples = integer_argument(arguments, "num_samples")
@@ -220,7 +221,8 @@ def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
         "layer": layer,
         "K": k if k is not None else NOT_APPLICABLE,
         "sampling": sampling_label(arguments),
-        "convolution_type": arguments.get("convolution_type", "?") if layer in LAYERS_WITH_CONVNN else NOT_APPLICABLE,
+        "convolution_type": arguments.get("convolution_type", "?") if layer in LAYERS_USING_CONVOLUTION
+        else NOT_APPLICABLE,
         **read_model_summary(run),
         "epochs": f"{len(epochs)}/{num_epochs if num_epochs is not None else '?'}",
         "best_top1": None, "best_epoch": None, "final_top1": None, "average_epoch_seconds": None,

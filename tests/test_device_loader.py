@@ -119,7 +119,7 @@ def test_device_path_trains_and_resumes_exactly(tiny_argv, tmp_path, monkeypatch
 def compiled_trainer():
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=1, num_heads=2,
-                d_hidden=16, d_mlp=16, K=3)
+                d_hidden=16, d_mlp=16, layer_options={"K": 3})
     return train_eval.Trainer(model=model, device=torch.device("cpu"), num_classes=10, optimizer="sgd", lr=0.1,
                               weight_decay=0.0, momentum=0.0, scheduler="none", lr_step=1, lr_gamma=1.0,
                               num_epochs=3, criterion="CrossEntropy", clip_grad_norm=1.0, use_amp=False,

@@ -1,14 +1,17 @@
 """The other token mixers against plain attention, branching extremes, batch behaviour and constraints."""
 
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from models.layer_options import LAYER_OPTIONS
 from models.vit_layers import (
     LAYER_REGISTRY,
     MultiHeadAttention,
+    MultiHeadBranching,
     MultiHeadBranchingAttention,
     MultiHeadBranchingConv,
     MultiHeadConv1dAttention,
@@ -16,6 +19,8 @@ from models.vit_layers import (
     MultiHeadKvtAttention,
     MultiHeadLocalAttention,
     MultiHeadSparseAttention,
+    layers_taking,
+    options_from,
 )
 from models.vit import build_layer
 
@@ -189,14 +194,14 @@ def test_branching_splits_channels_and_mixes_them():
 
 def every_layer(seq_len, width=WIDTH):
     grid_side = math.isqrt(seq_len - 1)
-    options = dict(d_hidden=width, num_heads=HEADS, attention_dropout=0.1, K=3, kernel_size=3,
-                   num_tokens=seq_len, grid_size=(grid_side, grid_side), branch_ratio=0.5, local_window=2,
-                   sparse_mode="local", sparse_context_window=4)
+    structure = dict(d_hidden=width, num_heads=HEADS, attention_dropout=0.1, num_tokens=seq_len,
+                     grid_size=(grid_side, grid_side))
+    options = dict(K=3, kernel_size=3, branch_ratio=0.5, local_window=2, sparse_mode="local", sparse_context_window=4)
     for name in LAYER_REGISTRY:
-        yield name, build_layer(name, **options).double()
-    yield "ConvNNAttention-random", build_layer("ConvNNAttention", **options, sampling_type="random",
+        yield name, build_layer(name, **structure, **options_from(name, options)).double()
+    yield "ConvNNAttention-random", build_layer("ConvNNAttention", **structure, K=3, sampling_type="random",
                                                 num_samples=5).double()
-    yield "ConvNNAttention-spatial", build_layer("ConvNNAttention", **options, sampling_type="spatial",
+    yield "ConvNNAttention-spatial", build_layer("ConvNNAttention", **structure, K=3, sampling_type="spatial",
                                                  num_samples=2).double()
 
 
@@ -249,3 +254,43 @@ def test_constraints_raise_value_error_naming_the_flag(build, flag):
 def test_all_sampling_ignores_num_samples():
     layer = MultiHeadConvNNAttention(12, K=3, sampling_type="all", num_samples=-7, num_tokens=10)
     assert layer(torch.randn(2, 10, 12)).shape == (2, 10, 12)
+
+
+STRUCTURE = ("d_hidden", "num_heads", "attention_dropout", "num_tokens", "grid_size")
+
+
+@pytest.mark.parametrize("name", list(LAYER_REGISTRY))
+def test_every_layer_takes_the_structural_arguments_then_the_options_it_names(name):
+    layer_class = LAYER_REGISTRY[name]
+    parameters = list(inspect.signature(layer_class).parameters.values())
+    assert tuple(p.name for p in parameters[: len(STRUCTURE)]) == STRUCTURE
+    assert set(layer_class.options) <= set(LAYER_OPTIONS)
+    if issubclass(layer_class, MultiHeadBranching):
+        return
+    by_keyword = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert tuple(p.name for p in by_keyword) == layer_class.options
+    assert all(p.default == LAYER_OPTIONS[p.name].default for p in by_keyword)
+
+
+def test_a_branching_layer_takes_the_options_of_both_branches_and_the_ratio():
+    assert MultiHeadBranchingConv.options == (*MultiHeadConvNNAttention.options, "kernel_size", "branch_ratio")
+    assert MultiHeadBranchingAttention.options == (*MultiHeadConvNNAttention.options, "branch_ratio")
+    layer = MultiHeadBranchingConv(WIDTH, HEADS, num_tokens=11, K=4, kernel_size=5, convolution_type="standard")
+    assert (layer.convnn.K, layer.conv1d.conv.kernel_size, layer.convnn.convolution_type) == (4, (5,), "standard")
+
+
+def test_the_registry_names_the_layers_taking_an_option():
+    assert layers_taking("K") == ("ConvNNAttention", "KvtAttention", "BranchConv", "BranchAttention")
+    assert layers_taking("sampling_type") == ("ConvNNAttention", "BranchConv", "BranchAttention")
+    assert layers_taking("kernel_size") == ("Conv1d", "BranchConv")
+    assert options_from("KvtAttention", {"K": 4, "local_window": 2, "lr": 0.1}) == {"K": 4}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: build_layer("Attention", d_hidden=WIDTH, num_heads=HEADS, K=3),
+    lambda: build_layer("BranchAttention", d_hidden=WIDTH, num_heads=HEADS, num_tokens=11, K=3, kernel_size=3),
+    lambda: MultiHeadBranchingConv(WIDTH, HEADS, num_tokens=11, local_window=3),
+])
+def test_an_option_the_layer_does_not_take_is_refused(build):
+    with pytest.raises(TypeError):
+        build()

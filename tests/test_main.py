@@ -84,6 +84,25 @@ def test_choices_are_exactly_the_documented_ones(flag):
     assert exit_info.value.code == 2
 
 
+def test_layer_flags_keep_their_groups_and_order():
+    groups = {group.title: [action.dest for action in group._group_actions]
+              for group in vit_main.build_parser()._action_groups}
+    assert groups["ConvNN-Attention"] == ["convolution_type", "softmax_topk_val", "K", "sampling_type", "num_samples",
+                                          "sample_padding", "magnitude_type", "coordinate_encoding", "similarity_type",
+                                          "aggregation_type"]
+    assert groups["other layers"] == ["kernel_size", "branch_ratio", "sparse_mode", "sparse_context_window",
+                                      "local_window"]
+
+
+def test_layer_flags_are_made_from_the_option_table():
+    from models.layer_options import LAYER_OPTIONS
+
+    actions = {action.dest: action for action in vit_main.build_parser()._actions}
+    for name, option in LAYER_OPTIONS.items():
+        action = actions[name]
+        assert (action.default, action.help, action.choices) == (option.default, option.help, option.choices), name
+
+
 @pytest.mark.parametrize("flag", ["softmax_topk_val", "coordinate_encoding"])
 @pytest.mark.parametrize("words, expected", [([], True), (["True"], True), (["False"], False),
                                              (["false"], False), (["true"], True)])
@@ -140,8 +159,9 @@ def test_seed_examples_build_their_models():
 def test_model_config_passes_every_model_flag():
     args = parse("--layer", "BranchConv", "--coordinate_encoding", "--softmax_topk_val", "False", "--kernel_size", "5")
     config = vit_main.model_config(args, img_size=32, num_classes=10)
-    assert config["layer"] == "BranchConv" and config["coordinate_encoding"] is True
-    assert config["softmax_topk_val"] is False and config["kernel_size"] == 5
+    options = config["layer_options"]
+    assert config["layer"] == "BranchConv" and options["coordinate_encoding"] is True
+    assert options["softmax_topk_val"] is False and options["kernel_size"] == 5
     import inspect
     from models.vit import ViT
 

@@ -54,7 +54,7 @@ def test_matmul_selection_with_hand_set_weights_is_the_nearest_rotated_query():
 def test_loc_selection_in_every_layer_of_a_vit_is_the_positional_neighbourhood():
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=3, layer="ConvNNAttention", patch_size=4, num_layers=2, num_heads=1,
-                d_hidden=8, d_mlp=16, K=5, similarity_type="Loc").eval()
+                d_hidden=8, d_mlp=16, layer_options=dict(K=5, similarity_type="Loc")).eval()
     selections = neighbour_maps.collect_selections(model, torch.randn(2, 3, 16, 16))
 
     assert [s.name for s in selections] == ["transformer_encoder.0.attention", "transformer_encoder.1.attention"]
@@ -67,7 +67,7 @@ def test_loc_selection_in_every_layer_of_a_vit_is_the_positional_neighbourhood()
 def test_branching_layers_show_their_convnn_part():
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=3, layer="BranchAttention", patch_size=4, num_layers=2, num_heads=2,
-                d_hidden=8, d_mlp=16, K=5).eval()
+                d_hidden=8, d_mlp=16, layer_options={"K": 5}).eval()
     selections = neighbour_maps.collect_selections(model, torch.randn(1, 3, 16, 16))
     assert [neighbour_maps.layer_label(s.name) for s in selections] == \
         ["block 0 (ConvNN branch)", "block 1 (ConvNN branch)"]
@@ -77,7 +77,7 @@ def test_branching_layers_show_their_convnn_part():
 def test_collected_selection_is_what_the_layer_computes_from_its_input():
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=3, layer="ConvNNAttention", patch_size=4, num_layers=2, num_heads=1,
-                d_hidden=8, d_mlp=16, K=4, sampling_type="spatial", num_samples=3).eval()
+                d_hidden=8, d_mlp=16, layer_options=dict(K=4, sampling_type="spatial", num_samples=3)).eval()
     layer_inputs = []
     hooks = [layer.register_forward_pre_hook(lambda module, args: layer_inputs.append(args[0]))
              for _, layer in neighbour_maps.convnn_layers(model)]

@@ -14,6 +14,7 @@ import train_eval
 import utils
 import vit_main
 from models.vit import ViT
+from models.vit_layers import options_from
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -57,7 +58,7 @@ def test_run_writes_args_and_model_summary(two_epoch_run):
     assert "transformer_encoder" in summary and "MultiHeadConvNNAttention" in summary
     torch.manual_seed(0)
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
-                d_hidden=32, d_mlp=64, K=4)
+                d_hidden=32, d_mlp=64, layer_options={"K": 4})
     assert f"Total parameters: {utils.count_parameters(model):,}" in summary
     gflops = float(re.search(r"GFLOPs per image \(32x32, forward\): (\S+)", summary).group(1))
     assert 0 < gflops < 0.01
@@ -103,7 +104,7 @@ def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
     assert last["args"]["layer"] == "ConvNNAttention" and len(last["history"]) == 2
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
-                d_hidden=32, d_mlp=64, K=4)
+                d_hidden=32, d_mlp=64, layer_options={"K": 4})
     model.load_state_dict(best["model"])  # strict
     assert best["best_accuracy"] == max(record["test_top1"] for record in last["history"])
 
@@ -430,6 +431,40 @@ def test_mse_compares_logits_with_one_hot_targets():
     torch.testing.assert_close(losses.mean(), expected)
 
 
+@pytest.mark.parametrize("name, optimizer_class, settings", [
+    ("adam", torch.optim.Adam, dict(lr=0.5, weight_decay=0.25)),
+    ("sgd", torch.optim.SGD, dict(lr=0.5, weight_decay=0.25, momentum=0.75)),
+    ("adamw", torch.optim.AdamW, dict(lr=0.5, weight_decay=0.25)),
+])
+def test_each_optimizer_name_builds_its_optimiser_with_the_settings(name, optimizer_class, settings):
+    optimizer = train_eval.build_optimizer(nn.Linear(2, 2).parameters(), optimizer=name, lr=0.5, weight_decay=0.25,
+                                           momentum=0.75)
+    assert type(optimizer) is optimizer_class
+    assert {key: optimizer.param_groups[0][key] for key in settings} == settings
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("step", lambda s: isinstance(s, torch.optim.lr_scheduler.StepLR) and (s.step_size, s.gamma) == (3, 0.5)),
+    ("cosine", lambda s: isinstance(s, torch.optim.lr_scheduler.CosineAnnealingLR) and s.T_max == 7),
+    ("plateau", lambda s: isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) and s.mode == "min"),
+    ("none", lambda s: s is None),
+])
+def test_each_scheduler_name_builds_its_schedule_with_the_settings(name, expected):
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    assert expected(train_eval.build_scheduler(optimizer, scheduler=name, lr_step=3, lr_gamma=0.5, num_epochs=7))
+
+
+@pytest.mark.parametrize("build, flag", [
+    (lambda: train_eval.build_optimizer([], optimizer="lion", lr=1.0, weight_decay=0.0, momentum=0.0), "--optimizer"),
+    (lambda: train_eval.build_scheduler(None, scheduler="linear", lr_step=1, lr_gamma=1.0, num_epochs=1),
+     "--scheduler"),
+    (lambda: train_eval.per_sample_loss("Hinge", 3), "--criterion"),
+])
+def test_unknown_optimiser_scheduler_or_loss_names_its_flag(build, flag):
+    with pytest.raises(ValueError, match="^" + flag + ": unknown"):
+        build()
+
+
 def test_split_metrics_are_exact_per_sample_averages():
     """Batches of 3 and 1 samples: the split loss is the mean over 4 samples, not over 2 batches."""
     tally = train_eval._Tally(torch.device("cpu"), num_classes=6)
@@ -557,7 +592,7 @@ def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = ViT(img_size=16, num_classes=10, layer=layer, patch_size=4, num_layers=2, num_heads=2, d_hidden=16,
-                d_mlp=32, dropout=0.5, attention_dropout=0.5, K=3).train()
+                d_mlp=32, dropout=0.5, attention_dropout=0.5, layer_options=options_from(layer, {"K": 3})).train()
     compiled = train_eval.compile_network(model, "default", torch.device("cpu"))
     images = torch.randn(4, 3, 16, 16)
     results = []
