@@ -194,6 +194,11 @@ def _check_images_decode(paths: List[str]) -> None:
         pool.shutdown(cancel_futures=True)
 
 
+# PIL's errors for damaged or foreign files, and for images larger than its decompression-bomb limit
+# (Image.MAX_IMAGE_PIXELS, twice over), which it refuses rather than decode.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _decode_quickly(path: str) -> None:
     # A JPEG decoded at 1/8 scale (draft) still reads its whole stream, so a truncated file fails as
     # it would in training, at about 3/4 of the cost of a full decode; other formats decode in full.
@@ -201,7 +206,7 @@ def _decode_quickly(path: str) -> None:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged or foreign files
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise DatasetUnavailableError(_unreadable_image(path, error)) from error
 
 
@@ -253,7 +258,7 @@ def _is_visible_image(root: str, path: str) -> bool:
 def _read_image(path: str):
     try:
         return datasets.folder.default_loader(path)
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged or foreign files
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise DatasetUnavailableError(_unreadable_image(path, error)) from error
 
 

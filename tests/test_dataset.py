@@ -257,15 +257,18 @@ def truncated_jpeg(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("damage", ["truncated-jpeg", "not-an-image"])
-def test_a_damaged_test_image_is_found_before_training(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncated-jpeg", "not-an-image", "beyond-the-pixel-limit"])
+def test_a_damaged_test_image_is_found_before_training(tmp_path, damage, monkeypatch):
     write_split(tmp_path, "train", ("cat", "dog"))
     write_split(tmp_path, "val", ("cat", "dog"))
     bad = tmp_path / "val" / "dog" / "1.jpg"
     if damage == "truncated-jpeg":
         truncated_jpeg(bad)  # opens and passes PIL's verify(); only decoding finds it
-    else:
+    elif damage == "not-an-image":
         bad.write_bytes(b"an HTML error page saved as .jpg")
+    else:  # PIL refuses more than twice MAX_IMAGE_PIXELS with DecompressionBombError, not an OSError
+        Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8)).save(bad)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(dataset.DatasetUnavailableError) as error:
         dataset.check_data("imagenet", str(tmp_path))
     assert str(error.value).startswith(f"--data_path: {bad} is not a readable image (")
