@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+import checkpoints
 import distributed
+import run_files
 import utils
 from dataset import DeviceLoader
 
@@ -414,13 +416,13 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: utils.RunOutputs,
+def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: run_files.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
         history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
-    ``utils.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
+    ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
     history = list(history or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
@@ -439,8 +441,8 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
         outputs.finish(history)
-        _report(utils.average_time_line(history), trainer.show_progress)
-        _report(utils.best_accuracy_line(history), trainer.show_progress)
+        _report(run_files.average_time_line(history), trainer.show_progress)
+        _report(run_files.best_accuracy_line(history), trainer.show_progress)
     return history
 
 
@@ -461,7 +463,7 @@ def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: 
 
 
 def epoch_summary(record: Dict) -> str:
-    return f"{utils.epoch_line(record)} | LR: {record['lr']:.3e} | {record['images_per_second']:.1f} img/s"
+    return f"{run_files.epoch_line(record)} | LR: {record['lr']:.3e} | {record['images_per_second']:.1f} img/s"
 
 
 def _report(line: str, show_progress: bool) -> None:
@@ -474,7 +476,7 @@ def _report(line: str, show_progress: bool) -> None:
 
 def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict,
                       args_changes: List[Dict]) -> Dict:
-    best = utils.best_record(history)
+    best = run_files.best_record(history)
     return {
         **trainer.state_dict(),
         "epoch": epoch,
@@ -489,15 +491,15 @@ def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arg
     }
 
 
-def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
+def _save_checkpoints(trainer: Trainer, outputs: run_files.RunOutputs, epoch: int, history: List[Dict],
                       run_arguments: Dict, args_changes: List[Dict]) -> None:
     state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
-    utils.save_checkpoint(outputs.path("last.pt"), state)
+    checkpoints.save_checkpoint(outputs.path("last.pt"), state)
     if state["best_epoch"] == epoch:
-        utils.save_checkpoint(outputs.path("best.pt"), state)
+        checkpoints.save_checkpoint(outputs.path("best.pt"), state)
 
 
-def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
+def _complete_best_checkpoint(trainer: Trainer, outputs: run_files.RunOutputs, epoch: int, history: List[Dict],
                               run_arguments: Dict, args_changes: List[Dict]) -> None:
     """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
 
@@ -505,16 +507,16 @@ def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch
     epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
     just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
     says so, and ``best.pt`` is replaced when an epoch improves on it."""
-    best_epoch = utils.best_record(history)["epoch"]
+    best_epoch = run_files.best_record(history)["epoch"]
     best_history = [record for record in history if record["epoch"] <= best_epoch]
     path = outputs.path("best.pt")
     try:
-        if os.path.isfile(path) and utils.load_checkpoint(path).get("history") == best_history:
+        if os.path.isfile(path) and checkpoints.load_checkpoint(path).get("history") == best_history:
             return
-    except utils.CheckpointError:
+    except checkpoints.CheckpointError:
         pass  # damaged: replaced below when possible
     if best_epoch == epoch:
-        utils.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
+        checkpoints.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
     else:
         print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
               "it is replaced when an epoch improves on it", file=sys.stderr)

@@ -17,8 +17,10 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
+import checkpoints
 import dataset
 import distributed
+import run_files
 import train_eval
 import utils
 from models.vit import ViT
@@ -52,9 +54,25 @@ INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "resume", "overwrit
 RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
 
 
+_TRUE_WORDS = {"true", "t", "yes", "y", "1"}
+_FALSE_WORDS = {"false", "f", "no", "n", "0"}
+
+
+def str2bool(value) -> bool:
+    """Reads a boolean written as a word, so both ``--flag False`` and ``--flag true`` work."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
 def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
     # nargs="?" with const=True: a bare ``--flag`` means True, ``--flag False`` is read as a word.
-    parser_group.add_argument(flag, type=utils.str2bool, nargs="?", const=True, default=default,
+    parser_group.add_argument(flag, type=str2bool, nargs="?", const=True, default=default,
                               metavar="{True,False}", help=help_text)
 
 
@@ -221,9 +239,9 @@ def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
     run nor one that continues, in this directory, a checkpoint from elsewhere."""
     if args.test_only:
         return None
-    owner = utils.live_lock_owner(args.output_dir)
+    owner = run_files.live_lock_owner(args.output_dir)
     if owner is not None:
-        return f"--output_dir: {utils.in_use_message(os.path.join(args.output_dir, utils.LOCK_NAME), owner)}"
+        return f"--output_dir: {run_files.in_use_message(os.path.join(args.output_dir, run_files.LOCK_NAME), owner)}"
     best = os.path.join(args.output_dir, "best.pt")
     if args.resume == "auto" and resume_path(args) is None and os.path.isfile(best):
         # Starting afresh would replace best.pt, the one checkpoint left of that run.
@@ -231,7 +249,7 @@ def earlier_run_problem(args: argparse.Namespace) -> Optional[str]:
                 f"--resume {best} or replace it with --overwrite")
     if args.overwrite or (args.resume and continues_in_place(args)):
         return None
-    found = utils.earlier_run_files(args.output_dir)
+    found = run_files.earlier_run_files(args.output_dir)
     if not found:
         return None
     if args.resume:
@@ -278,7 +296,7 @@ class Resumed:
     path: str
     checkpoint: Dict
     record: Dict  # the flags in effect, as stored in the checkpoints and written to args.txt
-    args_changes: List[Dict]  # every resume that changed a flag (utils.args_change_line), this one's last
+    args_changes: List[Dict]  # every resume that changed a flag (run_files.args_change_line), this one's last
 
 
 def resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: Set[str],
@@ -462,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     problems = argument_problems(args)
     if problems:
         parser.error(problems[0])
-    directory_problem = utils.directory_problem(args.output_dir)
+    directory_problem = run_files.directory_problem(args.output_dir)
     if directory_problem and args.test_only:
         parser.error(f"--output_dir: {directory_problem}; --test_only writes test_results.txt there: give a writable "
                      f"--output_dir (and the weights with --checkpoint {evaluated[0] if evaluated else FRESH_MODEL})")
@@ -488,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
     if run_problem:
         parser.error(run_problem)
-    outputs = utils.RunOutputs(args.output_dir)
+    outputs = run_files.RunOutputs(args.output_dir)
     if resumed and _is_finished(args, resumed, outputs):
         print(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise --num_epochs to "
               "train it further")
@@ -516,7 +534,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 train(parser, args, trainer, outputs, img_size, resumed)
 
 
-def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: utils.RunOutputs) -> bool:
+def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: run_files.RunOutputs) -> bool:
     """Whether resuming would change nothing: the run holds every epoch and its results say so."""
     return (resumed.checkpoint["epoch"] == args.num_epochs and continues_in_place(args)
             and outputs.hold_finished_run(resumed.checkpoint["history"]))
@@ -525,20 +543,20 @@ def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: utils.RunO
 @contextlib.contextmanager
 def output_directory_claimed(parser: argparse.ArgumentParser, output_dir: str):
     """Holds <output_dir>/.lock while training, so that a second run cannot write into the same files."""
-    lock = utils.OutputLock(output_dir)
+    lock = run_files.OutputLock(output_dir)
     try:
         lock.acquire()
-    except utils.LockFileError as error:
+    except run_files.LockFileError as error:
         parser.error(f"--output_dir: {error}")
     try:
-        utils.remove_stale_temporaries(output_dir)
+        run_files.remove_stale_temporaries(output_dir)
         yield
     finally:
         lock.release()
 
 
 @contextlib.contextmanager
-def faults_explained(parser: argparse.ArgumentParser, outputs: utils.RunOutputs):
+def faults_explained(parser: argparse.ArgumentParser, outputs: run_files.RunOutputs):
     """Faults met while running end the program with one line and a non-zero exit code, never a traceback.
     None of them costs more than the epoch in progress: outputs are only written at epoch ends."""
     try:
@@ -550,14 +568,14 @@ def faults_explained(parser: argparse.ArgumentParser, outputs: utils.RunOutputs)
     except train_eval.NonFiniteLoss as fault:
         _exit(f"{parser.prog}: error: {fault}; best.pt and last.pt keep the last good epoch (try a lower --lr, "
               "--clip_grad_norm or no --use_amp)", RUNTIME_FAULT)
-    except utils.OutputWriteError as fault:
+    except run_files.OutputWriteError as fault:
         _exit(f"{parser.prog}: error: --output_dir: {fault.strerror}; earlier versions of the files are intact, "
               "free some space and continue with --resume auto", RUNTIME_FAULT)
     except dataset.DatasetUnavailableError as error:  # an unreadable image met while training
         parser.error(_last_line(error))
 
 
-def _resume_hint(outputs: utils.RunOutputs) -> str:
+def _resume_hint(outputs: run_files.RunOutputs) -> str:
     if os.path.isfile(outputs.path("last.pt")):
         return "last.pt and the results hold the completed epochs: continue with --resume auto"
     return "no epoch was completed, so there is nothing to resume"
@@ -577,14 +595,14 @@ def _exit(line: str, code: int) -> None:
 
 def _load_checkpoint(parser: argparse.ArgumentParser, flag: str, path: str) -> Dict:
     try:
-        return utils.load_checkpoint(path)
-    except utils.CheckpointError as error:
+        return checkpoints.load_checkpoint(path)
+    except checkpoints.CheckpointError as error:
         parser.error(f"{flag}: {error}; give an intact copy (best.pt and last.pt are separate copies)")
 
 
 def _check_weights_fit(parser: argparse.ArgumentParser, flag: str, path: str, checkpoint: Dict,
                        model: torch.nn.Module) -> None:
-    mismatch = utils.state_dict_mismatch(model.state_dict(), utils.model_weights(checkpoint))
+    mismatch = checkpoints.state_dict_mismatch(model.state_dict(), checkpoints.model_weights(checkpoint))
     if mismatch:
         parser.error(f"{flag}: {path} is of another model: {mismatch}; pass the model flags it was trained "
                      "with (see its args.txt)")
@@ -610,30 +628,30 @@ def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, need_t
 
 
 def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
-              outputs: utils.RunOutputs, evaluated: Optional[Tuple[str, Dict]]) -> None:
+              outputs: run_files.RunOutputs, evaluated: Optional[Tuple[str, Dict]]) -> None:
     """Evaluates the test split with the weights of ``evaluated`` (path and checkpoint), or with freshly
     initialised ones when it is None (--checkpoint none). Writes only test_results.txt: the args.txt and
     model.txt of the training run stay as they were."""
     if evaluated:
-        checkpoint, weights = evaluated[0], utils.model_weights(evaluated[1])
+        checkpoint, weights = evaluated[0], checkpoints.model_weights(evaluated[1])
         try:
             trainer.model.load_state_dict(weights)
         except CHECKPOINT_ERRORS as error:
             parser.error(f"--checkpoint: {checkpoint} does not fit this model (pass the model flags it was "
-                         f"trained with, see its args.txt): {utils.first_line(error)}")
+                         f"trained with, see its args.txt): {run_files.first_line(error)}")
     else:
         checkpoint = "none (freshly initialised model)"
     _, test_data, _, _ = _load_data(parser, args, need_train=False)
     _, test_loader = train_eval.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader)
     print(f"Checkpoint: {checkpoint}")
-    print(utils.test_line(result.loss, result.top1, result.top5), flush=True)
+    print(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():
         outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
 
 
 def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: train_eval.Trainer,
-          outputs: utils.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
+          outputs: run_files.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
     start_epoch, history, rng_state = 0, [], None
     record, args_changes = vars(args), []
     if resumed:
@@ -641,7 +659,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
             trainer.load_state_dict(resumed.checkpoint)
         except CHECKPOINT_ERRORS as error:
             parser.error(f"--resume: {resumed.path} does not fit this model and optimiser: "
-                         f"{utils.first_line(error)}")
+                         f"{run_files.first_line(error)}")
         checkpoint = resumed.checkpoint
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
@@ -652,13 +670,13 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
     train_data, test_data, _, _ = _load_data(parser, args, need_train=True)
     if distributed.is_main_process():
         if args.overwrite:
-            utils.remove_earlier_run(args.output_dir)
+            run_files.remove_earlier_run(args.output_dir)
         outputs.write_args(record)
         outputs.write_args_changes(args_changes)
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_loader, test_loader = train_eval.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
-    print(f"{args.layer} ViT, {utils.count_parameters(trainer.model):,} parameters, on {args.device}; "
+    print(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on {args.device}; "
           f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
           flush=True)
     if rng_state is not None:

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
+from run_files import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
 
 # Layers whose behaviour depends on --K, and those that contain a ConvNN layer (which alone use
 # the sampling and the convolution type). For the others these columns read "-".
