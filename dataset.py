@@ -258,10 +258,11 @@ def _read_image(path: str):
 
 
 def _unreadable_image(path: str, error: Exception) -> str:
-    return f"--data_path: {path} is not a readable image ({_first_line(error)}); replace or remove it"
+    return f"--data_path: {path} is not a readable image ({_message_in_one_line(error)}); replace or remove it"
 
 
-def _first_line(error: Exception) -> str:
+def _message_in_one_line(error: Exception) -> str:
+    """The whole message on one line and without its closing full stop, to be quoted inside one of ours."""
     text = " ".join(str(error).split())
     return text.rstrip(".") or type(error).__name__
 
