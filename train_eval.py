@@ -429,14 +429,15 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     if writes_outputs:
         outputs.start_logs(history)
         if history:
-            _complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments, list(args_changes or []))
+            checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
+                                                 list(args_changes or []))
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
             # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
-            _save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
+            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
             outputs.log_epoch(record, history)
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
@@ -472,54 +473,6 @@ def _report(line: str, show_progress: bool) -> None:
         tqdm.write(line)
     else:
         print(line, flush=True)
-
-
-def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict,
-                      args_changes: List[Dict]) -> Dict:
-    best = run_files.best_record(history)
-    return {
-        **trainer.state_dict(),
-        "epoch": epoch,
-        "rng": utils.capture_rng_state(),
-        "best_accuracy": best["test_top1"],
-        "best_epoch": best["epoch"],
-        "history": history,
-        "args": run_arguments,
-        "args_changes": args_changes,
-        # --batch_size is per process: a resume checks the global batch against this.
-        "processes": distributed.world_size(),
-    }
-
-
-def _save_checkpoints(trainer: Trainer, outputs: run_files.RunOutputs, epoch: int, history: List[Dict],
-                      run_arguments: Dict, args_changes: List[Dict]) -> None:
-    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
-    checkpoints.save_checkpoint(outputs.path("last.pt"), state)
-    if state["best_epoch"] == epoch:
-        checkpoints.save_checkpoint(outputs.path("best.pt"), state)
-
-
-def _complete_best_checkpoint(trainer: Trainer, outputs: run_files.RunOutputs, epoch: int, history: List[Dict],
-                              run_arguments: Dict, args_changes: List[Dict]) -> None:
-    """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
-
-    A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
-    epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
-    just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
-    says so, and ``best.pt`` is replaced when an epoch improves on it."""
-    best_epoch = run_files.best_record(history)["epoch"]
-    best_history = [record for record in history if record["epoch"] <= best_epoch]
-    path = outputs.path("best.pt")
-    try:
-        if os.path.isfile(path) and checkpoints.load_checkpoint(path).get("history") == best_history:
-            return
-    except checkpoints.CheckpointError:
-        pass  # damaged: replaced below when possible
-    if best_epoch == epoch:
-        checkpoints.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
-    else:
-        print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
-              "it is replaced when an epoch improves on it", file=sys.stderr)
 
 
 def show_progress_bars() -> bool:
