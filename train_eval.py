@@ -13,21 +13,18 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
 import distributed
 import run_files
 import utils
-from dataset import DeviceLoader
+from dataset import seed_epoch
 
 # Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
 # CPUs run bfloat16 (float16 matrix products are slow or missing there).
 AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
-
-# Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
-EVAL_LOADER_SEED = 0
 
 # Steps between reads of the on-device non-finite-loss flag. Each read waits for the GPU, so reading it
 # every step would stall the pipeline; the flag also records the first bad step, so the message stays exact.
@@ -80,58 +77,6 @@ def per_sample_loss(criterion: str, num_classes: int):
 
         return mse
     raise ValueError(f"--criterion: unknown criterion {criterion!r}")
-
-
-def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,
-                 num_workers: int, device: torch.device, on_device: Optional[Dict] = None):
-    """Loaders whose randomness comes from their own generators: the training generator is reseeded
-    every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
-    epochs, which is what makes a resumed run repeat an uninterrupted one exactly.
-
-    Under torchrun, ``batch_size`` is per process; each rank trains on its share of a shuffle common
-    to all ranks and evaluates one contiguous block of the test split.
-
-    ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
-    stay on ``device`` and are transformed there, a batch at a time."""
-    if on_device is not None:
-        shard = (distributed.rank(), distributed.world_size())
-        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
-                                   batch_size=batch_size, device=device, shard=shard)
-        if train_dataset is None:
-            return None, test_loader
-        train_loader = DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device,
-                                    shard=shard)
-        return train_loader, test_loader
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    if distributed.is_distributed():
-        return _distributed_loaders(train_dataset, test_dataset, common)
-    test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
-                             **common)
-    if train_dataset is None:
-        return None, test_loader
-    train_loader = DataLoader(train_dataset, shuffle=True, generator=torch.Generator(), **common)
-    return train_loader, test_loader
-
-
-def _distributed_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, common: Dict):
-    ranks = dict(num_replicas=distributed.world_size(), rank=distributed.rank())
-    test_loader = DataLoader(test_dataset, sampler=distributed.ContiguousShards(test_dataset, **ranks),
-                             generator=torch.Generator().manual_seed(EVAL_LOADER_SEED), **common)
-    if train_dataset is None:
-        return None, test_loader
-    # seed=0: the whole shuffle seed is passed as the "epoch" by seed_epoch.
-    sampler = DistributedSampler(train_dataset, shuffle=True, seed=0, **ranks)
-    return DataLoader(train_dataset, sampler=sampler, generator=torch.Generator(), **common), test_loader
-
-
-def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
-    # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
-    # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
-    epoch_seed = seed * 100_003 + epoch
-    train_loader.generator.manual_seed(epoch_seed)
-    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
-        train_loader.sampler.set_epoch(epoch_seed)
 
 
 @dataclass

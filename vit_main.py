@@ -642,7 +642,7 @@ def test_only(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer
     else:
         checkpoint = "none (freshly initialised model)"
     _, test_data, _, _ = _load_data(parser, args, need_train=False)
-    _, test_loader = train_eval.make_loaders(None, test_data, **loader_config(args, trainer.device))
+    _, test_loader = dataset.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader)
     print(f"Checkpoint: {checkpoint}")
     print(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
@@ -675,7 +675,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, trainer: tr
         outputs.write_args_changes(args_changes)
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
-    train_loader, test_loader = train_eval.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
+    train_loader, test_loader = dataset.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
     print(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on {args.device}; "
           f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
           flush=True)

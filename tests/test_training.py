@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import dataset
 import run_files
 import train_eval
 import vit_main
@@ -574,9 +575,9 @@ def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
 
 def test_epoch_seeding_fixes_the_shuffle_of_each_epoch():
     data = torch.utils.data.TensorDataset(torch.arange(20).float(), torch.arange(20))
-    loader, _ = train_eval.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
+    loader, _ = dataset.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
     orders = {}
     for epoch in (1, 2, 1):
-        train_eval.seed_epoch(loader, seed=3, epoch=epoch)
+        dataset.seed_epoch(loader, seed=3, epoch=epoch)
         orders.setdefault(epoch, []).append(next(iter(loader))[1].tolist())
     assert orders[1][0] == orders[1][1] != orders[2][0]
