@@ -2,6 +2,7 @@
 checkpoint's weights fit a model."""
 
 import os
+import pickle
 import sys
 from typing import TYPE_CHECKING, Dict, List, Optional
 
@@ -13,6 +14,11 @@ from utils import capture_rng_state
 
 if TYPE_CHECKING:  # annotations only: train_eval saves its checkpoints through this module
     from train_eval import Trainer
+
+# What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
+CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+# What a training checkpoint (last.pt, best.pt) holds beyond a bare state dict; --resume needs all of it.
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng")
 
 
 def save_checkpoint(path: str, state: Dict) -> None:

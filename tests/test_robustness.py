@@ -17,9 +17,9 @@ from urllib.error import URLError
 import pytest
 import torch
 
+import checkpoints
 import dataset
 import distributed
-import checkpoints
 import run_files
 import train_eval
 import utils
