@@ -213,7 +213,8 @@ def compile_network(network: nn.Module, mode: str, device: torch.device) -> nn.M
 
 
 class Trainer:
-    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler)."""
+    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler). Works with
+    any classifier: ``compile_mode`` is one of torch.compile's modes, applied to the model as it is given."""
 
     def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
                  weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
@@ -234,19 +235,11 @@ class Trainer:
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
         network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
-        self.network = self._compiled(network, compile_mode) if use_compiled else network
+        self.network = compile_network(network, compile_mode, device) if use_compiled else network
         self.compiled = use_compiled
         self.compiled_batch = 0
         # Set while training from the command line: SIGINT / SIGTERM end the epoch at the next step.
         self.stop_signals: Optional[StopSignals] = None
-
-    def _compiled(self, network: nn.Module, compile_mode: str) -> nn.Module:
-        # reduce-memory is this project's mode, not torch.compile's: the default compilation, with
-        # every block's activations recomputed in the backward pass instead of stored.
-        if compile_mode == "reduce-memory":
-            self.model.set_activation_checkpointing(True)
-            compile_mode = "default"
-        return compile_network(network, compile_mode, self.device)
 
     def autocast(self):
         if not self.use_amp:

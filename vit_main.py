@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -251,6 +251,17 @@ def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> D
     return dict(img_size=img_size, num_classes=num_classes, **{name: getattr(args, name) for name in MODEL_FLAGS})
 
 
+def build_model(args: argparse.Namespace, img_size: int, num_classes: int) -> Tuple[ViT, str]:
+    """The model, and the torch.compile mode that runs --compile_mode. reduce-memory is this project's
+    mode, not torch.compile's: the model recomputes every block's activations in the backward pass
+    instead of storing them, and is compiled in the default mode."""
+    model = ViT(**model_config(args, img_size, num_classes))
+    if args.use_compiled and args.compile_mode == "reduce-memory":
+        model.set_activation_checkpointing(True)
+        return model, "default"
+    return model, args.compile_mode
+
+
 def trainer_config(args: argparse.Namespace) -> Dict:
     return dict(
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -308,7 +319,7 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
         dataset.check_data_path(args.dataset, args.data_path)
         img_size = dataset.image_size(args.dataset, args.resize)
         num_classes = dataset.num_classes(args.dataset, args.data_path, need_train=not args.test_only)
-        model = ViT(**model_config(args, img_size, num_classes))
+        model, compile_mode = build_model(args, img_size, num_classes)
     except (ValueError, dataset.DatasetUnavailableError) as error:
         raise UsageError(str(error)) from error
     if resumed:
@@ -318,7 +329,8 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
     run_problem = earlier_run_problem(args)  # after the model flags: those errors say more
     if run_problem:
         raise UsageError(run_problem)
-    trainer_options = dict(model=model, device=device, num_classes=num_classes, **trainer_config(args))
+    trainer_options = {**trainer_config(args), "compile_mode": compile_mode, "model": model, "device": device,
+                       "num_classes": num_classes}
     if args.test_only:
         runs.evaluate(args, trainer_options, evaluated)
     else:

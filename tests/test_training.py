@@ -541,15 +541,23 @@ def test_amp_on_cpu_uses_bfloat16_for_training_and_evaluation():
 
 
 def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
-    model = ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1, num_heads=2,
-                d_hidden=32, d_mlp=32)
-    trainer = make_trainer(model=model, num_classes=10, use_compiled=True, compile_mode="reduce-memory")
+    # Resolved where the model is built: the Trainer is given torch.compile's own mode.
+    model_flags = ["--layer", "Attention", "--patch_size", "8", "--num_layers", "1", "--num_heads", "2",
+                   "--d_hidden", "32", "--d_mlp", "32"]
+
+    def built(*flags):
+        return vit_main.build_model(vit_main.build_parser().parse_args([*model_flags, *flags]), 32, 10)
+
+    model, compile_mode = built("--use_compiled", "--compile_mode", "reduce-memory")
+    assert compile_mode == "default"
+    trainer = make_trainer(model=model, num_classes=10, use_compiled=True, compile_mode=compile_mode)
     assert model.activation_checkpointing is True
     assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.network._orig_mod is model
-    plain = make_trainer(model=ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1,
-                                   num_heads=2, d_hidden=32, d_mlp=32))
+    plain = make_trainer(model=built()[0])
     assert plain.network is plain.model and not plain.model.activation_checkpointing
+    uncompiled, _ = built("--compile_mode", "reduce-memory")  # no effect without --use_compiled, as warned
+    assert not uncompiled.activation_checkpointing
 
 
 @pytest.mark.parametrize("layer", ["Attention", "ConvNNAttention"])
