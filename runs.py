@@ -255,13 +255,13 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
     _check_data(args)
     # Signals are caught from the lock on, not only in the epoch loop: a SIGTERM during the set-up still
     # ends with the message and exit code (at the first step), a second one at once.
-    trainer = _trainer(trainer_options)
+    stop_signals = train_eval.StopSignals()
+    trainer = _trainer(trainer_options, stop_signals)
     with faults_explained(outputs):
         # Under torchrun rank 0 writes every file, so it alone holds the directory's lock.
         claim = output_directory_claimed(args.output_dir) if distributed.is_main_process() else (
             contextlib.nullcontext())
-        with claim, train_eval.StopSignals() as stop_signals:
-            trainer.stop_signals = stop_signals
+        with claim, stop_signals:
             _train(args, trainer, outputs, img_size, resumed)
 
 
@@ -286,8 +286,8 @@ def _check_data(args: argparse.Namespace) -> None:
         raise RunEnded("interrupted while checking the data; nothing was written", 130) from None
 
 
-def _trainer(options: Dict) -> train_eval.Trainer:
-    return train_eval.Trainer(**options, distributed_replica=distributed.is_distributed(),
+def _trainer(options: Dict, stop_signals: Optional[train_eval.StopSignals] = None) -> train_eval.Trainer:
+    return train_eval.Trainer(**options, stop_signals=stop_signals, distributed_replica=distributed.is_distributed(),
                               show_progress=train_eval.show_progress_bars() and distributed.is_main_process())
 
 

@@ -219,7 +219,8 @@ class Trainer:
     def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
                  weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
                  num_epochs: int, criterion: str, clip_grad_norm: float, use_amp: bool, use_compiled: bool,
-                 compile_mode: str, show_progress: bool, distributed_replica: bool = False):
+                 compile_mode: str, show_progress: bool, distributed_replica: bool = False,
+                 stop_signals: Optional[StopSignals] = None):
         self.model = model.to(device)
         self.device = device
         self.num_classes = num_classes
@@ -238,8 +239,8 @@ class Trainer:
         self.network = compile_network(network, compile_mode, device) if use_compiled else network
         self.compiled = use_compiled
         self.compiled_batch = 0
-        # Set while training from the command line: SIGINT / SIGTERM end the epoch at the next step.
-        self.stop_signals: Optional[StopSignals] = None
+        # While they are active (training from the command line), SIGINT and SIGTERM end the epoch at the next step.
+        self.stop_signals = stop_signals
 
     def autocast(self):
         if not self.use_amp:

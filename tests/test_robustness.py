@@ -711,6 +711,20 @@ def test_a_step_the_gradient_scaler_skips_is_not_a_fault():
         assert torch.equal(before, after)
 
 
+def test_stop_signals_given_to_the_trainer_end_the_epoch_at_the_next_step():
+    stop_signals = train_eval.StopSignals()
+    trainer = train_eval.Trainer(model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)),
+                                 device=torch.device("cpu"), num_classes=3, optimizer="sgd", lr=0.1, weight_decay=0.0,
+                                 momentum=0.0, scheduler="none", lr_step=1, lr_gamma=0.5, num_epochs=1,
+                                 criterion="CrossEntropy", clip_grad_norm=0.0, use_amp=False, use_compiled=False,
+                                 compile_mode="default", show_progress=False, stop_signals=stop_signals)
+    batches = [(torch.randn(4, 12), torch.tensor([0, 1, 2, 0]))] * 3
+    with stop_signals:
+        signal.raise_signal(signal.SIGTERM)  # only recorded while the signals are caught
+        with pytest.raises(train_eval.TrainingStopped, match="SIGTERM at epoch 1 train, step 1/3"):
+            trainer.train_one_epoch(batches, "epoch 1 train")
+
+
 def test_the_non_finite_watch_names_the_first_bad_step():
     watch = train_eval._NonFiniteWatch(torch.device("cpu"))
     watch.add(0, torch.tensor([1.0, 2.0]))
