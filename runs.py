@@ -249,8 +249,8 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
     keyword arguments of the Trainer that the command line settles (model, device, optimiser, ...)."""
     outputs = run_files.RunOutputs(args.output_dir)
     if resumed and _is_finished(args, resumed, outputs):
-        print(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise --num_epochs to "
-              "train it further")
+        distributed.print_main(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise "
+                               "--num_epochs to train it further")
         return
     _check_data(args)
     # Signals are caught from the lock on, not only in the epoch loop: a SIGTERM during the set-up still
@@ -305,7 +305,7 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
-        print(f"Resuming from {resumed.path} after epoch {start_epoch}")
+        distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
 
     # The data first: when it cannot be had, the output directory is left as it was.
     train_data, test_data, _, _ = _load_data(args, need_train=True)
@@ -317,9 +317,9 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_loader, test_loader = dataset.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
-    print(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on {args.device}; "
-          f"{args.dataset}: {len(train_data)} training and {len(test_data)} test images of {img_size}x{img_size}",
-          flush=True)
+    distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
+                           f"{args.device}; {args.dataset}: {len(train_data)} training and {len(test_data)} test "
+                           f"images of {img_size}x{img_size}", flush=True)
     if rng_state is not None:
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
@@ -343,8 +343,8 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
     _, test_data, _, _ = _load_data(args, need_train=False)
     _, test_loader = dataset.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader)
-    print(f"Checkpoint: {checkpoint}")
-    print(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
+    distributed.print_main(f"Checkpoint: {checkpoint}")
+    distributed.print_main(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():
         outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
 

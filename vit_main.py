@@ -12,8 +12,6 @@ import os
 import sys
 from typing import Dict, List, Optional, Set, Tuple
 
-import torch
-
 import dataset
 import distributed
 import run_files
@@ -314,8 +312,8 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
 
     # Seeding comes before the model is built, so that the initial weights follow --seed.
     utils.seed_everything(args.seed)
-    device = _process_device(args.device)
     try:
+        device = distributed.setup(args.device)  # under torchrun it also joins the process group
         dataset.check_data_path(args.dataset, args.data_path)
         img_size = dataset.image_size(args.dataset, args.resize)
         num_classes = dataset.num_classes(args.dataset, args.data_path, need_train=not args.test_only)
@@ -335,18 +333,6 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
         runs.evaluate(args, trainer_options, evaluated)
     else:
         runs.train(args, trainer_options, img_size, resumed)
-
-
-def _process_device(device_type: str) -> torch.device:
-    """This process's device. Under torchrun it also joins the process group, and ranks other than 0
-    print nothing on stdout: rank 0 reports for all (warnings and errors still reach stderr)."""
-    try:
-        device = distributed.setup(device_type)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    if not distributed.is_main_process():
-        sys.stdout = open(os.devnull, "w")
-    return device
 
 
 if __name__ == "__main__":

@@ -134,6 +134,13 @@ def test_contiguous_shards_cover_every_index_once():
     assert sum(shards, []) == data
 
 
+def test_only_rank_zero_prints_reports(monkeypatch, capsys):
+    for rank, printed in ((0, "report\n"), (1, "")):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        distributed.print_main("report")
+        assert capsys.readouterr().out == printed
+
+
 def test_without_torchrun_a_run_is_a_single_process(monkeypatch):
     for name in distributed.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
