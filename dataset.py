@@ -40,8 +40,8 @@ AUGMENT_PADDING = 4
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
-# "TRAIN,TEST" sizes that replace the two above, e.g. for quick trials and for tests that start
-# the program in another process (where they cannot patch the constants).
+# Test-only: "TRAIN,TEST" sizes that replace the two above, for tests that start the program in another
+# process, where they cannot patch the constants. Read by synthetic_sizes alone.
 SYNTHETIC_SIZES_VARIABLE = "CONVNN_SYNTHETIC_SIZES"
 # Peak memory taken while one synthetic image is generated: about five float32 copies of it (measured
 # with 10,000 and 40,000 images: 51 and 62 KiB an image).
@@ -151,7 +151,8 @@ def load_datasets(
 
 
 def synthetic_sizes() -> Tuple[int, int]:
-    """Training and test sizes of the synthetic set: CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
+    """Training and test sizes of the synthetic set: the defaults, or those of the test-only environment
+    variable CONVNN_SYNTHETIC_SIZES when it is set. No other code reads the variable."""
     value = os.environ.get(SYNTHETIC_SIZES_VARIABLE)
     if value is None:
         return SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE
