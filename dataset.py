@@ -1,17 +1,19 @@
-"""Datasets: CIFAR-10/100 (torchvision), ImageNet-style image folders, and an in-memory synthetic set."""
+"""Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, an in-memory synthetic set)
+and the loaders that batch them."""
 
 import functools
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
+import distributed
 from distributed import ContiguousShards
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
@@ -38,8 +40,8 @@ AUGMENT_PADDING = 4
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
 SYNTHETIC_CLASSES = 10
-# "TRAIN,TEST" sizes that replace the two above, e.g. for quick trials and for tests that start
-# the program in another process (where they cannot patch the constants).
+# Test-only: "TRAIN,TEST" sizes that replace the two above, for tests that start the program in another
+# process, where they cannot patch the constants. Read by synthetic_sizes alone.
 SYNTHETIC_SIZES_VARIABLE = "CONVNN_SYNTHETIC_SIZES"
 # Peak memory taken while one synthetic image is generated: about five float32 copies of it (measured
 # with 10,000 and 40,000 images: 51 and 62 KiB an image).
@@ -149,7 +151,8 @@ def load_datasets(
 
 
 def synthetic_sizes() -> Tuple[int, int]:
-    """Training and test sizes of the synthetic set: CONVNN_SYNTHETIC_SIZES when set, else the defaults."""
+    """Training and test sizes of the synthetic set: the defaults, or those of the test-only environment
+    variable CONVNN_SYNTHETIC_SIZES when it is set. No other code reads the variable."""
     value = os.environ.get(SYNTHETIC_SIZES_VARIABLE)
     if value is None:
         return SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE
@@ -263,10 +266,11 @@ def _read_image(path: str):
 
 
 def _unreadable_image(path: str, error: Exception) -> str:
-    return f"--data_path: {path} is not a readable image ({_first_line(error)}); replace or remove it"
+    return f"--data_path: {path} is not a readable image ({_message_in_one_line(error)}); replace or remove it"
 
 
-def _first_line(error: Exception) -> str:
+def _message_in_one_line(error: Exception) -> str:
+    """The whole message on one line and without its closing full stop, to be quoted inside one of ours."""
     text = " ".join(str(error).split())
     return text.rstrip(".") or type(error).__name__
 
@@ -440,3 +444,63 @@ class DeviceLoader:
         crops = torch.stack([padded[i, :, top : top + side, left : left + side] for i, (top, left) in enumerate(offsets)])
         crops[flipped] = crops[flipped].flip(-1)
         return crops
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+# Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
+EVAL_LOADER_SEED = 0
+
+
+def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,
+                 num_workers: int, device: torch.device, on_device: Optional[Dict] = None):
+    """Loaders whose randomness comes from their own generators: the training generator is reseeded
+    every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
+    epochs, which is what makes a resumed run repeat an uninterrupted one exactly.
+
+    Under torchrun, ``batch_size`` is per process; each rank trains on its share of a shuffle common
+    to all ranks and evaluates one contiguous block of the test split.
+
+    ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
+    stay on ``device`` and are transformed there, a batch at a time."""
+    if on_device is not None:
+        shard = (distributed.rank(), distributed.world_size())
+        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
+                                   batch_size=batch_size, device=device, shard=shard)
+        if train_dataset is None:
+            return None, test_loader
+        train_loader = DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device,
+                                    shard=shard)
+        return train_loader, test_loader
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    if distributed.is_distributed():
+        return _distributed_loaders(train_dataset, test_dataset, common)
+    test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
+                             **common)
+    if train_dataset is None:
+        return None, test_loader
+    train_loader = DataLoader(train_dataset, shuffle=True, generator=torch.Generator(), **common)
+    return train_loader, test_loader
+
+
+def _distributed_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, common: Dict):
+    ranks = dict(num_replicas=distributed.world_size(), rank=distributed.rank())
+    test_loader = DataLoader(test_dataset, sampler=distributed.ContiguousShards(test_dataset, **ranks),
+                             generator=torch.Generator().manual_seed(EVAL_LOADER_SEED), **common)
+    if train_dataset is None:
+        return None, test_loader
+    # seed=0: the whole shuffle seed is passed as the "epoch" by seed_epoch.
+    sampler = DistributedSampler(train_dataset, shuffle=True, seed=0, **ranks)
+    return DataLoader(train_dataset, sampler=sampler, generator=torch.Generator(), **common), test_loader
+
+
+def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
+    # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
+    # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
+    epoch_seed = seed * 100_003 + epoch
+    train_loader.generator.manual_seed(epoch_seed)
+    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
+        train_loader.sampler.set_epoch(epoch_seed)

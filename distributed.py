@@ -72,6 +72,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def print_main(*values, **options) -> None:
+    """``print`` on rank 0 only: it reports for all ranks. Warnings and errors are printed to stderr
+    with ``print`` itself, so that every rank's reach the terminal."""
+    if is_main_process():
+        print(*values, **options)
+
+
 def decorrelate_ranks(seed: int, start_epoch: int) -> None:
     """Every rank builds the model from the same seed (identical replicas); afterwards ranks other
     than 0 reseed their generators, so that their dropout masks and random neighbour sampling differ

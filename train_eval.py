@@ -15,19 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoints
 import distributed
+import run_files
 import utils
-from dataset import DeviceLoader
+from dataset import seed_epoch
 
 # Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
 # CPUs run bfloat16 (float16 matrix products are slow or missing there).
 AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
-
-# Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
-EVAL_LOADER_SEED = 0
 
 # Steps between reads of the on-device non-finite-loss flag. Each read waits for the GPU, so reading it
 # every step would stall the pipeline; the flag also records the first bad step, so the message stays exact.
@@ -94,58 +93,6 @@ def cosine_rate(base_lr: float, epoch: int, num_epochs: int, eta_min: float = 0.
 def per_sample_loss(criterion: str, num_classes: int):
     """A function ``(logits, targets) -> loss of each sample``, so that split losses are exact sums."""
     return functools.partial(_chosen(LOSSES, "criterion", criterion), num_classes=num_classes)
-
-
-def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,
-                 num_workers: int, device: torch.device, on_device: Optional[Dict] = None):
-    """Loaders whose randomness comes from their own generators: the training generator is reseeded
-    every epoch (see ``seed_epoch``), so an epoch's order and augmentation do not depend on earlier
-    epochs, which is what makes a resumed run repeat an uninterrupted one exactly.
-
-    Under torchrun, ``batch_size`` is per process; each rank trains on its share of a shuffle common
-    to all ranks and evaluates one contiguous block of the test split.
-
-    ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
-    stay on ``device`` and are transformed there, a batch at a time."""
-    if on_device is not None:
-        shard = (distributed.rank(), distributed.world_size())
-        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
-                                   batch_size=batch_size, device=device, shard=shard)
-        if train_dataset is None:
-            return None, test_loader
-        train_loader = DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device,
-                                    shard=shard)
-        return train_loader, test_loader
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    if distributed.is_distributed():
-        return _distributed_loaders(train_dataset, test_dataset, common)
-    test_loader = DataLoader(test_dataset, shuffle=False, generator=torch.Generator().manual_seed(EVAL_LOADER_SEED),
-                             **common)
-    if train_dataset is None:
-        return None, test_loader
-    train_loader = DataLoader(train_dataset, shuffle=True, generator=torch.Generator(), **common)
-    return train_loader, test_loader
-
-
-def _distributed_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, common: Dict):
-    ranks = dict(num_replicas=distributed.world_size(), rank=distributed.rank())
-    test_loader = DataLoader(test_dataset, sampler=distributed.ContiguousShards(test_dataset, **ranks),
-                             generator=torch.Generator().manual_seed(EVAL_LOADER_SEED), **common)
-    if train_dataset is None:
-        return None, test_loader
-    # seed=0: the whole shuffle seed is passed as the "epoch" by seed_epoch.
-    sampler = DistributedSampler(train_dataset, shuffle=True, seed=0, **ranks)
-    return DataLoader(train_dataset, sampler=sampler, generator=torch.Generator(), **common), test_loader
-
-
-def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
-    # Workers are started afresh each epoch (not persistent) and take their seeds from this generator.
-    # The prime multiplier keeps (seed, epoch) pairs of different runs from sharing a stream.
-    epoch_seed = seed * 100_003 + epoch
-    train_loader.generator.manual_seed(epoch_seed)
-    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
-        train_loader.sampler.set_epoch(epoch_seed)
 
 
 @dataclass
@@ -282,12 +229,14 @@ def compile_network(network: nn.Module, mode: str, device: torch.device) -> nn.M
 
 
 class Trainer:
-    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler)."""
+    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler). Works with
+    any classifier: ``compile_mode`` is one of torch.compile's modes, applied to the model as it is given."""
 
     def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
                  weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
                  num_epochs: int, criterion: str, clip_grad_norm: float, use_amp: bool, use_compiled: bool,
-                 compile_mode: str, show_progress: bool, distributed_replica: bool = False):
+                 compile_mode: str, show_progress: bool, distributed_replica: bool = False,
+                 stop_signals: Optional[StopSignals] = None):
         self.model = model.to(device)
         self.device = device
         self.num_classes = num_classes
@@ -303,19 +252,11 @@ class Trainer:
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
         network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
-        self.network = self._compiled(network, compile_mode) if use_compiled else network
+        self.network = compile_network(network, compile_mode, device) if use_compiled else network
         self.compiled = use_compiled
         self.compiled_batch = 0
-        # Set while training from the command line: SIGINT / SIGTERM end the epoch at the next step.
-        self.stop_signals: Optional[StopSignals] = None
-
-    def _compiled(self, network: nn.Module, compile_mode: str) -> nn.Module:
-        # reduce-memory is this project's mode, not torch.compile's: the default compilation, with
-        # every block's activations recomputed in the backward pass instead of stored.
-        if compile_mode == "reduce-memory":
-            self.model.set_activation_checkpointing(True)
-            compile_mode = "default"
-        return compile_network(network, compile_mode, self.device)
+        # While they are active (training from the command line), SIGINT and SIGTERM end the epoch at the next step.
+        self.stop_signals = stop_signals
 
     def autocast(self):
         if not self.use_amp:
@@ -430,33 +371,34 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: utils.RunOutputs,
+def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: run_files.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
         history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
-    ``utils.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
+    ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
     history = list(history or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
     if writes_outputs:
         outputs.start_logs(history)
         if history:
-            _complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments, list(args_changes or []))
+            checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
+                                                 list(args_changes or []))
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
             # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
-            _save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
+            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
             outputs.log_epoch(record, history)
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
         outputs.finish(history)
-        _report(utils.average_time_line(history), trainer.show_progress)
-        _report(utils.best_accuracy_line(history), trainer.show_progress)
+        _report(run_files.average_time_line(history), trainer.show_progress)
+        _report(run_files.best_accuracy_line(history), trainer.show_progress)
     return history
 
 
@@ -477,7 +419,7 @@ def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: 
 
 
 def epoch_summary(record: Dict) -> str:
-    return f"{utils.epoch_line(record)} | LR: {record['lr']:.3e} | {record['images_per_second']:.1f} img/s"
+    return f"{run_files.epoch_line(record)} | LR: {record['lr']:.3e} | {record['images_per_second']:.1f} img/s"
 
 
 def _report(line: str, show_progress: bool) -> None:
@@ -486,54 +428,6 @@ def _report(line: str, show_progress: bool) -> None:
         tqdm.write(line)
     else:
         print(line, flush=True)
-
-
-def _checkpoint_state(trainer: Trainer, epoch: int, history: List[Dict], run_arguments: Dict,
-                      args_changes: List[Dict]) -> Dict:
-    best = utils.best_record(history)
-    return {
-        **trainer.state_dict(),
-        "epoch": epoch,
-        "rng": utils.capture_rng_state(),
-        "best_accuracy": best["test_top1"],
-        "best_epoch": best["epoch"],
-        "history": history,
-        "args": run_arguments,
-        "args_changes": args_changes,
-        # --batch_size is per process: a resume checks the global batch against this.
-        "processes": distributed.world_size(),
-    }
-
-
-def _save_checkpoints(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
-                      run_arguments: Dict, args_changes: List[Dict]) -> None:
-    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
-    utils.save_checkpoint(outputs.path("last.pt"), state)
-    if state["best_epoch"] == epoch:
-        utils.save_checkpoint(outputs.path("best.pt"), state)
-
-
-def _complete_best_checkpoint(trainer: Trainer, outputs: utils.RunOutputs, epoch: int, history: List[Dict],
-                              run_arguments: Dict, args_changes: List[Dict]) -> None:
-    """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
-
-    A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
-    epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
-    just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
-    says so, and ``best.pt`` is replaced when an epoch improves on it."""
-    best_epoch = utils.best_record(history)["epoch"]
-    best_history = [record for record in history if record["epoch"] <= best_epoch]
-    path = outputs.path("best.pt")
-    try:
-        if os.path.isfile(path) and utils.load_checkpoint(path).get("history") == best_history:
-            return
-    except utils.CheckpointError:
-        pass  # damaged: replaced below when possible
-    if best_epoch == epoch:
-        utils.save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
-    else:
-        print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
-              "it is replaced when an epoch improves on it", file=sys.stderr)
 
 
 def show_progress_bars() -> bool:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
 from models.vit_layers import options_from  # noqa: E402
-from train_eval import AMP_DTYPE, compile_network, make_loaders  # noqa: E402
+from train_eval import AMP_DTYPE, compile_network  # noqa: E402
 from utils import synchronize  # noqa: E402
 
 SHAPES = ((32, 65), (32, 197), (8, 1025))
@@ -151,8 +151,8 @@ def data_table(device, batches, batch_size):
     workers = max(1, torch.get_num_threads())
     rows = []
     for path, options in (("workers", None), ("device", on_device)):
-        loader, _ = make_loaders(train, test, batch_size=batch_size, num_workers=0 if options else workers,
-                                 device=device, on_device=options)
+        loader, _ = dataset.make_loaders(train, test, batch_size=batch_size, num_workers=0 if options else workers,
+                                         device=device, on_device=options)
         batches_seen, start = 0, None
         for images, labels in loader:
             images = images.to(device, non_blocking=True)

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints  # noqa: E402
 import dataset  # noqa: E402
-import utils  # noqa: E402
 import vit_main  # noqa: E402
 from models.vit import ViT  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
@@ -96,12 +96,12 @@ def run_arguments(checkpoint: Dict, checkpoint_file: str) -> argparse.Namespace:
 def load_model(run: str) -> Tuple[ViT, argparse.Namespace]:
     """The run's ViT with its checkpoint weights, in evaluation mode (sampling is then deterministic)."""
     path = checkpoint_path(run)
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     args = run_arguments(checkpoint, path)
     img_size = dataset.image_size(args.dataset, args.resize)
     num_classes = dataset.num_classes(args.dataset, args.data_path)
     model = ViT(**vit_main.model_config(args, img_size, num_classes))
-    model.load_state_dict(utils.model_weights(checkpoint))
+    model.load_state_dict(checkpoints.model_weights(checkpoint))
     return model.eval(), args
 
 

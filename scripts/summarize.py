@@ -32,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.vit_layers import layers_taking  # noqa: E402
-from utils import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
+from run_files import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
 
 # The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
 LAYERS_USING_K = layers_taking("K")

@@ -2,6 +2,9 @@
 
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -293,3 +296,12 @@ def test_synthetic_sizes_must_fit_in_memory(monkeypatch):
     assert str(error.value) == ("CONVNN_SYNTHETIC_SIZES: 200,101 is 301 images, more than this machine's memory "
                                 "holds while generating them (300 at most, 64 KiB each); give smaller sizes, "
                                 "e.g. 5000,1000")
+
+
+@pytest.mark.slow
+def test_importing_the_datasets_loads_no_plotting_library():
+    # In a fresh interpreter: this one has matplotlib loaded by the tests that draw.
+    check = "import sys, dataset; assert 'matplotlib' not in sys.modules, 'matplotlib was imported'"
+    finished = subprocess.run([sys.executable, "-c", check], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr

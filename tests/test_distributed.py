@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import dataset
+import checkpoints
 import distributed
-import utils
 import vit_main
 from tests.conftest import TINY_MODEL_FLAGS
 
@@ -105,10 +105,10 @@ def test_rank_zero_alone_prints_and_writes(runs):
 
 def test_checkpoint_holds_the_bare_model(runs):
     root, _ = runs
-    checkpoint = utils.load_checkpoint(root / "two_processes" / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(root / "two_processes" / "last.pt")
     assert checkpoint["epoch"] == 2
     assert not [key for key in checkpoint["model"] if key.startswith("module.")]
-    single = utils.load_checkpoint(root / "one_process" / "last.pt")
+    single = checkpoints.load_checkpoint(root / "one_process" / "last.pt")
     assert checkpoint["model"].keys() == single["model"].keys()
     for key, weights in checkpoint["model"].items():
         torch.testing.assert_close(weights, single["model"][key], rtol=1e-5, atol=1e-6)
@@ -132,6 +132,13 @@ def test_contiguous_shards_cover_every_index_once():
     shards = [list(distributed.ContiguousShards(data, num_replicas=3, rank=rank)) for rank in range(3)]
     assert [len(shard) for shard in shards] == [3, 4, 4]
     assert sum(shards, []) == data
+
+
+def test_only_rank_zero_prints_reports(monkeypatch, capsys):
+    for rank, printed in ((0, "report\n"), (1, "")):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        distributed.print_main("report")
+        assert capsys.readouterr().out == printed
 
 
 def test_without_torchrun_a_run_is_a_single_process(monkeypatch):

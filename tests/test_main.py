@@ -9,6 +9,7 @@ from urllib.error import URLError
 
 import pytest
 import dataset
+import run_files
 import utils
 import vit_main
 
@@ -252,7 +253,7 @@ def test_missing_cifar_files_name_what_to_place_where(tmp_path, capsys, monkeypa
             "--output_dir", str(tmp_path / "out")]
     line = expect_usage_error(capsys, argv, "--data_path")
     assert "cifar-10-python.tar.gz" in line and "cifar-10-batches-py/" in line and str(tmp_path / "Data") in line
-    assert not [path.name for path in (tmp_path / "out").iterdir() if path.name in utils.OUTPUT_FILES]
+    assert not [path.name for path in (tmp_path / "out").iterdir() if path.name in run_files.OUTPUT_FILES]
 
 
 @pytest.mark.parametrize("flags, flag", [(["--layer", "ConvNNAttention", "--K", "100"], "--K"),

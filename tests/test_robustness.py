@@ -17,8 +17,10 @@ from urllib.error import URLError
 import pytest
 import torch
 
+import checkpoints
 import dataset
 import distributed
+import run_files
 import train_eval
 import utils
 import vit_main
@@ -86,15 +88,15 @@ def release_held_locks():
 
 def hold_lock(directory):
     """Takes ``directory``'s lock in this process, as a live run would, until the test ends."""
-    lock = utils.OutputLock(str(directory))
+    lock = run_files.OutputLock(str(directory))
     lock.acquire()
     HELD_LOCKS.append(lock)
 
 
 HOLD_LOCK_PROGRAM = """
 import sys
-import utils
-utils.OutputLock(sys.argv[1]).acquire()
+import run_files
+run_files.OutputLock(sys.argv[1]).acquire()
 print("held", flush=True)
 sys.stdin.read()  # until the test closes the pipe
 """
@@ -209,12 +211,12 @@ def list_checkpoint(run_dir, tmp_path, monkeypatch):
 
 
 def bare_weights_resume(run_dir, tmp_path, monkeypatch):
-    torch.save(utils.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
+    torch.save(checkpoints.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
     return ["--resume", tmp_path / "weights.pt", "--num_epochs", "2"]
 
 
 def bare_weights_test_only(run_dir, tmp_path, monkeypatch):
-    torch.save(utils.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
+    torch.save(checkpoints.load_checkpoint(run_dir / "last.pt")["model"], tmp_path / "weights.pt")
     return ["--test_only", "--checkpoint", tmp_path / "weights.pt"]
 
 
@@ -233,8 +235,8 @@ def mistyped_output_dir(run_dir, tmp_path, monkeypatch):
 
 
 def read_only_run(run_dir, tmp_path, monkeypatch):
-    directory_problem = utils.directory_problem
-    monkeypatch.setattr(utils, "directory_problem", lambda path: f"cannot write to {path}: Read-only file system"
+    directory_problem = run_files.directory_problem
+    monkeypatch.setattr(run_files, "directory_problem", lambda path: f"cannot write to {path}: Read-only file system"
                         if str(path) == str(run_dir) else directory_problem(path))
     return ["--test_only"]
 
@@ -245,7 +247,7 @@ def live_lock(run_dir, tmp_path, monkeypatch):
 
 
 def lock_directory(run_dir, tmp_path, monkeypatch):
-    (run_dir / utils.LOCK_NAME).mkdir()
+    (run_dir / run_files.LOCK_NAME).mkdir()
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
@@ -469,7 +471,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, tiny_
     vit_main.main(tiny_argv(tmp_path / "run", "--dataset", "imagenet", "--resize", "32",
                             "--data_path", tmp_path / "images", "--num_epochs", "1"))
     assert "imagenet: 2 training and 2 test images" in capsys.readouterr().out
-    assert utils.load_checkpoint(tmp_path / "run" / "last.pt")["model"]["classifier.weight"].shape[0] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "last.pt")["model"]["classifier.weight"].shape[0] == 2
 
 
 def test_test_only_needs_no_train_folder_and_its_classes_must_fit_the_checkpoint(tmp_path, tiny_argv, capsys):
@@ -501,7 +503,7 @@ def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch)
 def test_K_1_with_sampled_candidates_trains(sampling, tmp_path, tiny_argv):
     """Once a traceback in a reshape after the checks had passed; K = 1 is the token alone."""
     vit_main.main(tiny_argv(tmp_path, *CONVNN, "--K", "1", "--sampling_type", *sampling, "--num_epochs", "1"))
-    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
 def test_the_table_holds_at_least_30_cases():
@@ -511,7 +513,7 @@ def test_the_table_holds_at_least_30_cases():
 def test_mismatch_message_counts_and_names_a_few_parameters(run_copy, tmp_path, tiny_argv, capsys):
     flags = bare_weights_test_only(run_copy, tmp_path, None)
     line = expect_one_line_error(capsys, tiny_argv(run_copy, *flags, "--num_layers", "4"), 2, "--checkpoint")
-    missing = len([name for name in utils.load_checkpoint(run_copy / "last.pt")["model"]
+    missing = len([name for name in checkpoints.load_checkpoint(run_copy / "last.pt")["model"]
                    if name.startswith("transformer_encoder.0.")]) * 2  # blocks 2 and 3 are missing
     assert f"{missing} parameters missing from the checkpoint (transformer_encoder.2." in line and ", ...)" in line
 
@@ -534,7 +536,7 @@ def test_resuming_a_run_killed_before_its_summary_lines_writes_them(run_copy, ti
 
 def test_a_checkpoint_of_an_older_version_still_resumes(run_copy, tiny_argv, capsys):
     """Older versions stored fewer flags (none at all, or not the newer ones): those come from the command line."""
-    checkpoint = utils.load_checkpoint(run_copy / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(run_copy / "last.pt")
     del checkpoint["args"]["data_loader"]
     for key in ("args_changes", "processes"):
         checkpoint.pop(key, None)
@@ -542,14 +544,14 @@ def test_a_checkpoint_of_an_older_version_still_resumes(run_copy, tiny_argv, cap
     vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2", "--batch_size", "64"))
     assert f"warning: {run_copy / 'last.pt'} stores no --data_loader (an older version wrote it); using the command " \
            "line's\n" in capsys.readouterr().err
-    resumed = utils.load_checkpoint(run_copy / "last.pt")
+    resumed = checkpoints.load_checkpoint(run_copy / "last.pt")
     assert resumed["epoch"] == 2 and resumed["args"]["data_loader"] == "workers"
 
     del resumed["args"]
     torch.save(resumed, run_copy / "last.pt")
     vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "3"))
     assert "stores no flags (an older version wrote it); resuming with the command line's" in capsys.readouterr().err
-    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 3
+    assert checkpoints.load_checkpoint(run_copy / "last.pt")["epoch"] == 3
 
 
 def test_overwrite_with_a_checkpoint_from_elsewhere_replaces_the_run(run_copy, finished_run, tmp_path, tiny_argv):
@@ -559,7 +561,7 @@ def test_overwrite_with_a_checkpoint_from_elsewhere_replaces_the_run(run_copy, f
     assert not (run_copy / "test_results.txt").exists()
     assert [row["epoch"] for row in metric_rows(run_copy)] == ["1", "2"]
     best = run_copy / "best.pt"
-    assert not best.exists() or utils.load_checkpoint(best)["epoch"] == 2  # never the replaced run's
+    assert not best.exists() or checkpoints.load_checkpoint(best)["epoch"] == 2  # never the replaced run's
     # The run was started in finished_run: run_copy and other are copies of it.
     assert (run_copy / "args_changes.txt").read_text().endswith(
         f"with num_epochs 1 -> 2, output_dir {finished_run} -> {run_copy}\n")
@@ -573,20 +575,20 @@ def test_overwrite_with_a_checkpoint_from_elsewhere_replaces_the_run(run_copy, f
 def test_stale_lock_of_a_dead_process_is_taken_over_and_released(run_copy, tiny_argv):
     dead = subprocess.Popen(["true"])
     dead.wait()  # reaped: its process id now belongs to no process
-    (run_copy / utils.LOCK_NAME).write_text(f"{dead.pid}\n")
+    (run_copy / run_files.LOCK_NAME).write_text(f"{dead.pid}\n")
     (run_copy / ".last.pt.abc123").write_bytes(b"half a checkpoint left by a killed run")
     vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
-    assert not (run_copy / utils.LOCK_NAME).exists() and not (run_copy / ".last.pt.abc123").exists()
-    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
+    assert not (run_copy / run_files.LOCK_NAME).exists() and not (run_copy / ".last.pt.abc123").exists()
+    assert checkpoints.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
 
 
 def test_a_lock_naming_this_very_process_is_taken_over_when_nobody_holds_it(run_copy, tiny_argv):
     """A container's run is process 1, and so is the same job restarted after a kill: the lock the dead
     run left names the new run's own process id, which must not pass for a live owner."""
-    (run_copy / utils.LOCK_NAME).write_text(f"{os.getpid()}\n")
+    (run_copy / run_files.LOCK_NAME).write_text(f"{os.getpid()}\n")
     vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
-    assert not (run_copy / utils.LOCK_NAME).exists()
-    assert utils.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
+    assert not (run_copy / run_files.LOCK_NAME).exists()
+    assert checkpoints.load_checkpoint(run_copy / "last.pt")["epoch"] == 2
 
 
 @pytest.mark.slow
@@ -597,16 +599,16 @@ def test_a_lock_held_by_another_process_refuses_a_second_run(run_copy, tiny_argv
                                      "--output_dir")
         assert f"in use by the running process {holder} " in line
         # The probe before the model is built, and taking the lock itself, both see the holder.
-        with pytest.raises(utils.DirectoryInUseError, match=f"running process {holder} "):
-            utils.OutputLock(str(run_copy)).acquire()
+        with pytest.raises(run_files.DirectoryInUseError, match=f"running process {holder} "):
+            run_files.OutputLock(str(run_copy)).acquire()
         assert snapshot(run_copy) == before
-    assert utils.live_lock_owner(str(run_copy)) is None  # the holder ended: its lock went with it
+    assert run_files.live_lock_owner(str(run_copy)) is None  # the holder ended: its lock went with it
 
 
 FORK_AND_DIE_PROGRAM = """
 import os, sys, time
-import utils
-utils.OutputLock(sys.argv[1]).acquire()
+import run_files
+run_files.OutputLock(sys.argv[1]).acquire()
 worker = os.fork()
 if worker == 0:  # a data-loading worker that outlives its killed run
     quiet = os.open(os.devnull, os.O_WRONLY)
@@ -625,12 +627,12 @@ def test_a_forked_worker_outliving_its_run_does_not_hold_the_lock(tmp_path):
                            stdout=subprocess.PIPE, text=True)
     worker = int(dying.stdout)
     try:
-        assert (tmp_path / utils.LOCK_NAME).exists() and utils.live_lock_owner(str(tmp_path)) is None
-        lock = utils.OutputLock(str(tmp_path))
+        assert (tmp_path / run_files.LOCK_NAME).exists() and run_files.live_lock_owner(str(tmp_path)) is None
+        lock = run_files.OutputLock(str(tmp_path))
         lock.acquire()
-        assert (tmp_path / utils.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / run_files.LOCK_NAME).read_text() == f"{os.getpid()}\n"
         lock.release()
-        assert not (tmp_path / utils.LOCK_NAME).exists()
+        assert not (tmp_path / run_files.LOCK_NAME).exists()
     finally:
         os.kill(worker, signal.SIGKILL)
 
@@ -640,7 +642,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_argv):
     (run_copy / "notes.md").write_text("the user's own file\n")
     vit_main.main(tiny_argv(run_copy, "--overwrite", "--num_epochs", "1", "--seed", "5"))
     assert not (run_copy / "test_results.txt").exists() and (run_copy / "notes.md").exists()
-    assert utils.load_checkpoint(run_copy / "last.pt")["args"]["seed"] == 5
+    assert checkpoints.load_checkpoint(run_copy / "last.pt")["args"]["seed"] == 5
 
 
 def test_test_only_works_on_a_finished_run_and_beside_a_live_one(run_copy, tiny_argv):
@@ -688,7 +690,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(run_copy, tiny_argv
         assert after[name] == before[name], name
     # The resumed run's restart dropped the finished run's two summary lines; epoch 1 is kept.
     assert after["train_eval_results.txt"].splitlines() == before["train_eval_results.txt"].splitlines()[:1]
-    assert not (run_copy / utils.LOCK_NAME).exists()
+    assert not (run_copy / run_files.LOCK_NAME).exists()
 
 
 def test_a_step_the_gradient_scaler_skips_is_not_a_fault():
@@ -707,6 +709,20 @@ def test_a_step_the_gradient_scaler_skips_is_not_a_fault():
     assert torch.isfinite(torch.tensor(result.loss)) and trainer.scaler.get_scale() < 2.0**16
     for before, after in zip(weights, model.parameters()):
         assert torch.equal(before, after)
+
+
+def test_stop_signals_given_to_the_trainer_end_the_epoch_at_the_next_step():
+    stop_signals = train_eval.StopSignals()
+    trainer = train_eval.Trainer(model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)),
+                                 device=torch.device("cpu"), num_classes=3, optimizer="sgd", lr=0.1, weight_decay=0.0,
+                                 momentum=0.0, scheduler="none", lr_step=1, lr_gamma=0.5, num_epochs=1,
+                                 criterion="CrossEntropy", clip_grad_norm=0.0, use_amp=False, use_compiled=False,
+                                 compile_mode="default", show_progress=False, stop_signals=stop_signals)
+    batches = [(torch.randn(4, 12), torch.tensor([0, 1, 2, 0]))] * 3
+    with stop_signals:
+        signal.raise_signal(signal.SIGTERM)  # only recorded while the signals are caught
+        with pytest.raises(train_eval.TrainingStopped, match="SIGTERM at epoch 1 train, step 1/3"):
+            trainer.train_one_epoch(batches, "epoch 1 train")
 
 
 def test_the_non_finite_watch_names_the_first_bad_step():
@@ -739,18 +755,18 @@ def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(t
     """last.pt is written before best.pt: a disk filling up in between leaves last.pt holding the best
     epoch and no best.pt of it. Resumed, the run writes best.pt from that state at once, since a later
     epoch that does not improve would never write it."""
-    save_checkpoint = utils.save_checkpoint
+    save_checkpoint = checkpoints.save_checkpoint
 
     def best_pt_fails(path, state):
         if os.path.basename(path) == "best.pt":
-            raise utils.OutputWriteError(path, OSError(errno.ENOSPC, "No space left on device"))
+            raise run_files.OutputWriteError(path, OSError(errno.ENOSPC, "No space left on device"))
         save_checkpoint(path, state)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils, "save_checkpoint", best_pt_fails)
+        patch.setattr(checkpoints, "save_checkpoint", best_pt_fails)
         line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 1, "--output_dir: cannot write")
     assert "best.pt: No space left on device" in line and not (tmp_path / "best.pt").exists()
-    best_epoch = utils.load_checkpoint(tmp_path / "last.pt")
+    best_epoch = checkpoints.load_checkpoint(tmp_path / "last.pt")
 
     evaluate = train_eval.Trainer.evaluate
 
@@ -760,11 +776,11 @@ def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(t
 
     monkeypatch.setattr(train_eval.Trainer, "evaluate", later_epochs_do_not_improve)
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
-    best = utils.load_checkpoint(tmp_path / "best.pt")
+    best = checkpoints.load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == best["best_epoch"] == 1 and best["history"] == best_epoch["history"]
     for name, weights in best_epoch["model"].items():
         assert torch.equal(best["model"][name], weights), name
-    assert utils.load_checkpoint(tmp_path / "last.pt")["best_epoch"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["best_epoch"] == 1
 
     # Resumed after a later epoch, the best epoch's state is gone: said, not hidden.
     (tmp_path / "best.pt").unlink()
@@ -774,15 +790,15 @@ def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(t
 
 
 def test_checkpoint_write_that_dies_half_way_leaves_the_old_file(tmp_path):
-    utils.save_checkpoint(str(tmp_path / "last.pt"), {"epoch": 1})
+    checkpoints.save_checkpoint(str(tmp_path / "last.pt"), {"epoch": 1})
 
     def dies(handle):
         handle.write(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write(str(tmp_path / "last.pt"), dies)
-    assert utils.load_checkpoint(tmp_path / "last.pt") == {"epoch": 1}
+        run_files.atomic_write(str(tmp_path / "last.pt"), dies)
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt") == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
@@ -836,23 +852,23 @@ def test_signal_ends_the_run_with_last_pt_of_the_last_completed_epoch(signal_num
     last_line = stderr.rstrip().splitlines()[-1]
     assert last_line.startswith(f"vit_main.py: stopped by {signal.Signals(signal_number).name} at epoch ")
     assert last_line.endswith("continue with --resume auto")
-    checkpoint = utils.load_checkpoint(tmp_path / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "last.pt")
     assert [int(row["epoch"]) for row in metric_rows(tmp_path)] == list(range(1, checkpoint["epoch"] + 1))
-    assert not (tmp_path / utils.LOCK_NAME).exists()
+    assert not (tmp_path / run_files.LOCK_NAME).exists()
 
 
 def test_sigterm_during_set_up_ends_at_the_first_step(tmp_path, tiny_argv, capsys, monkeypatch):
-    write_model_summary = utils.RunOutputs.write_model_summary
+    write_model_summary = run_files.RunOutputs.write_model_summary
 
     def then_terminated(self, *args):
         write_model_summary(self, *args)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(utils.RunOutputs, "write_model_summary", then_terminated)
+    monkeypatch.setattr(run_files.RunOutputs, "write_model_summary", then_terminated)
     handler_before = signal.getsignal(signal.SIGTERM)
     line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--num_epochs", "2"), 143, "stopped by SIGTERM")
     assert "epoch 1 train, step 1/4" in line and line.endswith("no epoch was completed, so there is nothing to resume")
-    assert not (tmp_path / "last.pt").exists() and not (tmp_path / utils.LOCK_NAME).exists()
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / run_files.LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the program's handler is gone again
 
 
@@ -861,17 +877,17 @@ def test_a_run_stopped_before_its_first_epoch_does_not_refuse_the_same_command(t
     run's results, so the same command starts afresh instead of being refused as an earlier run."""
     argv = tiny_argv(tmp_path, "--num_epochs", "1")
     with pytest.MonkeyPatch.context() as patch:
-        write_args = utils.RunOutputs.write_args
+        write_args = run_files.RunOutputs.write_args
 
         def then_terminated(self, arguments):  # the first file the run writes
             write_args(self, arguments)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        patch.setattr(utils.RunOutputs, "write_args", then_terminated)
+        patch.setattr(run_files.RunOutputs, "write_args", then_terminated)
         expect_one_line_error(capsys, argv, 143, "stopped by SIGTERM")
     assert {"args.txt", "metrics.csv", "train_eval_results.txt"} <= set(os.listdir(tmp_path))
     vit_main.main(argv)
-    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -884,7 +900,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     victim.kill()
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL and len(metric_rows(killed)) < 3  # killed before its end
-    assert (killed / utils.LOCK_NAME).exists()  # a SIGKILL leaves its lock behind; the next run takes it over
+    assert (killed / run_files.LOCK_NAME).exists()  # a SIGKILL leaves its lock behind; the next run takes it over
 
     resumed = start(killed, *flags, "--resume", "auto")
     _, stderr = resumed.communicate(timeout=240)
@@ -898,4 +914,4 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
             assert float(actual_row[column]) == pytest.approx(float(expected_row[column]), rel=0, abs=1e-6)
     lines = (killed / "train_eval_results.txt").read_text().splitlines()
     assert [line[:11] for line in lines[:3]] == ["[Epoch 001]", "[Epoch 002]", "[Epoch 003]"] and len(lines) == 5
-    assert not (killed / utils.LOCK_NAME).exists()
+    assert not (killed / run_files.LOCK_NAME).exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import utils
+import run_files
 import vit_main
 from scripts import summarize
 from tests.conftest import TINY_MODEL_FLAGS
@@ -216,7 +216,7 @@ def epoch_record(epoch, test_top1):
 def written_run(directory, top1s=(50.0, 87.5, 62.5), **arguments):
     """A run directory as vit_main writes it (args.txt, model.txt, metrics.csv), with one epoch per top-1."""
     directory.mkdir(parents=True)
-    outputs = utils.RunOutputs(str(directory))
+    outputs = run_files.RunOutputs(str(directory))
     outputs.write_args({**RUN_ARGS, **arguments})
     (directory / "model.txt").write_text("ViT()\n\nTotal parameters: 1,234\nGFLOPs per image (32x32, forward): 0.5\n")
     outputs.start_logs([epoch_record(epoch, top1) for epoch, top1 in enumerate(top1s, start=1)])
@@ -237,7 +237,7 @@ def summarise_root(root, out_dir, capsys):
     return {row["run"]: row for row in read_rows(out_dir / "summary.csv")}, stderr.splitlines()
 
 
-METRICS_HEADER = ",".join(utils.METRIC_COLUMNS)
+METRICS_HEADER = ",".join(run_files.METRIC_COLUMNS)
 DAMAGES = {
     "row missing columns": ("metrics.csv", "87.5,95.0,2.0,100.0", "87.5", "metrics.csv line 3: 7 values for 10 columns"),
     "row with extra columns": ("metrics.csv", "87.5,", "87.5,1,", "metrics.csv line 3: 11 values for 10 columns"),

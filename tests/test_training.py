@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
+import dataset
+import run_files
 import train_eval
-import utils
 import vit_main
 from models.vit import ViT
 from models.vit_layers import options_from
@@ -59,7 +61,7 @@ def test_run_writes_args_and_model_summary(two_epoch_run):
     torch.manual_seed(0)
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
                 d_hidden=32, d_mlp=64, layer_options={"K": 4})
-    assert f"Total parameters: {utils.count_parameters(model):,}" in summary
+    assert f"Total parameters: {run_files.count_parameters(model):,}" in summary
     gflops = float(re.search(r"GFLOPs per image \(32x32, forward\): (\S+)", summary).group(1))
     assert 0 < gflops < 0.01
 
@@ -80,7 +82,7 @@ def test_results_file_has_one_line_per_epoch_then_the_summary(two_epoch_run):
 def test_metrics_csv_agrees_with_the_results_file(two_epoch_run):
     output_dir, _ = two_epoch_run
     rows = read_metrics(output_dir)
-    assert list(rows[0]) == utils.METRIC_COLUMNS and [row["epoch"] for row in rows] == ["1", "2"]
+    assert list(rows[0]) == run_files.METRIC_COLUMNS and [row["epoch"] for row in rows] == ["1", "2"]
     for row, line in zip(rows, results_lines(output_dir)):
         match = EPOCH_LINE.match(line)
         assert f"{float(row['test_loss']):.8f}" == match.group(2)
@@ -97,8 +99,8 @@ def test_curves_png_is_an_image(two_epoch_run):
 
 def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
     output_dir, _ = two_epoch_run
-    last = utils.load_checkpoint(output_dir / "last.pt")
-    best = utils.load_checkpoint(output_dir / "best.pt")
+    last = checkpoints.load_checkpoint(output_dir / "last.pt")
+    best = checkpoints.load_checkpoint(output_dir / "best.pt")
     assert set(last) == CHECKPOINT_KEYS and set(best) == CHECKPOINT_KEYS
     assert last["epoch"] == 2 and best["epoch"] == best["best_epoch"] == last["best_epoch"]
     assert last["args"]["layer"] == "ConvNNAttention" and len(last["history"]) == 2
@@ -178,8 +180,8 @@ def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypat
     resumed_lines = results_lines(resumed)
     assert [line[:11] for line in resumed_lines[:4]] == [f"[Epoch {e:03d}]" for e in range(1, 5)]
     assert len(resumed_lines) == 6 and resumed_lines[5] == results_lines(straight)[5]
-    straight_weights = utils.load_checkpoint(straight / "last.pt")["model"]
-    resumed_weights = utils.load_checkpoint(resumed / "last.pt")["model"]
+    straight_weights = checkpoints.load_checkpoint(straight / "last.pt")["model"]
+    resumed_weights = checkpoints.load_checkpoint(resumed / "last.pt")["model"]
     for name, weight in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], weight, rtol=0, atol=1e-6)
 
@@ -195,7 +197,7 @@ def test_resuming_an_earlier_checkpoint_drops_later_lines(tiny_argv, tmp_path):
     assert [line[:11] for line in lines[:4]] == [f"[Epoch {e:03d}]" for e in range(1, 5)]
     assert lines[4].startswith("Average Epoch Time") and lines[5].startswith("Max Accuracy") and len(lines) == 6
     assert [row["epoch"] for row in read_metrics(tmp_path)] == ["1", "2", "3", "4"]
-    assert utils.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_argv, tmp_path):
@@ -224,7 +226,7 @@ def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_p
     vit_main.main(["--output_dir", str(tmp_path), "--resume", "auto", "--num_epochs", "2"])
     assert [float(row["lr"]) for row in read_metrics(tmp_path)] == pytest.approx([3e-3, 1.5e-3], rel=1e-12)
     assert args_file(tmp_path) == {**started_with, "num_epochs": "2"}
-    changes = utils.load_checkpoint(tmp_path / "last.pt")["args_changes"]
+    changes = checkpoints.load_checkpoint(tmp_path / "last.pt")["args_changes"]
     assert [(change["after_epoch"], change["values"]) for change in changes] == [(1, {"num_epochs": [1, 2]})]
     line = (tmp_path / "args_changes.txt").read_text()
     assert re.fullmatch(r"resumed after epoch 1 \(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\) with num_epochs 1 -> 2\n", line)
@@ -247,7 +249,7 @@ def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path
     written = (tmp_path / "args.txt").stat().st_mtime_ns
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
     assert (tmp_path / "args.txt").stat().st_mtime_ns == written and not (tmp_path / "args_changes.txt").exists()
-    assert utils.load_checkpoint(tmp_path / "last.pt")["args"]["resume"] is None  # as the run was started
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["args"]["resume"] is None  # as the run was started
 
 
 def test_resuming_an_earlier_checkpoint_takes_its_record(tiny_argv, tmp_path):
@@ -328,7 +330,7 @@ def test_extending_a_step_or_plateau_run_repeats_a_run_started_that_long(schedul
 
 def test_only_reports_the_same_numbers_every_time(tiny_argv, tmp_path, capsys):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
-    best = utils.load_checkpoint(tmp_path / "best.pt")
+    best = checkpoints.load_checkpoint(tmp_path / "best.pt")
     best_record = best["history"][best["best_epoch"] - 1]
     args_before = (tmp_path / "args.txt").read_text()
     capsys.readouterr()
@@ -340,7 +342,7 @@ def test_only_reports_the_same_numbers_every_time(tiny_argv, tmp_path, capsys):
     assert reports[0] == reports[1]
     checkpoint_line, numbers = reports[0].splitlines()
     assert checkpoint_line == f"Checkpoint: {tmp_path / 'best.pt'}"
-    assert numbers == utils.test_line(best_record["test_loss"], best_record["test_top1"], best_record["test_top5"])
+    assert numbers == run_files.test_line(best_record["test_loss"], best_record["test_top1"], best_record["test_top5"])
     assert numbers in capsys.readouterr().out
     assert (tmp_path / "args.txt").read_text() == args_before  # the training run's record is kept
 
@@ -348,19 +350,19 @@ def test_only_reports_the_same_numbers_every_time(tiny_argv, tmp_path, capsys):
 def test_only_with_an_explicit_checkpoint(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path / "train", "--num_epochs", "1"))
     vit_main.main(tiny_argv(tmp_path / "eval", "--test_only", "--checkpoint", tmp_path / "train" / "last.pt"))
-    record = utils.load_checkpoint(tmp_path / "train" / "last.pt")["history"][0]
+    record = checkpoints.load_checkpoint(tmp_path / "train" / "last.pt")["history"][0]
     lines = (tmp_path / "eval" / "test_results.txt").read_text().splitlines()
     assert lines == [f"Checkpoint: {tmp_path / 'train' / 'last.pt'}",
-                     utils.test_line(record["test_loss"], record["test_top1"], record["test_top5"])]
+                     run_files.test_line(record["test_loss"], record["test_top1"], record["test_top5"])]
 
 
 def test_only_accepts_a_bare_state_dict_and_rejects_other_files(tiny_argv, tmp_path, capsys):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1"))
-    weights = utils.load_checkpoint(tmp_path / "last.pt")["model"]
+    weights = checkpoints.load_checkpoint(tmp_path / "last.pt")["model"]
     torch.save(weights, tmp_path / "weights_only.pt")
     vit_main.main(tiny_argv(tmp_path, "--test_only", "--checkpoint", tmp_path / "weights_only.pt"))
-    record = utils.load_checkpoint(tmp_path / "last.pt")["history"][0]
-    assert (tmp_path / "test_results.txt").read_text().splitlines()[1] == utils.test_line(
+    record = checkpoints.load_checkpoint(tmp_path / "last.pt")["history"][0]
+    assert (tmp_path / "test_results.txt").read_text().splitlines()[1] == run_files.test_line(
         record["test_loss"], record["test_top1"], record["test_top5"])
 
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
@@ -388,8 +390,8 @@ def test_only_reads_the_model_and_data_flags_from_the_checkpoint(tiny_argv, tmp_
     run = tmp_path / "run"
     vit_main.main(tiny_argv(run, "--layer", "ConvNNAttention", "--K", "3", "--sampling_type", "random",
                             "--num_samples", "8", "--magnitude_type", "cosine", "--num_epochs", "1"))
-    record = utils.load_checkpoint(run / "best.pt")["history"][0]
-    expected = utils.test_line(record["test_loss"], record["test_top1"], record["test_top5"])
+    record = checkpoints.load_checkpoint(run / "best.pt")["history"][0]
+    expected = run_files.test_line(record["test_loss"], record["test_top1"], record["test_top5"])
     vit_main.main(["--test_only", "--checkpoint", str(run / "best.pt")])  # results beside the checkpoint
     assert (run / "test_results.txt").read_text().splitlines() == [f"Checkpoint: {run / 'best.pt'}", expected]
     (run / "test_results.txt").unlink()
@@ -401,12 +403,12 @@ def test_only_on_a_read_only_run_writes_its_results_elsewhere(tiny_argv, tmp_pat
     run, elsewhere = tmp_path / "run", tmp_path / "results"
     vit_main.main(tiny_argv(run, "--num_epochs", "1"))
     before = {path.name: path.read_bytes() for path in run.iterdir()}
-    directory_problem = utils.directory_problem
+    directory_problem = run_files.directory_problem
 
     def read_only_run(path):  # root may write anywhere, so the read-only mount is played here
         return f"cannot write to {path}: Read-only file system" if str(path) == str(run) else directory_problem(path)
 
-    monkeypatch.setattr(utils, "directory_problem", read_only_run)
+    monkeypatch.setattr(run_files, "directory_problem", read_only_run)
     with pytest.raises(SystemExit) as exit_info:
         vit_main.main(tiny_argv(run, "--test_only"))
     assert exit_info.value.code == 2
@@ -574,15 +576,23 @@ def test_amp_on_cpu_uses_bfloat16_for_training_and_evaluation():
 
 
 def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
-    model = ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1, num_heads=2,
-                d_hidden=32, d_mlp=32)
-    trainer = make_trainer(model=model, num_classes=10, use_compiled=True, compile_mode="reduce-memory")
+    # Resolved where the model is built: the Trainer is given torch.compile's own mode.
+    model_flags = ["--layer", "Attention", "--patch_size", "8", "--num_layers", "1", "--num_heads", "2",
+                   "--d_hidden", "32", "--d_mlp", "32"]
+
+    def built(*flags):
+        return vit_main.build_model(vit_main.build_parser().parse_args([*model_flags, *flags]), 32, 10)
+
+    model, compile_mode = built("--use_compiled", "--compile_mode", "reduce-memory")
+    assert compile_mode == "default"
+    trainer = make_trainer(model=model, num_classes=10, use_compiled=True, compile_mode=compile_mode)
     assert model.activation_checkpointing is True
     assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.network._orig_mod is model
-    plain = make_trainer(model=ViT(img_size=32, num_classes=10, layer="Attention", patch_size=8, num_layers=1,
-                                   num_heads=2, d_hidden=32, d_mlp=32))
+    plain = make_trainer(model=built()[0])
     assert plain.network is plain.model and not plain.model.activation_checkpointing
+    uncompiled, _ = built("--compile_mode", "reduce-memory")  # no effect without --use_compiled, as warned
+    assert not uncompiled.activation_checkpointing
 
 
 @pytest.mark.parametrize("layer", ["Attention", "ConvNNAttention"])
@@ -608,9 +618,9 @@ def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
 
 def test_epoch_seeding_fixes_the_shuffle_of_each_epoch():
     data = torch.utils.data.TensorDataset(torch.arange(20).float(), torch.arange(20))
-    loader, _ = train_eval.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
+    loader, _ = dataset.make_loaders(data, data, batch_size=20, num_workers=0, device=torch.device("cpu"))
     orders = {}
     for epoch in (1, 2, 1):
-        train_eval.seed_epoch(loader, seed=3, epoch=epoch)
+        dataset.seed_epoch(loader, seed=3, epoch=epoch)
         orders.setdefault(epoch, []).append(next(iter(loader))[1].tolist())
     assert orders[1][0] == orders[1][1] != orders[2][0]

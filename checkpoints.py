@@ -1,0 +1,120 @@
+"""Checkpoints: what a training checkpoint holds, writing it atomically, reading it back, and how a
+checkpoint's weights fit a model."""
+
+import os
+import pickle
+import sys
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import torch
+
+import distributed
+from run_files import RunOutputs, atomic_write, best_record, first_line
+from utils import capture_rng_state
+
+if TYPE_CHECKING:  # annotations only: train_eval saves its checkpoints through this module
+    from train_eval import Trainer
+
+# What a checkpoint that is damaged, not a checkpoint, or of another architecture raises on loading.
+CHECKPOINT_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+# What a training checkpoint (last.pt, best.pt) holds beyond a bare state dict; --resume needs all of it.
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng")
+
+
+def save_checkpoint(path: str, state: Dict) -> None:
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line naming the file."""
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict:
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    # Unpickling damaged bytes can fail with almost any exception type (IndexError, UnicodeDecodeError, ...),
+    # and each means the same thing here: this file cannot be used.
+    except Exception as error:
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({first_line(error)})") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (holds a {type(checkpoint).__name__}, not a dictionary)")
+    return checkpoint
+
+
+# How many parameter names a mismatch message shows of each kind; the counts are always complete.
+_NAMES_SHOWN = 3
+
+
+def state_dict_mismatch(expected: Dict, found: Dict) -> Optional[str]:
+    """What differs between the model's state dict and a checkpoint's, as one line, or None when they fit."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    reshaped = [f"{name} {_shape(found[name])} vs {_shape(expected[name])}" for name in expected
+                if name in found and _shape(found[name]) != _shape(expected[name])]
+    parts = [f"{len(names)} {kind} ({', '.join(names[:_NAMES_SHOWN])}{', ...' if len(names) > _NAMES_SHOWN else ''})"
+             for kind, names in (("parameters missing from the checkpoint", missing),
+                                 ("unexpected parameters", unexpected),
+                                 ("parameters of another shape (checkpoint vs model)", reshaped)) if names]
+    return "; ".join(parts) if parts else None
+
+
+def _shape(value) -> List[int]:
+    return list(value.shape) if isinstance(value, torch.Tensor) else []
+
+
+def model_weights(checkpoint: Dict) -> Dict:
+    """The model state dict of a training checkpoint, or the checkpoint itself when it is a bare state dict."""
+    return checkpoint["model"] if "model" in checkpoint else checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The training checkpoints: last.pt after every epoch, best.pt after each that improved test top-1
+# ---------------------------------------------------------------------------------------------
+
+
+def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_arguments: Dict,
+                      args_changes: List[Dict]) -> Dict:
+    best = best_record(history)
+    return {
+        **trainer.state_dict(),
+        "epoch": epoch,
+        "rng": capture_rng_state(),
+        "best_accuracy": best["test_top1"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "args": run_arguments,
+        "args_changes": args_changes,
+        # --batch_size is per process: a resume checks the global batch against this.
+        "processes": distributed.world_size(),
+    }
+
+
+def save_checkpoints(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
+                     run_arguments: Dict, args_changes: List[Dict]) -> None:
+    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
+    save_checkpoint(outputs.path("last.pt"), state)
+    if state["best_epoch"] == epoch:
+        save_checkpoint(outputs.path("best.pt"), state)
+
+
+def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
+                             run_arguments: Dict, args_changes: List[Dict]) -> None:
+    """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
+
+    A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
+    epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
+    just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
+    says so, and ``best.pt`` is replaced when an epoch improves on it."""
+    best_epoch = best_record(history)["epoch"]
+    best_history = [record for record in history if record["epoch"] <= best_epoch]
+    path = outputs.path("best.pt")
+    try:
+        if os.path.isfile(path) and load_checkpoint(path).get("history") == best_history:
+            return
+    except CheckpointError:
+        pass  # damaged: replaced below when possible
+    if best_epoch == epoch:
+        save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
+    else:
+        print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
+              "it is replaced when an epoch improves on it", file=sys.stderr)
