@@ -10,6 +10,7 @@ import errno
 import fcntl  # Linux and macOS: the output lock is a flock
 import io
 import os
+import stat
 import tempfile
 from typing import Callable, Dict, List, Optional, Set
 
@@ -168,11 +169,14 @@ class OutputLock:
 
     def _open(self) -> io.FileIO:
         try:
-            return io.FileIO(self.path, "a+")
+            return _open_lock_file(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+")
         except IsADirectoryError:
             raise LockFileError(f"{self.path} is a directory, not a lock file; remove it "
                                 "or choose another --output_dir") from None
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LockFileError(f"{self.path} is a symbolic link, not a lock file; remove it "
+                                    "or choose another --output_dir") from None
             raise LockFileError(f"cannot open the lock file {self.path}: {error.strerror or error}") from None
 
     def release(self) -> None:
@@ -205,7 +209,7 @@ def live_lock_owner(output_dir: str) -> Optional[int]:
     """Process id of the live run holding ``output_dir``'s lock (0 when it has not written it yet),
     or None when no process holds the lock. Probes with a shared lock taken and dropped at once."""
     try:
-        handle = io.FileIO(os.path.join(output_dir, LOCK_NAME), "r")
+        handle = _open_lock_file(os.path.join(output_dir, LOCK_NAME), os.O_RDONLY, "r")
     except OSError:
         return None  # absent, or not a readable file: taking the lock reports what is wrong with it
     with handle:
@@ -216,6 +220,16 @@ def live_lock_owner(output_dir: str) -> Optional[int]:
         except OSError:
             return None
         return None  # closing the file drops the shared lock
+
+
+def _open_lock_file(path: str, flags: int, mode: str) -> io.FileIO:
+    """Opens a lock file that must be a regular file. A symbolic link is not followed (writing the pid
+    through it would overwrite whatever it points to), and a FIFO is neither waited on nor locked."""
+    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, _FILE_MODE)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return io.FileIO(descriptor, mode)
 
 
 def in_use_message(lock_path: str, owner: int) -> str:

@@ -251,6 +251,18 @@ def lock_directory(run_dir, tmp_path, monkeypatch):
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
+def lock_symlink(run_dir, tmp_path, monkeypatch):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a file outside the run, which the pid must not overwrite")
+    (run_dir / run_files.LOCK_NAME).symlink_to(precious)
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
+def lock_fifo(run_dir, tmp_path, monkeypatch):
+    os.mkfifo(run_dir / run_files.LOCK_NAME)  # opening it for reading used to wait for a writer forever
+    return ["--resume", "auto", "--num_epochs", "2"]
+
+
 def blocked_output_dir(run_dir, tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a directory")
     return ["--output_dir", tmp_path / "a_file" / "run"]
@@ -356,6 +368,8 @@ CASES = [
     ("earlier-run", no_setup, [], "--output_dir", "--overwrite"),
     ("live-lock", live_lock, [], "--output_dir", f"running process {os.getpid()}"),
     ("lock-directory", lock_directory, [], "--output_dir", ".lock is a directory, not a lock file"),
+    ("lock-symlink", lock_symlink, [], "--output_dir", ".lock is a symbolic link, not a lock file"),
+    ("lock-fifo", lock_fifo, [], "--output_dir", "cannot open the lock file"),
     ("unwritable-output", blocked_output_dir, [], "--output_dir", "cannot write"),
     ("truncated-last", truncated_last, [], "--resume", "last.pt is damaged"),
     ("empty-last", empty_last, [], "--resume", "last.pt is damaged"),
