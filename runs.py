@@ -69,10 +69,10 @@ def resume_path(args: argparse.Namespace) -> Optional[str]:
 
 def continues_in_place(args: argparse.Namespace) -> bool:
     """Whether --resume continues the run of --output_dir (auto, or a checkpoint in that directory)."""
-    return args.resume == "auto" or _same_directory(os.path.dirname(os.path.abspath(args.resume)), args.output_dir)
+    return args.resume == "auto" or _same_path(os.path.dirname(os.path.abspath(args.resume)), args.output_dir)
 
 
-def _same_directory(first: str, second: str) -> bool:
+def _same_path(first: str, second: str) -> bool:
     return os.path.realpath(first) == os.path.realpath(second)
 
 
@@ -117,12 +117,16 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
                   if name in stored and stored[name] != getattr(merged, name)}
         if processes_known:
             values.update(_batch_changes(merged, stored, checkpoint["processes"], path))
-        if "output_dir" in stored and not _same_directory(stored["output_dir"], args.output_dir):
+        if "output_dir" in stored and not _same_path(stored["output_dir"], args.output_dir):
             values["output_dir"] = [stored["output_dir"], args.output_dir]
         record = {**stored, **{name: getattr(merged, name) for name in _settings(args) if name not in stored},
                   **{name: new for name, (_, new) in values.items() if name in stored}}
     epoch = checkpoint["epoch"]
-    if merged.num_epochs < epoch or (merged.num_epochs == epoch and "num_epochs" in values):
+    # With no epoch left to train, only the run's own last.pt may be resumed (to finish its results files):
+    # any other checkpoint would rewrite the results and best.pt to its earlier epochs beside a later last.pt.
+    nothing_to_train = merged.num_epochs == epoch and (
+        "num_epochs" in values or not _same_path(path, os.path.join(args.output_dir, "last.pt")))
+    if merged.num_epochs < epoch or nothing_to_train:
         raise UsageError(f"--num_epochs: {path} has trained {epoch} epochs already; give more than {epoch} "
                          "to train it further")
     args_changes = list(checkpoint.get("args_changes", []))

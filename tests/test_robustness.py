@@ -568,6 +568,17 @@ def test_a_checkpoint_of_an_older_version_still_resumes(run_copy, tiny_argv, cap
     assert checkpoints.load_checkpoint(run_copy / "last.pt")["epoch"] == 3
 
 
+def test_an_earlier_checkpoint_with_no_epoch_left_to_train_is_refused(run_copy, tiny_argv, capsys):
+    """Found by a hostile user: resuming a copy of epoch 1's last.pt after the run went on to epoch 2
+    rewrote the results and best.pt to epoch 1 beside epoch 2's last.pt, and trained nothing."""
+    shutil.copy(run_copy / "last.pt", run_copy / "epoch1.pt")
+    vit_main.main(tiny_argv(run_copy, "--resume", "auto", "--num_epochs", "2"))
+    before = snapshot(run_copy)
+    line = expect_one_line_error(capsys, tiny_argv(run_copy, "--resume", run_copy / "epoch1.pt"), 2, "--num_epochs")
+    assert "has trained 1 epochs already" in line
+    assert snapshot(run_copy) == before
+
+
 def test_overwrite_with_a_checkpoint_from_elsewhere_replaces_the_run(run_copy, finished_run, tmp_path, tiny_argv):
     (run_copy / "test_results.txt").write_text("of the earlier run\n")
     flags = other_run_resumed(run_copy, tmp_path, None)
