@@ -281,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
     """Checks what can be checked before the data is read, builds the model, and starts the run: the
     evaluation of a checkpoint with --test_only, training otherwise."""
+    # Stored absolute: a resume or evaluation started from another directory must read the same data, not
+    # whatever the relative path names there.
+    args.data_path = os.path.abspath(args.data_path)
     mode_problems = _mode_problems(args)  # first: the settings below come from the files these name
     if mode_problems:
         raise UsageError(mode_problems[0])

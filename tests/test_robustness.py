@@ -500,6 +500,24 @@ def test_test_only_needs_no_train_folder_and_its_classes_must_fit_the_checkpoint
     expect_one_line_error(capsys, tiny_argv(tmp_path / "run", *flags, "--test_only"), 2, "--checkpoint")
 
 
+def test_a_relative_data_path_means_the_same_data_from_another_directory(tmp_path, tiny_argv, monkeypatch):
+    """Found by a hostile user: a stored relative --data_path was read again from the directory that
+    --test_only or --resume ran in, which evaluated or trained on other images without a word."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    write_image_folders(tmp_path / "first" / "images", {"train": class_folders("cat", "dog"),
+                                                        "val": class_folders("cat", "dog")})
+    monkeypatch.chdir(tmp_path / "first")
+    vit_main.main(tiny_argv(tmp_path / "run", "--dataset", "imagenet", "--resize", "32", "--data_path", "images",
+                            "--num_epochs", "1"))
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "last.pt")["args"]["data_path"] == str(
+        tmp_path / "first" / "images")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where "images" names nothing
+    vit_main.main(["--test_only", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--device", "cpu",
+                   "--num_workers", "0"])
+    assert (tmp_path / "run" / "test_results.txt").is_file()
+
+
 def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch):
     """Ranks other than 0 reseed from --seed plus an offset, which must stay within numpy's seed range."""
     monkeypatch.setattr(distributed, "rank", lambda: 3)
