@@ -13,8 +13,7 @@ import dataset
 import train_eval
 import vit_main
 from models.vit import ViT
-from tests.test_dataset import files_only_integrity, write_cifar10  # noqa: F401  (fixture)
-from tests.test_training import assert_resume_repeats_a_straight_run, read_metrics
+from tests.helpers import assert_resume_repeats_a_straight_run, read_metrics, write_cifar10
 
 
 def worker_batches(data, batch_size):

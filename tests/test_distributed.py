@@ -22,7 +22,7 @@ import dataset
 import checkpoints
 import distributed
 import vit_main
-from tests.conftest import TINY_MODEL_FLAGS
+from tests.helpers import TINY_MODEL_FLAGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SIZES = "200,101"

@@ -24,7 +24,7 @@ import run_files
 import train_eval
 import utils
 import vit_main
-from tests.conftest import TINY_MODEL_FLAGS
+from tests.helpers import TINY_MODEL_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(REPO, "vit_main.py")

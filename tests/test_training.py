@@ -1,7 +1,6 @@
 """Training runs on the small synthetic set: output files, resuming, test-only evaluation, and the
 training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
 
-import csv
 import math
 import re
 import shutil
@@ -17,6 +16,8 @@ import train_eval
 import vit_main
 from models.vit import ViT
 from models.vit_layers import options_from
+from tests.helpers import (DETERMINISTIC_COLUMNS, Interrupted, assert_resume_repeats_a_straight_run,
+                           interrupt_in_epoch, read_metrics, results_lines)
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -25,17 +26,6 @@ EPOCH_LINE = re.compile(
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
                    "history", "args", "args_changes", "processes"}
-# Columns that must repeat exactly between two runs of the same seed (timings do not).
-DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
-
-
-def read_metrics(output_dir):
-    with open(output_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def results_lines(output_dir):
-    return (output_dir / "train_eval_results.txt").read_text().splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,43 +125,8 @@ def test_synthetic_set_is_learnt_well_above_chance(tiny_argv, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_in_epoch(monkeypatch, epoch):
-    """Makes training crash part-way through the given epoch, as a killed job would."""
-    train_one_epoch = train_eval.Trainer.train_one_epoch
-    calls = {"count": 0}
-
-    def crashing(self, loader, description):
-        calls["count"] += 1
-        if calls["count"] == epoch:
-            raise Interrupted
-        return train_one_epoch(self, loader, description)
-
-    monkeypatch.setattr(train_eval.Trainer, "train_one_epoch", crashing)
-
-
 RESUME_FLAGS = ["--num_epochs", "4", "--augment", "--scheduler", "cosine", "--layer", "ConvNNAttention",
                 "--sampling_type", "random", "--num_samples", "8", "--K", "3", "--seed", "7"]
-
-
-def assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, flags, crash_epoch):
-    """Runs ``flags`` straight through, and again crashed in ``crash_epoch`` then continued with
-    ``--resume auto``; every deterministic metric of every epoch must agree. Returns both directories."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    vit_main.main(tiny_argv(straight, *flags))
-    with monkeypatch.context() as patch:
-        interrupt_in_epoch(patch, crash_epoch)
-        with pytest.raises(Interrupted):
-            vit_main.main(tiny_argv(resumed, *flags))
-    assert len(results_lines(resumed)) == crash_epoch - 1
-    vit_main.main(tiny_argv(resumed, *flags, "--resume", "auto"))
-    for expected, actual in zip(read_metrics(straight), read_metrics(resumed), strict=True):
-        for column in DETERMINISTIC_COLUMNS:
-            assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
-    return straight, resumed
 
 
 def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
