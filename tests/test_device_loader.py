@@ -125,6 +125,7 @@ def compiled_trainer():
                               use_compiled=True, compile_mode="default", show_progress=False)
 
 
+@pytest.mark.slow
 def test_compiled_training_never_recompiles_across_epochs_or_for_the_last_partial_batch():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps the counts of graphs compiled by earlier tests

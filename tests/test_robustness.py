@@ -834,6 +834,7 @@ def wait_for_epochs(process, output_dir, epochs, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_errors_reach_the_terminal_as_one_line(run_copy):
     truncate(run_copy / "last.pt")
     process = start(run_copy, "--resume", "auto")
@@ -842,6 +843,7 @@ def test_errors_reach_the_terminal_as_one_line(run_copy):
     assert stderr.rstrip().splitlines()[-1].startswith(f"vit_main.py: error: --resume: {run_copy / 'last.pt'}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_ends_the_run_with_last_pt_of_the_last_completed_epoch(signal_number, code, tmp_path):
     process = start(tmp_path, "--num_epochs", "50")
@@ -890,6 +892,7 @@ def test_a_run_stopped_before_its_first_epoch_does_not_refuse_the_same_command(t
     assert checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     flags = ["--num_epochs", "3", "--augment", "--layer", "ConvNNAttention", "--K", "4"]

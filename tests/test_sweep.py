@@ -53,6 +53,7 @@ def run_sweep(output_root) -> str:
     return finished.stdout
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_ones(tiny_argv, tmp_path,
                                                                                    monkeypatch):
     root = tmp_path / "sweep"

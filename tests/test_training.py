@@ -550,6 +550,7 @@ def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
     assert not uncompiled.activation_checkpointing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["Attention", "ConvNNAttention"])
 def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
     # Inductor's own CPU random numbers are slower than ATen's and differ from them; compile_network
