@@ -110,6 +110,7 @@ DEVICE_RUN = ["--num_epochs", "3", "--augment", "--data_loader", "device", "--la
               "--seed", "5", "--resize", "40", "--patch_size", "8"]
 
 
+@pytest.mark.slow
 def test_device_path_trains_and_resumes_exactly(tiny_argv, tmp_path, monkeypatch):
     straight, _ = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, DEVICE_RUN, 2)
     assert len(read_metrics(straight)) == 3

@@ -138,6 +138,7 @@ def read_summary(path):
     (4, ("--layer", "ConvNNAttention", "--sampling_type", "spatial", "--num_samples", "3")),
     (5, ("--layer", "BranchConv")),
 ], ids=["all", "random", "spatial", "BranchConv"])
+@pytest.mark.slow
 def test_maps_and_summary_of_a_trained_run(tiny_argv, tmp_path, capsys, K, flags):
     run = train(tiny_argv, tmp_path / "run", *flags, "--K", K)
     capsys.readouterr()

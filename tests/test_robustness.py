@@ -499,6 +499,7 @@ def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch)
         utils.restore_rng_state(generators)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [["random", "--num_samples", "4"], ["spatial", "--num_samples", "2"]])
 def test_K_1_with_sampled_candidates_trains(sampling, tmp_path, tiny_argv):
     """Once a traceback in a reshape after the checks had passed; K = 1 is the token alone."""
@@ -750,6 +751,7 @@ def test_full_disk_keeps_the_earlier_checkpoint(run_copy, tiny_argv, capsys, mon
     assert not [name for name in os.listdir(run_copy) if name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(tmp_path, tiny_argv, capsys,
                                                                                  monkeypatch):
     """last.pt is written before best.pt: a disk filling up in between leaves last.pt holding the best

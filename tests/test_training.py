@@ -115,6 +115,7 @@ def test_without_a_terminal_each_epoch_prints_one_plain_line(two_epoch_run):
     assert "LR: 1.000e-03" in epoch_lines[0] and "img/s" in epoch_lines[0]
 
 
+@pytest.mark.slow
 def test_synthetic_set_is_learnt_well_above_chance(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--dropout", "0", "--attention_dropout", "0"))
     assert max(float(row["test_top1"]) for row in read_metrics(tmp_path)) > 30.0
@@ -129,6 +130,7 @@ RESUME_FLAGS = ["--num_epochs", "4", "--augment", "--scheduler", "cosine", "--la
                 "--sampling_type", "random", "--num_samples", "8", "--K", "3", "--seed", "7"]
 
 
+@pytest.mark.slow
 def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
     """Dropout, augmentation, random sampling, shuffling and the cosine schedule all continue exactly."""
     straight, resumed = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, RESUME_FLAGS, 3)
@@ -141,6 +143,7 @@ def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypat
         torch.testing.assert_close(resumed_weights[name], weight, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_drops_later_lines(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
     shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
@@ -172,6 +175,7 @@ def args_file(output_dir):
     return dict(line.split(": ", 1) for line in (output_dir / "args.txt").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_path, small_synthetic, capsys):
     """``--output_dir RUN --resume auto`` alone continues RUN with its own settings (the defaults of lr,
     device, model... are not those of the run); a changed --num_epochs is recorded, never hidden."""
@@ -196,6 +200,7 @@ def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_p
     assert args_file(moved) == {**started_with, "num_epochs": "3", "data_loader": "device", "output_dir": str(moved)}
 
 
+@pytest.mark.slow
 def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         interrupt_in_epoch(patch, 2)
@@ -207,6 +212,7 @@ def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path
     assert checkpoints.load_checkpoint(tmp_path / "last.pt")["args"]["resume"] is None  # as the run was started
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_takes_its_record(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
     shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
@@ -243,6 +249,7 @@ def assert_rates(output_dir, expected):
         assert rate == pytest.approx(want, rel=1e-12, abs=1e-18), f"epoch {epoch}"
 
 
+@pytest.mark.slow
 def test_extending_a_finished_cosine_run_follows_the_cosine_of_the_new_length(tiny_argv, tmp_path, monkeypatch):
     """Epochs after the extension use the rate a run started with the new --num_epochs has there (not 0,
     and not the old cosine climbing back); a later plain resume keeps following it."""
@@ -255,6 +262,7 @@ def test_extending_a_finished_cosine_run_follows_the_cosine_of_the_new_length(ti
     assert_rates(tmp_path, [cosine(0, 2), cosine(1, 2), cosine(2, 5), cosine(3, 5), cosine(4, 5)])
 
 
+@pytest.mark.slow
 def test_extending_an_interrupted_cosine_run(tiny_argv, tmp_path, monkeypatch):
     flags = ["--scheduler", "cosine", "--num_epochs", "4"]
     with monkeypatch.context() as patch:
@@ -267,6 +275,7 @@ def test_extending_an_interrupted_cosine_run(tiny_argv, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("schedule", [["--scheduler", "step", "--lr_step", "1", "--lr_gamma", "0.5"],
                                       ["--scheduler", "plateau"]])
+@pytest.mark.slow
 def test_extending_a_step_or_plateau_run_repeats_a_run_started_that_long(schedule, tiny_argv, tmp_path):
     """Neither schedule depends on --num_epochs: an extended run is the run that was started longer."""
     straight, extended = tmp_path / "straight", tmp_path / "extended"
@@ -341,6 +350,7 @@ def test_only_without_weights_is_refused_unless_a_fresh_model_is_asked_for(tiny_
     assert (tmp_path / "test_results.txt").read_text().startswith("Checkpoint: none (freshly initialised model)\n")
 
 
+@pytest.mark.slow
 def test_only_reads_the_model_and_data_flags_from_the_checkpoint(tiny_argv, tmp_path, small_synthetic):
     run = tmp_path / "run"
     vit_main.main(tiny_argv(run, "--layer", "ConvNNAttention", "--K", "3", "--sampling_type", "random",
