@@ -1,16 +1,12 @@
-"""Fixtures shared by the command-line, training and dataset tests."""
+"""Fixtures shared by the test modules; plain helpers are in tests/helpers.py."""
+
+import os
 
 import pytest
+from matplotlib.figure import Figure
 
 import dataset
-
-# A model small enough for a CPU epoch on the shrunken synthetic set to take a fraction of a second:
-# 32 px images, patch 8 (16 patches + class token), 2 blocks of width 32.
-TINY_MODEL_FLAGS = [
-    "--dataset", "synthetic", "--resize", "0", "--device", "cpu", "--num_workers", "0",
-    "--patch_size", "8", "--num_layers", "2", "--num_heads", "2", "--d_hidden", "32", "--d_mlp", "64",
-    "--batch_size", "64", "--lr", "1e-3",
-]
+from tests.helpers import TINY_MODEL_FLAGS
 
 
 @pytest.fixture
@@ -29,3 +25,24 @@ def tiny_argv(small_synthetic):
         return [*TINY_MODEL_FLAGS, "--output_dir", str(output_dir), *map(str, flags)]
 
     return build
+
+
+@pytest.fixture
+def files_only_integrity(monkeypatch):
+    """The fake CIFAR files cannot match torchvision's MD5 sums; accept any file that exists."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every Figure saved while the test runs, with the dpi it was saved at."""
+    figures = []
+    save = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append((figure, kwargs.get("dpi", figure.dpi)))
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures

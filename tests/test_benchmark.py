@@ -31,6 +31,7 @@ def test_saved_bytes_counts_each_storage_once():
     assert benchmark.saved_bytes(lambda: x.exp()) == 4000  # exp saves its output only
 
 
+@pytest.mark.slow
 def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVNN_SYNTHETIC_SIZES", "64,16")
     models = benchmark.model_table(CPU, None, repeats=1, warmup=0, batch=2, compile_modes=(False,))

@@ -1,7 +1,5 @@
 """Datasets from files in their on-disk formats (nothing is downloaded) and the synthetic set."""
 
-import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,49 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import dataset
-
-
-@pytest.fixture
-def files_only_integrity(monkeypatch):
-    """The fake CIFAR files cannot match torchvision's MD5 sums; accept any file that exists."""
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity",
-                        lambda path, md5=None: os.path.isfile(path))
-
-
-def write_pickle(path, content):
-    with open(path, "wb") as handle:
-        pickle.dump(content, handle, protocol=2)
-
-
-def cifar_images(count, offset):
-    """Rows of 3072 bytes (1024 red, 1024 green, 1024 blue) with a value unique to each image."""
-    values = (np.arange(count, dtype=np.uint8) * 20 + offset).reshape(count, 1)
-    return np.repeat(values, 3072, axis=1).astype(np.uint8)
-
-
-def write_cifar10(root, per_batch=4):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for index in range(1, 6):
-        write_pickle(folder / f"data_batch_{index}", {
-            "batch_label": f"training batch {index} of 5", "data": cifar_images(per_batch, index),
-            "labels": [(index + i) % 10 for i in range(per_batch)], "filenames": [f"{i}.png" for i in range(per_batch)],
-        })
-    write_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": cifar_images(3, 100),
-                                         "labels": [7, 8, 9], "filenames": ["a.png", "b.png", "c.png"]})
-    write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)],
-                                           "num_cases_per_batch": per_batch, "num_vis": 3072})
-
-
-def write_cifar100(root):
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    write_pickle(folder / "train", {"data": cifar_images(6, 0), "fine_labels": [0, 10, 20, 30, 40, 99],
-                                    "coarse_labels": [0, 1, 2, 3, 4, 19], "filenames": [f"{i}.png" for i in range(6)]})
-    write_pickle(folder / "test", {"data": cifar_images(2, 50), "fine_labels": [5, 98],
-                                   "coarse_labels": [1, 18], "filenames": ["a.png", "b.png"]})
-    write_pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
-                                   "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+from tests.helpers import write_cifar10, write_cifar100
 
 
 def normalised(value, name):

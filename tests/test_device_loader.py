@@ -13,8 +13,7 @@ import dataset
 import train_eval
 import vit_main
 from models.vit import ViT
-from tests.test_dataset import files_only_integrity, write_cifar10  # noqa: F401  (fixture)
-from tests.test_training import assert_resume_repeats_a_straight_run, read_metrics
+from tests.helpers import assert_resume_repeats_a_straight_run, read_metrics, write_cifar10
 
 
 def worker_batches(data, batch_size):
@@ -111,6 +110,7 @@ DEVICE_RUN = ["--num_epochs", "3", "--augment", "--data_loader", "device", "--la
               "--seed", "5", "--resize", "40", "--patch_size", "8"]
 
 
+@pytest.mark.slow
 def test_device_path_trains_and_resumes_exactly(tiny_argv, tmp_path, monkeypatch):
     straight, _ = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, DEVICE_RUN, 2)
     assert len(read_metrics(straight)) == 3
@@ -126,6 +126,7 @@ def compiled_trainer():
                               use_compiled=True, compile_mode="default", show_progress=False)
 
 
+@pytest.mark.slow
 def test_compiled_training_never_recompiles_across_epochs_or_for_the_last_partial_batch():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps the counts of graphs compiled by earlier tests

@@ -22,7 +22,7 @@ import dataset
 import checkpoints
 import distributed
 import vit_main
-from tests.conftest import TINY_MODEL_FLAGS
+from tests.helpers import TINY_MODEL_FLAGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SIZES = "200,101"
@@ -77,11 +77,13 @@ def runs(tmp_path_factory):
     return root, two_processes.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_metrics_of_one_process_with_the_global_batch(runs):
     root, _ = runs
     assert_same_metrics(metrics(root / "two_processes"), metrics(root / "one_process"))
 
 
+@pytest.mark.slow
 def test_every_test_image_counts_once(runs):
     root, _ = runs
     for row in metrics(root / "two_processes"):
@@ -89,6 +91,7 @@ def test_every_test_image_counts_once(runs):
         assert correct == pytest.approx(round(correct), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_rank_zero_alone_prints_and_writes(runs):
     root, stdout = runs
     output_dir = root / "two_processes"
@@ -103,6 +106,7 @@ def test_rank_zero_alone_prints_and_writes(runs):
     assert not [name for name in os.listdir(output_dir) if name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_bare_model(runs):
     root, _ = runs
     checkpoint = checkpoints.load_checkpoint(root / "two_processes" / "last.pt")
@@ -114,6 +118,7 @@ def test_checkpoint_holds_the_bare_model(runs):
         torch.testing.assert_close(weights, single["model"][key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_runs_resume_with_another_number_of_processes(runs, tmp_path, monkeypatch):
     root, _ = runs
     # The two-process run continues in one process, the one-process run in two: epoch 3 agrees.

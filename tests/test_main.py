@@ -258,6 +258,7 @@ def test_missing_cifar_files_name_what_to_place_where(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("flags, flag", [(["--layer", "ConvNNAttention", "--K", "100"], "--K"),
                                          (["--num_epochs", "0"], "--num_epochs")])
+@pytest.mark.slow
 def test_errors_exit_2_without_traceback_in_a_real_process(flags, flag, tmp_path):
     argv = ["--dataset", "synthetic", "--resize", "0", "--device", "cpu", "--patch_size", "8", "--num_layers", "1",
             "--d_hidden", "32", "--num_heads", "2", "--output_dir", str(tmp_path), *flags]

@@ -12,7 +12,7 @@ import vit_main
 from models.vit import ViT
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts import neighbour_maps
-from tests.figure_checks import saved_figures, texts_outside_or_overlapping  # noqa: F401 (a fixture)
+from tests.helpers import texts_outside_or_overlapping
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GRID_SIDE = 4  # the tiny runs: 32 px images, patch 8
@@ -138,6 +138,7 @@ def read_summary(path):
     (4, ("--layer", "ConvNNAttention", "--sampling_type", "spatial", "--num_samples", "3")),
     (5, ("--layer", "BranchConv")),
 ], ids=["all", "random", "spatial", "BranchConv"])
+@pytest.mark.slow
 def test_maps_and_summary_of_a_trained_run(tiny_argv, tmp_path, capsys, K, flags):
     run = train(tiny_argv, tmp_path / "run", *flags, "--K", K)
     capsys.readouterr()

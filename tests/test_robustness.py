@@ -24,7 +24,7 @@ import run_files
 import train_eval
 import utils
 import vit_main
-from tests.conftest import TINY_MODEL_FLAGS
+from tests.helpers import TINY_MODEL_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(REPO, "vit_main.py")
@@ -531,6 +531,7 @@ def test_the_largest_seed_also_seeds_the_other_ranks_under_torchrun(monkeypatch)
         utils.restore_rng_state(generators)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [["random", "--num_samples", "4"], ["spatial", "--num_samples", "2"]])
 def test_K_1_with_sampled_candidates_trains(sampling, tmp_path, tiny_argv):
     """Once a traceback in a reshape after the checks had passed; K = 1 is the token alone."""
@@ -793,6 +794,7 @@ def test_full_disk_keeps_the_earlier_checkpoint(run_copy, tiny_argv, capsys, mon
     assert not [name for name in os.listdir(run_copy) if name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(tmp_path, tiny_argv, capsys,
                                                                                  monkeypatch):
     """last.pt is written before best.pt: a disk filling up in between leaves last.pt holding the best
@@ -877,6 +879,7 @@ def wait_for_epochs(process, output_dir, epochs, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_errors_reach_the_terminal_as_one_line(run_copy):
     truncate(run_copy / "last.pt")
     process = start(run_copy, "--resume", "auto")
@@ -885,6 +888,7 @@ def test_errors_reach_the_terminal_as_one_line(run_copy):
     assert stderr.rstrip().splitlines()[-1].startswith(f"vit_main.py: error: --resume: {run_copy / 'last.pt'}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_ends_the_run_with_last_pt_of_the_last_completed_epoch(signal_number, code, tmp_path):
     process = start(tmp_path, "--num_epochs", "50")
@@ -933,6 +937,7 @@ def test_a_run_stopped_before_its_first_epoch_does_not_refuse_the_same_command(t
     assert checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     flags = ["--num_epochs", "3", "--augment", "--layer", "ConvNNAttention", "--K", "4"]

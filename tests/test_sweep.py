@@ -14,9 +14,7 @@ import pytest
 import run_files
 import vit_main
 from scripts import summarize
-from tests.conftest import TINY_MODEL_FLAGS
-from tests.figure_checks import saved_figures, texts_outside_or_overlapping  # noqa: F401 (a fixture)
-from tests.test_training import Interrupted, interrupt_in_epoch
+from tests.helpers import TINY_MODEL_FLAGS, Interrupted, interrupt_in_epoch, texts_outside_or_overlapping
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SWEEP = REPOSITORY / "scripts" / "sweep.sh"
@@ -55,6 +53,7 @@ def run_sweep(output_root) -> str:
     return finished.stdout
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_ones(tiny_argv, tmp_path,
                                                                                    monkeypatch):
     root = tmp_path / "sweep"

@@ -1,7 +1,6 @@
 """Training runs on the small synthetic set: output files, resuming, test-only evaluation, and the
 training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
 
-import csv
 import math
 import re
 import shutil
@@ -17,6 +16,8 @@ import train_eval
 import vit_main
 from models.vit import ViT
 from models.vit_layers import options_from
+from tests.helpers import (DETERMINISTIC_COLUMNS, Interrupted, assert_resume_repeats_a_straight_run,
+                           interrupt_in_epoch, read_metrics, results_lines)
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -25,17 +26,6 @@ EPOCH_LINE = re.compile(
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
                    "history", "args", "args_changes", "processes"}
-# Columns that must repeat exactly between two runs of the same seed (timings do not).
-DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
-
-
-def read_metrics(output_dir):
-    with open(output_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def results_lines(output_dir):
-    return (output_dir / "train_eval_results.txt").read_text().splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +115,7 @@ def test_without_a_terminal_each_epoch_prints_one_plain_line(two_epoch_run):
     assert "LR: 1.000e-03" in epoch_lines[0] and "img/s" in epoch_lines[0]
 
 
+@pytest.mark.slow
 def test_synthetic_set_is_learnt_well_above_chance(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "3", "--dropout", "0", "--attention_dropout", "0"))
     assert max(float(row["test_top1"]) for row in read_metrics(tmp_path)) > 30.0
@@ -135,45 +126,11 @@ def test_synthetic_set_is_learnt_well_above_chance(tiny_argv, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_in_epoch(monkeypatch, epoch):
-    """Makes training crash part-way through the given epoch, as a killed job would."""
-    train_one_epoch = train_eval.Trainer.train_one_epoch
-    calls = {"count": 0}
-
-    def crashing(self, loader, description):
-        calls["count"] += 1
-        if calls["count"] == epoch:
-            raise Interrupted
-        return train_one_epoch(self, loader, description)
-
-    monkeypatch.setattr(train_eval.Trainer, "train_one_epoch", crashing)
-
-
 RESUME_FLAGS = ["--num_epochs", "4", "--augment", "--scheduler", "cosine", "--layer", "ConvNNAttention",
                 "--sampling_type", "random", "--num_samples", "8", "--K", "3", "--seed", "7"]
 
 
-def assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, flags, crash_epoch):
-    """Runs ``flags`` straight through, and again crashed in ``crash_epoch`` then continued with
-    ``--resume auto``; every deterministic metric of every epoch must agree. Returns both directories."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    vit_main.main(tiny_argv(straight, *flags))
-    with monkeypatch.context() as patch:
-        interrupt_in_epoch(patch, crash_epoch)
-        with pytest.raises(Interrupted):
-            vit_main.main(tiny_argv(resumed, *flags))
-    assert len(results_lines(resumed)) == crash_epoch - 1
-    vit_main.main(tiny_argv(resumed, *flags, "--resume", "auto"))
-    for expected, actual in zip(read_metrics(straight), read_metrics(resumed), strict=True):
-        for column in DETERMINISTIC_COLUMNS:
-            assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
-    return straight, resumed
-
-
+@pytest.mark.slow
 def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypatch):
     """Dropout, augmentation, random sampling, shuffling and the cosine schedule all continue exactly."""
     straight, resumed = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, RESUME_FLAGS, 3)
@@ -186,6 +143,7 @@ def test_resumed_run_repeats_an_uninterrupted_one(tiny_argv, tmp_path, monkeypat
         torch.testing.assert_close(resumed_weights[name], weight, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_drops_later_lines(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
     shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
@@ -217,6 +175,7 @@ def args_file(output_dir):
     return dict(line.split(": ", 1) for line in (output_dir / "args.txt").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_path, small_synthetic, capsys):
     """``--output_dir RUN --resume auto`` alone continues RUN with its own settings (the defaults of lr,
     device, model... are not those of the run); a changed --num_epochs is recorded, never hidden."""
@@ -241,6 +200,7 @@ def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_p
     assert args_file(moved) == {**started_with, "num_epochs": "3", "data_loader": "device", "output_dir": str(moved)}
 
 
+@pytest.mark.slow
 def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         interrupt_in_epoch(patch, 2)
@@ -252,6 +212,7 @@ def test_resume_that_changes_nothing_leaves_the_record_alone(tiny_argv, tmp_path
     assert checkpoints.load_checkpoint(tmp_path / "last.pt")["args"]["resume"] is None  # as the run was started
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_takes_its_record(tiny_argv, tmp_path):
     vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2"))
     shutil.copy(tmp_path / "last.pt", tmp_path / "after_epoch_2.pt")
@@ -288,6 +249,7 @@ def assert_rates(output_dir, expected):
         assert rate == pytest.approx(want, rel=1e-12, abs=1e-18), f"epoch {epoch}"
 
 
+@pytest.mark.slow
 def test_extending_a_finished_cosine_run_follows_the_cosine_of_the_new_length(tiny_argv, tmp_path, monkeypatch):
     """Epochs after the extension use the rate a run started with the new --num_epochs has there (not 0,
     and not the old cosine climbing back); a later plain resume keeps following it."""
@@ -300,6 +262,7 @@ def test_extending_a_finished_cosine_run_follows_the_cosine_of_the_new_length(ti
     assert_rates(tmp_path, [cosine(0, 2), cosine(1, 2), cosine(2, 5), cosine(3, 5), cosine(4, 5)])
 
 
+@pytest.mark.slow
 def test_extending_an_interrupted_cosine_run(tiny_argv, tmp_path, monkeypatch):
     flags = ["--scheduler", "cosine", "--num_epochs", "4"]
     with monkeypatch.context() as patch:
@@ -312,6 +275,7 @@ def test_extending_an_interrupted_cosine_run(tiny_argv, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("schedule", [["--scheduler", "step", "--lr_step", "1", "--lr_gamma", "0.5"],
                                       ["--scheduler", "plateau"]])
+@pytest.mark.slow
 def test_extending_a_step_or_plateau_run_repeats_a_run_started_that_long(schedule, tiny_argv, tmp_path):
     """Neither schedule depends on --num_epochs: an extended run is the run that was started longer."""
     straight, extended = tmp_path / "straight", tmp_path / "extended"
@@ -386,6 +350,7 @@ def test_only_without_weights_is_refused_unless_a_fresh_model_is_asked_for(tiny_
     assert (tmp_path / "test_results.txt").read_text().startswith("Checkpoint: none (freshly initialised model)\n")
 
 
+@pytest.mark.slow
 def test_only_reads_the_model_and_data_flags_from_the_checkpoint(tiny_argv, tmp_path, small_synthetic):
     run = tmp_path / "run"
     vit_main.main(tiny_argv(run, "--layer", "ConvNNAttention", "--K", "3", "--sampling_type", "random",
@@ -595,6 +560,7 @@ def test_reduce_memory_compiles_in_default_mode_with_activation_checkpointing():
     assert not uncompiled.activation_checkpointing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["Attention", "ConvNNAttention"])
 def test_compiled_model_on_cpu_draws_the_eager_dropout_masks(layer):
     # Inductor's own CPU random numbers are slower than ATen's and differ from them; compile_network

@@ -151,6 +151,7 @@ def compile_cases():
                        id="ConvNNAttention-spatial-coordinates")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,options", list(compile_cases()))
 def test_every_layer_compiles_and_matches_eager(name, options):
     torch._dynamo.reset()

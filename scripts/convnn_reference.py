@@ -2,8 +2,8 @@
 
 It reads the parameters of a ``MultiHeadConvNNAttention`` and recomputes its output the long way:
 explicit pairwise distances, an explicit sort of positions, the gathered ``(B, N, K, C)`` neighbour
-values, and ``F.conv1d`` with stride ``K`` over them. The tests hold the fast layer to it, and
-``scripts/benchmark_convnn.py`` measures the fast layer against it.
+values, and ``F.conv1d`` with stride ``K`` over them. It is the plain reference the test suite holds the
+fast layer to, and the one ``scripts/benchmark_convnn.py`` compares the fast layer with.
 """
 
 import math
