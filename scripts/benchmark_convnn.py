@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
-from tests.convnn_reference import reference_convnn  # noqa: E402
+from scripts.convnn_reference import reference_convnn  # noqa: E402
 
 
 def main(argv=None):

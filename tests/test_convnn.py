@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.neighbour_conv import TracedNeighbourConv, neighbour_conv
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
-from tests.convnn_reference import reference_convnn
+from scripts.convnn_reference import reference_convnn
 
 GRID = (4, 4)
 SEQ_LEN = GRID[0] * GRID[1] + 1
