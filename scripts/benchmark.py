@@ -16,6 +16,7 @@ Prints markdown tables and writes every figure to a JSON file.
 """
 
 import argparse
+import collections
 import json
 import math
 import platform
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +64,29 @@ def saved_bytes(step) -> int:
         output = step()
     del output
     return sum(storages.values())
+
+
+# Operators that only reinterpret or allocate memory, which launch no kernel on a GPU; all others are counted.
+NOT_COUNTED = {"aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
+               "aten::new_empty_strided"}
+
+
+class _DispatchedOperations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.operations = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name not in NOT_COUNTED:
+            self.operations[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_operations(step) -> collections.Counter:
+    """How often each operator that does work (no view, no bare allocation) is dispatched during ``step()``."""
+    with _DispatchedOperations() as counting:
+        step()
+    return counting.operations
 
 
 def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):

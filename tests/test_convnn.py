@@ -1,16 +1,24 @@
-"""ConvNN-Attention against the plain reference, its autograd function, and the paper's special cases."""
+"""ConvNN-Attention against the plain reference, its aggregation operator on each path, and the paper's special
+cases."""
 
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.neighbour_conv import TracedNeighbourConv, neighbour_conv
+import models.neighbour_conv as neighbour_conv_module
+from models.neighbour_conv import neighbour_conv
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from tests.convnn_reference import reference_convnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import benchmark  # noqa: E402
 
 GRID = (4, 4)
 SEQ_LEN = GRID[0] * GRID[1] + 1
@@ -29,6 +37,15 @@ def make_layer(**options):
         # Random, non-trivial weights (the depthwise kernel starts as all ones).
         torch.nn.init.normal_(parameter, std=0.5)
     return layer.eval()
+
+
+@pytest.fixture(params=["one-chunk", "chunk-per-sequence"])
+def aggregation_path(request, monkeypatch):
+    """Each way the aggregation can run here: the CPU passes over the whole batch at once, and over
+    chunks of one sequence each (the chunks of a large batch)."""
+    if request.param == "chunk-per-sequence":
+        monkeypatch.setattr(neighbour_conv_module, "CHUNK_BYTES", 1)
+    return request.param
 
 
 def fixed_candidates(layer):
@@ -67,7 +84,7 @@ def compare_with_reference(layer, batch=3, seq_len=SEQ_LEN, tolerance=1e-9):
     )),
 )
 def test_matches_reference_for_every_option(sampling_type, magnitude_type, softmax_topk_val, convolution_type,
-                                            coordinate_encoding):
+                                            coordinate_encoding, aggregation_path):
     layer = make_layer(sampling_type=sampling_type, magnitude_type=magnitude_type, softmax_topk_val=softmax_topk_val,
                        convolution_type=convolution_type, coordinate_encoding=coordinate_encoding)
     compare_with_reference(layer)
@@ -78,14 +95,14 @@ def test_matches_reference_for_every_option(sampling_type, magnitude_type, softm
                          [("Loc", "Col"), ("Loc", "Loc_Col"), ("Loc_Col", "Col"), ("Col", "Loc_Col")])
 @pytest.mark.parametrize("convolution_type", ["standard", "depthwise"])
 def test_similarity_and_aggregation_types_match_reference(sampling_type, similarity_type, aggregation_type,
-                                                          convolution_type):
+                                                          convolution_type, aggregation_path):
     layer = make_layer(sampling_type=sampling_type, similarity_type=similarity_type,
                        aggregation_type=aggregation_type, convolution_type=convolution_type)
     compare_with_reference(layer)
 
 
 @pytest.mark.parametrize("K", [1, 2, 5, SEQ_LEN])
-def test_matches_reference_for_extreme_K(K):
+def test_matches_reference_for_extreme_K(K, aggregation_path):
     compare_with_reference(make_layer(K=K, convolution_type="standard"))
 
 
@@ -122,19 +139,18 @@ def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
     return source, neighbours, weights, kernel, value_weight
 
 
-@pytest.mark.parametrize("wrapper", [neighbour_conv, TracedNeighbourConv.apply], ids=["operator", "traced"])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_gradcheck_neighbour_conv(wrapper, kernel_shape, projected):
+def test_gradcheck_neighbour_conv(kernel_shape, projected, aggregation_path):
     inputs = neighbour_conv_inputs(kernel_shape, projected)
-    assert torch.autograd.gradcheck(wrapper, inputs)
+    assert torch.autograd.gradcheck(neighbour_conv, inputs)
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected):
+def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected, aggregation_path):
     # Shapes from the fake kernel, schema, autograd registration and AOT tracing, as torch.compile sees them.
-    torch.library.opcheck(torch.ops.convnn.neighbour_conv.default, neighbour_conv_inputs(kernel_shape, projected))
+    torch.library.opcheck(torch.ops.convnn.neighbour_bags.default, neighbour_conv_inputs(kernel_shape, projected))
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
@@ -165,18 +181,17 @@ def test_compiled_layer_calls_the_aggregation_operator_instead_of_tracing_its_lo
     layer = make_layer().float().train()
     torch.compile(layer, backend=capture, fullgraph=True)(torch.randn(2, SEQ_LEN, WIDTH))
     called = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
-    assert torch.ops.convnn.neighbour_conv.default in called
+    assert torch.ops.convnn.neighbour_bags.default in called
     assert torch.index_select not in called
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
-def test_traced_neighbour_conv_compiles_to_the_eager_result(kernel_shape):
-    # The form torch.compile traces on GPUs; Inductor's CPU code runs the same graph here.
+def test_compiled_neighbour_conv_gives_the_eager_result(kernel_shape):
     torch._dynamo.reset()
     inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
     differentiable = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
     results = []
-    for function in (TracedNeighbourConv.apply, torch.compile(TracedNeighbourConv.apply, fullgraph=True)):
+    for function in (neighbour_conv, torch.compile(neighbour_conv, fullgraph=True)):
         out = function(*inputs)
         results.append((out, torch.autograd.grad(out.square().sum(), differentiable)))
     (eager, eager_grads), (compiled, compiled_grads) = results
@@ -292,3 +307,24 @@ def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type,
         if similarity_type == "Loc":
             assert (mixed.float() - exact).norm() / exact.norm() < 0.02
             assert (mixed_grad - exact_grad).norm() / exact_grad.norm() < 0.02
+
+
+def test_cpu_aggregation_dispatches_a_fixed_number_of_operations_whatever_K():
+    # Walking the slots one at a time dispatched about 3 operations per slot forward and 7 backward.
+    counts = []
+    for slots in (3, 9):
+        torch.manual_seed(0)
+        source, weights = torch.randn(2, 12, 5), torch.randn(2, 12, slots)
+        neighbours, kernel, value_weight = torch.randint(0, 12, (2, 12, slots)), torch.randn(5, slots), torch.randn(5, 5)
+        with_inputs = (source, neighbours, weights, kernel, value_weight)
+        counts.append(benchmark.dispatched_operations(lambda: (
+            neighbour_conv_module._forward(*with_inputs),
+            neighbour_conv_module._backward_kernel(torch.randn(2, 12, 5), *with_inputs))))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+def test_aggregation_keeps_only_its_inputs_for_backward(kernel_shape):
+    inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
+    kept = benchmark.saved_bytes(lambda: neighbour_conv(*inputs))
+    assert kept == sum(tensor.untyped_storage().nbytes() for tensor in inputs)
