@@ -30,14 +30,25 @@ gradient of ``x`` in ``v = x W_v^T``.
 The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
 compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
 loop of atomic adds.
+
+On a GPU, where every operation launches a kernel, the aggregation is instead one Triton kernel
+forward and one backward (``models/neighbour_conv_triton.py``), around the projections' matrix
+products: the backward adds into the gradients of ``v`` and of the kernel atomically. Triton is
+imported only there, and only used where installed and where deterministic algorithms are not
+requested (atomic additions make float sums vary in their last bits from run to run); otherwise
+GPUs take the CPU's passes, whose operations all have GPU kernels.
 """
 
+import importlib
+import importlib.util
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 # Budget for one chunk's slot table: a few times a core's L2 cache, few enough chunks that the per-operation
 # overhead stays small.
@@ -251,6 +262,104 @@ def _input_gradients(ctx, grad_out: Tensor):
 _forward_operator.register_autograd(_input_gradients, setup_context=_save_inputs)
 
 
+def _uses_triton(source: Tensor) -> bool:
+    """Whether the aggregation takes the GPU path (the tests force it, to run its kernels interpreted)."""
+    return source.is_cuda and _TRITON_INSTALLED and not torch.are_deterministic_algorithms_enabled()
+
+
+def _triton_kernels():
+    return importlib.import_module("models.neighbour_conv_triton")
+
+
+@torch.library.custom_op("convnn::slot_gather", mutates_args=())
+def _slot_gather(table: Tensor, neighbours: Tensor, weights: Tensor, scale: Optional[Tensor], slot_stride: int,
+                 channels: int) -> Tensor:
+    """``out_i = sum_k w_ik scale[:, k] * table[row(i,k), k]`` in one kernel (see ``neighbour_conv_triton``)."""
+    out = table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
+    _triton_kernels().forward(table, neighbours.contiguous(), weights.contiguous(), scale, slot_stride, out)
+    return out
+
+
+@_slot_gather.register_fake
+def _slot_gather_shape(table, neighbours, weights, scale, slot_stride, channels):
+    return table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
+
+
+@torch.library.custom_op("convnn::slot_gather_backward", mutates_args=("accumulators",))
+def _slot_gather_backward(grad_out: Tensor, table: Tensor, neighbours: Tensor, weights: Tensor,
+                          scale: Optional[Tensor], slot_stride: int, accumulators: Tensor) -> None:
+    """Adds the gradients of the table, of the weights and of the scale, in that order, into ``accumulators``
+    (zeroed by the caller): one kernel."""
+    grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
+    _triton_kernels().backward(grad_out.contiguous(), table, neighbours.contiguous(), weights.contiguous(), scale,
+                               slot_stride, grad_table, grad_scale, grad_weights)
+
+
+@_slot_gather_backward.register_fake
+def _slot_gather_backward_shape(grad_out, table, neighbours, weights, scale, slot_stride, accumulators):
+    return None
+
+
+def _accumulated(accumulators: Tensor, table: Tensor, weights: Tensor,
+                 scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The table's, the weights' and the scale's gradient in ``accumulators``."""
+    grad_table, rest = accumulators[: table.numel()], accumulators[table.numel():]
+    grad_weights, grad_scale = rest[: weights.numel()], rest[weights.numel():]
+    return (grad_table.view(table.shape), grad_weights.view(weights.shape),
+            None if scale is None else grad_scale.view(scale.shape))
+
+
+def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
+    return source if value_weight is None else source @ value_weight.t()
+
+
+def _gather_table(values: Tensor, kernel: Tensor) -> Tuple[Tensor, Optional[Tensor], int]:
+    """What the kernels gather from: depthwise, ``v`` itself scaled by the kernel; standard, each row's value
+    as every slot's kernel sees it, ``(B*N, K*C_out)`` (slot stride ``C_out``), unscaled."""
+    flat_values = values.reshape(-1, values.shape[-1])
+    if kernel.dim() == 2:
+        return flat_values, kernel, 0
+    return flat_values @ _slot_kernel(kernel).forward, None, kernel.shape[0]
+
+
+class _TritonNeighbourConv(torch.autograd.Function):
+    """The GPU path: the projections' matrix products and one kernel each way."""
+
+    @staticmethod
+    def forward(source, neighbours, weights, kernel, value_weight):
+        table, scale, slot_stride = _gather_table(_values(source, value_weight), kernel)
+        return torch.ops.convnn.slot_gather(table, neighbours, weights, scale, slot_stride, kernel.shape[0])
+
+    setup_context = staticmethod(_save_inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
+        values = _values(source, value_weight)
+        table, scale, slot_stride = _gather_table(values, kernel)
+        accumulate = torch.float64 if table.dtype == torch.float64 else torch.float32
+        size = table.numel() + weights.numel() + (0 if scale is None else scale.numel())
+        accumulators = torch.zeros(size, dtype=accumulate, device=table.device)
+        torch.ops.convnn.slot_gather_backward(grad_out, table, neighbours, weights, scale, slot_stride, accumulators)
+        grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
+        grad_table, grad_weights = grad_table.to(table.dtype), grad_weights.to(weights.dtype)
+        if scale is None:
+            grad_values = grad_table @ _slot_kernel(kernel).forward.t()
+            flat_values = values.reshape(-1, values.shape[-1])
+            grad_kernel = (flat_values.t() @ grad_table).view(kernel.shape[1], kernel.shape[2], kernel.shape[0])
+            grad_kernel = grad_kernel.permute(2, 0, 1)
+        else:
+            grad_values = grad_table
+            grad_kernel = grad_scale.to(kernel.dtype)
+        if value_weight is None:
+            return grad_values.view_as(source), None, grad_weights, grad_kernel, None
+        grad_source = (grad_values @ value_weight).view_as(source) if ctx.needs_input_grad[0] else None
+        grad_value_weight = None
+        if ctx.needs_input_grad[4]:
+            grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
+        return grad_source, None, grad_weights, grad_kernel, grad_value_weight
+
+
 def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                    value_weight: Optional[Tensor] = None) -> Tensor:
     """``out = conv_K(w * v[neighbours])``, recomputing gathered neighbours instead of saving them.
@@ -264,4 +373,6 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
                     keeps anyway) is saved instead of ``v``.
     Returns ``(B, N, C_out)``.
     """
+    if _uses_triton(source):
+        return _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
     return _forward_operator(source, neighbours, weights, kernel, value_weight)

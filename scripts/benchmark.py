@@ -8,7 +8,10 @@ repeat, so drift on a shared machine hits all of them alike):
    and ``spatial`` (8x8 grid) sampling;
 2. whole-model ViT-Tiny training steps (forward, backward, AdamW step) in images per second, at
    32 px / patch 4 and 224 px / patch 16, for ``Attention`` and ``ConvNNAttention``, eager and compiled;
-3. data loading in images per second at 224 px, for the worker loader and the device-resident one.
+3. data loading in images per second at 224 px, for the worker loader and the device-resident one;
+4. the operations one forward+backward of ``Attention`` and of ``ConvNNAttention`` dispatches, the latter
+   on the GPU path (on a CPU, its Triton kernels run in Triton's interpreter): on a GPU each launches at
+   least one kernel.
 
 Prints markdown tables and writes every figure to a JSON file.
 
@@ -17,18 +20,28 @@ Prints markdown tables and writes every figure to a JSON file.
 
 import argparse
 import collections
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# Without a GPU, Triton's interpreter runs the GPU path's kernels on CPU tensors, for the operation count. It is
+# chosen when triton.language is first imported, which importing the models does, hence before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
@@ -87,6 +100,37 @@ def dispatched_operations(step) -> collections.Counter:
     with _DispatchedOperations() as counting:
         step()
     return counting.operations
+
+
+@contextlib.contextmanager
+def gpu_aggregation(device: torch.device):
+    """ConvNN-Attention's GPU path: its own on a GPU, forced with Triton's interpreter on a CPU."""
+    if device.type == "cuda":
+        yield
+        return
+    import triton
+
+    if not triton.knobs.runtime.interpret:
+        raise RuntimeError("the GPU path runs on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1")
+    with mock.patch.object(neighbour_conv_module, "_uses_triton", lambda source: True):
+        yield
+
+
+def operation_table(device, batch: int = 2, seq_len: int = 65):
+    """Operations dispatched by one forward+backward (gradients not accumulated, as in a training step), by layer;
+    the count does not depend on the sizes."""
+    rows = []
+    x = torch.randn(batch, seq_len, WIDTH, device=device, requires_grad=True)
+    grad = torch.ones_like(x)
+    for name in ("Attention", "ConvNNAttention"):
+        layer = build_layer(name, d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, K=9,
+                            num_tokens=seq_len).to(device).train()
+        with gpu_aggregation(device):
+            operations = dispatched_operations(lambda: layer(x).backward(grad))
+        x.grad = None
+        rows.append(dict(layer=name, path="GPU", operations=sum(operations.values()),
+                         by_operator=dict(operations.most_common())))
+    return rows
 
 
 def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):
@@ -190,7 +234,7 @@ def data_table(device, batches, batch_size):
     return rows
 
 
-def print_tables(layers, models, data, header):
+def print_tables(layers, models, data, operations, header):
     print(header + "\n")
     if layers:
         print("| B | N | layer | fwd+bwd ms | x Attention | saved MiB | x Attention |")
@@ -211,13 +255,20 @@ def print_tables(layers, models, data, header):
         print("|---|---|")
         for r in data:
             print(f"| {r['path']} | {r['images_per_second']:.0f} |")
+        print()
+    if operations:
+        print("| layer (GPU path) | operations per forward+backward | largest |")
+        print("|---|---|---|")
+        for r in operations:
+            largest = ", ".join(f"{name.split('::')[-1]} {count}" for name, count in list(r["by_operator"].items())[:4])
+            print(f"| {r['layer']} | {r['operations']} | {largest} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
-    parser.add_argument("--parts", default="layers,models,data", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="layers,models,data,operations", help="comma-separated subset to run")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model_batch", type=int, default=32)
@@ -237,8 +288,10 @@ def main(argv=None):
     models = (model_table(device, dtype, args.repeats, args.warmup, args.model_batch, compile_modes)
               if "models" in parts else [])
     data = data_table(device, batches=args.repeats, batch_size=args.model_batch) if "data" in parts else []
-    print_tables(layers, models, data, header)
-    Path(args.json).write_text(json.dumps(dict(header=header, layers=layers, models=models, data=data), indent=2))
+    operations = operation_table(device) if "operations" in parts else []
+    print_tables(layers, models, data, operations, header)
+    Path(args.json).write_text(json.dumps(dict(header=header, layers=layers, models=models, data=data,
+                                               operations=operations), indent=2))
     print(f"\nwrote {args.json}")
 
 

@@ -1,8 +1,16 @@
 """Fixtures shared by the command-line, training and dataset tests."""
 
-import pytest
+import os
 
-import dataset
+import pytest
+import torch
+
+# Without a GPU, Triton's interpreter runs the GPU path's kernels on CPU tensors (tests/test_convnn.py). It is
+# chosen when triton.language is first imported, which torch.compile's machinery may do early, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataset  # noqa: E402
 
 # A model small enough for a CPU epoch on the shrunken synthetic set to take a fraction of a second:
 # 32 px images, patch 8 (16 patches + class token), 2 blocks of width 32.

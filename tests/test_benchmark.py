@@ -48,5 +48,8 @@ def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "layer_table", lambda *args: [])
     monkeypatch.setattr(benchmark, "model_table", lambda *args: models)
     monkeypatch.setattr(benchmark, "data_table", lambda *args, **kwargs: data)
+    operations = [dict(layer="Attention", path="GPU", operations=16, by_operator={"aten::mm": 12})]
+    monkeypatch.setattr(benchmark, "operation_table", lambda *args: operations)
     benchmark.main(["--device", "cpu", "--json", str(out)])
-    assert json.loads(out.read_text())["models"] == models
+    written = json.loads(out.read_text())
+    assert written["models"] == models and written["operations"] == operations

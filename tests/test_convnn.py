@@ -1,9 +1,11 @@
 """ConvNN-Attention against the plain reference, its aggregation operator on each path, and the paper's special
 cases."""
 
+import importlib.util
 import itertools
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models.neighbour_conv as neighbour_conv_module
 from models.neighbour_conv import neighbour_conv
-from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
+from models.vit_layers import CONVOLUTION_TYPES, MultiHeadConvNNAttention, spatial_grid
 from tests.convnn_reference import reference_convnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -39,12 +41,35 @@ def make_layer(**options):
     return layer.eval()
 
 
-@pytest.fixture(params=["one-chunk", "chunk-per-sequence"])
-def aggregation_path(request, monkeypatch):
-    """Each way the aggregation can run here: the CPU passes over the whole batch at once, and over
-    chunks of one sequence each (the chunks of a large batch)."""
-    if request.param == "chunk-per-sequence":
+def use_triton_interpreter(monkeypatch):
+    """Sends the aggregation down the GPU path, its Triton kernels run by Triton's interpreter on CPU tensors
+    (which tests/conftest.py selects where there is no GPU)."""
+    triton = pytest.importorskip("triton")
+    if not triton.knobs.runtime.interpret:
+        pytest.skip("Triton's interpreter is off (a GPU is present): scripts/check_device.py covers the GPU path")
+    monkeypatch.setattr(neighbour_conv_module, "_uses_triton", lambda source: True)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    use_triton_interpreter(monkeypatch)
+
+
+CPU_PATHS = ["one-chunk", "chunk-per-sequence"]
+
+
+def select_path(path, monkeypatch):
+    """Each way the aggregation can run: the CPU passes over the whole batch at once, and over chunks of one
+    sequence each (the chunks of a large batch); the GPU path's Triton kernels, interpreted."""
+    if path == "chunk-per-sequence":
         monkeypatch.setattr(neighbour_conv_module, "CHUNK_BYTES", 1)
+    if path == "triton":
+        use_triton_interpreter(monkeypatch)
+
+
+@pytest.fixture(params=[*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
+def aggregation_path(request, monkeypatch):
+    select_path(request.param, monkeypatch)
     return request.param
 
 
@@ -88,6 +113,13 @@ def test_matches_reference_for_every_option(sampling_type, magnitude_type, softm
     layer = make_layer(sampling_type=sampling_type, magnitude_type=magnitude_type, softmax_topk_val=softmax_topk_val,
                        convolution_type=convolution_type, coordinate_encoding=coordinate_encoding)
     compare_with_reference(layer)
+
+
+@pytest.mark.parametrize("convolution_type", CONVOLUTION_TYPES)
+@pytest.mark.parametrize("sampling_type", ["all", "random"])
+def test_triton_kernels_match_reference(sampling_type, convolution_type, triton_interpreter):
+    # A quick share of the comparisons above, which run on every path when slow tests are included.
+    compare_with_reference(make_layer(sampling_type=sampling_type, convolution_type=convolution_type))
 
 
 @pytest.mark.parametrize("sampling_type", ["all", "random", "spatial"])
@@ -139,18 +171,52 @@ def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
     return source, neighbours, weights, kernel, value_weight
 
 
+@pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_gradcheck_neighbour_conv(kernel_shape, projected, aggregation_path):
+def test_gradcheck_neighbour_conv(kernel_shape, projected, path, monkeypatch):
+    select_path(path, monkeypatch)
     inputs = neighbour_conv_inputs(kernel_shape, projected)
     assert torch.autograd.gradcheck(neighbour_conv, inputs)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected, aggregation_path):
+def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected, path, monkeypatch):
     # Shapes from the fake kernel, schema, autograd registration and AOT tracing, as torch.compile sees them.
+    select_path(path, monkeypatch)
     torch.library.opcheck(torch.ops.convnn.neighbour_bags.default, neighbour_conv_inputs(kernel_shape, projected))
+
+
+@pytest.mark.parametrize("standard", [False, True], ids=["depthwise", "standard"])
+def test_triton_kernel_operators_are_registered_consistently(standard, triton_interpreter):
+    torch.manual_seed(0)
+    batch, seq_len, slots, channels = 2, 6, 3, 5
+    neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
+    weights = torch.randn(batch, seq_len, slots)
+    if standard:
+        table, scale, slot_stride = torch.randn(batch * seq_len, slots * channels), None, channels
+    else:
+        table, scale, slot_stride = torch.randn(batch * seq_len, channels), torch.randn(channels, slots), 0
+    torch.library.opcheck(torch.ops.convnn.slot_gather.default,
+                          (table, neighbours, weights, scale, slot_stride, channels))
+    accumulators = torch.zeros(table.numel() + weights.numel() + (0 if scale is None else scale.numel()))
+    torch.library.opcheck(torch.ops.convnn.slot_gather_backward.default,
+                          (torch.randn(batch, seq_len, channels), table, neighbours, weights, scale, slot_stride,
+                           accumulators))
+
+
+def test_gpus_take_the_triton_kernels_unless_results_must_be_reproducible():
+    on_gpu = types.SimpleNamespace(is_cuda=True)
+    assert not neighbour_conv_module._uses_triton(torch.zeros(1))
+    assert neighbour_conv_module._uses_triton(on_gpu) == (importlib.util.find_spec("triton") is not None)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not neighbour_conv_module._uses_triton(on_gpu)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
@@ -185,8 +251,10 @@ def test_compiled_layer_calls_the_aggregation_operator_instead_of_tracing_its_lo
     assert torch.index_select not in called
 
 
+@pytest.mark.parametrize("path", ["one-chunk", pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
-def test_compiled_neighbour_conv_gives_the_eager_result(kernel_shape):
+def test_compiled_neighbour_conv_gives_the_eager_result(kernel_shape, path, monkeypatch):
+    select_path(path, monkeypatch)
     torch._dynamo.reset()
     inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
     differentiable = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
@@ -200,7 +268,7 @@ def test_compiled_neighbour_conv_gives_the_eager_result(kernel_shape):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_neighbour_conv_handles_repeated_neighbours():
+def test_neighbour_conv_handles_repeated_neighbours(aggregation_path):
     values = torch.arange(6.0, dtype=torch.float64).view(1, 3, 2).requires_grad_()
     neighbours = torch.tensor([[[1, 1], [0, 2], [2, 2]]])
     weights = torch.ones(1, 3, 2, dtype=torch.float64)
@@ -288,7 +356,7 @@ def test_recorded_selection_is_what_the_forward_pass_used():
 
 @pytest.mark.parametrize("convolution_type", ["standard", "depthwise", "depthwise-separable"])
 @pytest.mark.parametrize("aggregation_type", ["Col", "Loc_Col"])
-def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type, aggregation_type):
+def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type, aggregation_type, aggregation_path):
     # Positional selection keeps bfloat16 from flipping near-tied neighbours, so the aggregation's
     # numerics can be compared; feature selection is checked for dtypes and finiteness.
     torch.manual_seed(0)
@@ -324,7 +392,16 @@ def test_cpu_aggregation_dispatches_a_fixed_number_of_operations_whatever_K():
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
-def test_aggregation_keeps_only_its_inputs_for_backward(kernel_shape):
+def test_aggregation_keeps_only_its_inputs_for_backward(kernel_shape, aggregation_path):
     inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
     kept = benchmark.saved_bytes(lambda: neighbour_conv(*inputs))
     assert kept == sum(tensor.untyped_storage().nbytes() for tensor in inputs)
+
+
+def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpreter):
+    # Walking the slots, the aggregation alone dispatched about 90 for K = 9; attention dispatches 16.
+    rows = {row["layer"]: row for row in benchmark.operation_table(torch.device("cpu"))}
+    convnn = rows["ConvNNAttention"]
+    assert convnn["operations"] <= 30
+    assert convnn["by_operator"]["convnn::slot_gather"] == convnn["by_operator"]["convnn::slot_gather_backward"] == 1
+    assert rows["Attention"]["operations"] > 0
