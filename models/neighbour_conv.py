@@ -15,11 +15,10 @@ pass (gather, scale and add, without writing the gathered rows out):
 - forward: a *slot table* holds every value as each slot's kernel sees it, ``T[j*K + k] = W_k v_j``
   (depthwise, one broadcast multiply; standard, one ``(C_in, K*C_out)`` matrix product), and
   ``out_i = sum_k w_ik T[n(i,k)*K + k]`` is one ``embedding_bag`` over it;
-- backward: the table of what each slot passes back, ``G[i*K + k] = W_k^T g_i``, gives
-  ``dv_j = sum of w_ik G[i*K + k] over the (i, k) that chose j`` as one ``embedding_bag`` over the
-  neighbour lists turned around (sorted by the row chosen), so nothing is scattered;
-  ``dw_ik = <G[i*K + k], v_{n(i,k)}>`` is ``embedding_bag``'s fused per-sample-weight gradient; the
-  kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
+- backward: the table of what each slot passes back, ``G[i*K + k] = W_k^T g_i``, gives the weights'
+  gradient ``dw_ik = <G[i*K + k], v_{n(i,k)}>`` as ``embedding_bag``'s fused per-sample-weight
+  gradient; weighted by ``w_ik``, its rows are added into the rows they chose (one ``index_add_``
+  for all slots); the kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
 
 The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
 own sequence) in buffers reused across those chunks: a chunk stays in the core's cache, and memory
@@ -158,31 +157,6 @@ def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, 
     return flops
 
 
-class _Chosen(NamedTuple):
-    """The neighbour lists turned around: the entries ``i*K + k`` (counted from their chunk's first entry)
-    sorted by the row they chose, their weights in that order, each row's first entry (counted from its
-    chunk's first), and each chunk's range of sorted entries."""
-
-    entries: Tensor
-    weights: Tensor
-    row_starts: Tensor
-    chunk_bounds: List[int]
-
-
-def _chosen_by_row(chunk_rows: Tensor, token_weights: Tensor, chunks: List[Tuple[int, int]]) -> _Chosen:
-    tokens, slots = chunk_rows.shape
-    chunk_tokens = chunks[0][1] - chunks[0][0]
-    chunk_first_row = torch.arange(tokens, device=chunk_rows.device).div_(chunk_tokens, rounding_mode="floor")
-    chunk_first_row.mul_(chunk_tokens)
-    rows = (chunk_rows + chunk_first_row.unsqueeze(1)).view(-1)
-    order = torch.argsort(rows.int(), stable=True)  # 32-bit keys sort twice as fast as 64-bit ones
-    starts = rows.new_zeros(tokens + 1)
-    torch.cumsum(torch.bincount(rows, minlength=tokens), 0, out=starts[1:])
-    bounds = starts[[start for start, _ in chunks] + [tokens]].tolist()
-    return _Chosen(order.remainder(chunk_tokens * slots), token_weights.reshape(-1)[order],
-                   starts[:-1] - starts[chunk_first_row], bounds)
-
-
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                      value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients with respect to the source, the weights, the kernel and the value projection (an empty
@@ -190,14 +164,13 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     batch, seq_len, slots = neighbours.shape
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
     per_chunk = _sequences_per_chunk(seq_len, slots * channels * source.element_size())
-    chunks = _chunks(batch, seq_len, per_chunk)
     chunk_rows = _chunk_rows(neighbours, per_chunk)
     flat_source = source.reshape(batch * seq_len, -1)
     token_weights = weights.reshape(batch * seq_len, slots)
     grad_out = grad_out.reshape(batch * seq_len, -1)
     slot_kernel = _slot_kernel(kernel)
-    chosen = _chosen_by_row(chunk_rows, token_weights, chunks)
-    one_per_bag = torch.arange((chunks[0][1] - chunks[0][0]) * slots, device=source.device)
+    chunk_tokens = min(batch, per_chunk) * seq_len
+    one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
 
     grad_source = torch.empty_like(flat_source)
     grad_value_weight = source.new_zeros(0) if value_weight is None else torch.zeros_like(value_weight)
@@ -205,33 +178,35 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
-    table_buffer = source.new_empty(one_per_bag.numel() * channels)
-    values_buffer = None if value_weight is None else source.new_empty((chunks[0][1] - chunks[0][0]) * channels)
-    for index, (start, stop) in enumerate(chunks):
-        chunk_source, chunk_grad = flat_source[start:stop], grad_out[start:stop]
+    slot_buffer, gather_buffer = source.new_empty(2, chunk_tokens * slots * channels)
+    values_buffer, grad_values_buffer = source.new_empty(2, chunk_tokens * channels)
+    for start, stop in _chunks(batch, seq_len, per_chunk):
+        count = stop - start
+        chunk_source, chunk_grad, chunk_weights = flat_source[start:stop], grad_out[start:stop], token_weights[start:stop]
         values = _chunk_values(chunk_source, value_weight, values_buffer)
         rows = chunk_rows[start:stop].reshape(-1)
         bags = one_per_bag[: rows.numel()]
-        slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, table_buffer)
-        grad_weights[start:stop] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            slot_grads, values, rows, bags, bags, 0).view(-1, slots)
 
-        first, last = chosen.chunk_bounds[index], chosen.chunk_bounds[index + 1]
-        grad_values = F.embedding_bag(chosen.entries[first:last], slot_grads, chosen.row_starts[start:stop],
-                                      per_sample_weights=chosen.weights[first:last], mode="sum")
+        # What each slot passes back to the neighbour it chose; its dot product with that neighbour's value is
+        # the weight's gradient, and weighted, its sum over the slots that chose a row is the row's gradient.
+        slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, slot_buffer)
+        grad_weights[start:stop] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            slot_grads, values, rows, bags, bags, 0).view(count, slots)
+        slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
+        grad_values = grad_values_buffer[: count * channels].view(count, channels).zero_().index_add_(
+            0, rows, slot_grads)
         if value_weight is None:
             grad_source[start:stop] = grad_values
         else:
             torch.mm(grad_values, value_weight, out=grad_source[start:stop])
             grad_value_weight.addmm_(grad_values.t(), chunk_source)
 
-        weighted = F.embedding_bag(rows, values, bags, per_sample_weights=token_weights[start:stop].reshape(-1),
-                                   mode="sum")
+        weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
+        weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
         if slot_kernel.depthwise:
-            grad_kernel.add_(weighted.view(-1, slots, channels).mul_(chunk_grad.unsqueeze(1)).view(
-                stop - start, -1).sum(0))
+            grad_kernel.add_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).sum(0))
         else:
-            grad_kernel.addmm_(chunk_grad.t(), weighted.view(stop - start, -1))
+            grad_kernel.addmm_(chunk_grad.t(), weighted.view(count, -1))
     if slot_kernel.depthwise:
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
