@@ -7,7 +7,8 @@ repeat, so drift on a shared machine hits all of them alike):
    (32, 197), (8, 1025) with D = 192; ConvNN-Attention with ``all``, ``random`` (64 candidates)
    and ``spatial`` (8x8 grid) sampling;
 2. whole-model ViT-Tiny training steps (forward, backward, AdamW step) in images per second, at
-   32 px / patch 4 and 224 px / patch 16, for ``Attention`` and ``ConvNNAttention``, eager and compiled;
+   32 px / patch 4 (with the CLI's dropout of 0.1 and with none) and 224 px / patch 16, for ``Attention``
+   and ``ConvNNAttention``, eager and compiled;
 3. data loading in images per second at 224 px, for the worker loader and the device-resident one;
 4. the operations one forward+backward of ``Attention`` and of ``ConvNNAttention`` dispatches, the latter
    on the GPU path (on a CPU, its Triton kernels run in Triton's interpreter): on a GPU each launches at
@@ -186,23 +187,29 @@ def training_step(model, optimizer, images, labels, dtype, device):
     return step
 
 
-def model_table(device, dtype, repeats, warmup, batch, compile_modes):
+# (image size, patch size, dropout): the CLI's dropout of 0.1 for the residual branches and inside the token
+# mixer, and at 32 px also none, where Attention keeps its fused kernel and the rows compare the mixers alone.
+MODEL_CASES = ((32, 4, 0.1), (32, 4, 0.0), (224, 16, 0.1))
+
+
+def model_table(device, dtype, repeats, warmup, batch, compile_modes, cases=MODEL_CASES):
     rows = []
-    for img_size, patch in ((32, 4), (224, 16)):
+    for img_size, patch, dropout in cases:
         images = torch.randn(batch, 3, img_size, img_size, device=device)
         labels = torch.randint(0, 10, (batch,), device=device)
         names, steps = [], []
         for compiled in compile_modes:
             for layer in ("Attention", "ConvNNAttention"):
                 torch.manual_seed(0)
-                model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch).to(device).train()
+                model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch, dropout=dropout,
+                            attention_dropout=dropout).to(device).train()
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 runnable = compile_network(model, "default", device) if compiled else model
                 names.append((layer, "compiled" if compiled else "eager"))
                 steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
         measured = dict(zip(names, interleaved_medians(steps, repeats, warmup, device)))
         for (layer, mode), seconds in measured.items():
-            rows.append(dict(image=img_size, patch=patch, layer=layer, mode=mode, batch=batch,
+            rows.append(dict(image=img_size, patch=patch, dropout=dropout, layer=layer, mode=mode, batch=batch,
                              images_per_second=batch / seconds,
                              ratio_to_attention=measured[("Attention", mode)] / seconds,
                              ratio_to_eager=measured[(layer, "eager")] / seconds))
@@ -244,11 +251,11 @@ def print_tables(layers, models, data, operations, header):
                   f"| {r['saved_mib']:.1f} | {r['memory_ratio']:.2f} |")
         print()
     if models:
-        print("| image / patch | layer | mode | images/s | x Attention | x eager |")
-        print("|---|---|---|---|---|---|")
+        print("| image / patch | dropout | layer | mode | images/s | x Attention | x eager |")
+        print("|---|---|---|---|---|---|---|")
         for r in models:
-            print(f"| {r['image']} / {r['patch']} | {r['layer']} | {r['mode']} | {r['images_per_second']:.1f} "
-                  f"| {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
+            print(f"| {r['image']} / {r['patch']} | {r['dropout']:g} | {r['layer']} | {r['mode']} "
+                  f"| {r['images_per_second']:.1f} | {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
         print()
     if data:
         print("| data path | images/s at 224 px |")
