@@ -23,8 +23,8 @@ pass (gather, scale and add, without writing the gathered rows out):
 The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
 own sequence) in buffers reused across those chunks: a chunk stays in the core's cache, and memory
 this size is reused by the allocator, where the 40 MiB of a whole batch would be handed back to the
-system and page-faulted anew at every call. ``v`` is computed chunk by chunk too, and so is the
-gradient of ``x`` in ``v = x W_v^T``.
+system and page-faulted anew at every call (with two threads, freeing and faulting such buffers
+made a training step several times slower).
 
 The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
 compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
@@ -49,9 +49,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-# Budget for one chunk's slot table: a few times a core's L2 cache, few enough chunks that the per-operation
-# overhead stays small.
-CHUNK_BYTES = 4 << 20
+# Budget for one chunk's slot table, about half a core's L2 cache: smaller chunks cost more in per-operation
+# overhead, larger ones in cache misses (and from about 4 MiB, with two threads, in page faults).
+CHUNK_BYTES = 1 << 20
 
 
 def _sequences_per_chunk(seq_len: int, bytes_per_token: int) -> int:
@@ -101,12 +101,8 @@ def _slot_table(rows: Tensor, per_slot: Tensor, depthwise: bool, slots: int, buf
     return table.view(count * slots, width)
 
 
-def _chunk_values(source: Tensor, value_weight: Optional[Tensor], buffer: Optional[Tensor]) -> Tensor:
-    """``v`` of one chunk: the source rows themselves, or ``source @ value_weight.T`` written into ``buffer``."""
-    if value_weight is None:
-        return source
-    out = buffer[: source.shape[0] * value_weight.shape[0]].view(source.shape[0], value_weight.shape[0])
-    return torch.mm(source, value_weight.t(), out=out)
+def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
+    return source if value_weight is None else source @ value_weight.t()
 
 
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
@@ -123,9 +119,9 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     out = source.new_empty(batch * seq_len, kernel_out)
     chunk_tokens = min(batch, per_chunk) * seq_len
     table_buffer = source.new_empty(chunk_tokens * slots * kernel_out)
-    values_buffer = None if value_weight is None else source.new_empty(chunk_tokens * channels)
+    all_values = _values(flat_source, value_weight)
     for start, stop in _chunks(batch, seq_len, per_chunk):
-        values = _chunk_values(flat_source[start:stop], value_weight, values_buffer)
+        values = all_values[start:stop]
         table = _slot_table(values, slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
         out[start:stop] = F.embedding_bag(table_rows[start:stop], table, per_sample_weights=token_weights[start:stop],
                                           mode="sum")
@@ -172,18 +168,17 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     chunk_tokens = min(batch, per_chunk) * seq_len
     one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
 
-    grad_source = torch.empty_like(flat_source)
-    grad_value_weight = source.new_zeros(0) if value_weight is None else torch.zeros_like(value_weight)
+    all_values = _values(flat_source, value_weight)
+    all_grad_values = torch.empty_like(all_values)
     grad_weights = torch.empty_like(token_weights)
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
     slot_buffer, gather_buffer = source.new_empty(2, chunk_tokens * slots * channels)
-    values_buffer, grad_values_buffer = source.new_empty(2, chunk_tokens * channels)
     for start, stop in _chunks(batch, seq_len, per_chunk):
         count = stop - start
-        chunk_source, chunk_grad, chunk_weights = flat_source[start:stop], grad_out[start:stop], token_weights[start:stop]
-        values = _chunk_values(chunk_source, value_weight, values_buffer)
+        chunk_grad, chunk_weights = grad_out[start:stop], token_weights[start:stop]
+        values = all_values[start:stop]
         rows = chunk_rows[start:stop].reshape(-1)
         bags = one_per_bag[: rows.numel()]
 
@@ -193,13 +188,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_weights[start:stop] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             slot_grads, values, rows, bags, bags, 0).view(count, slots)
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
-        grad_values = grad_values_buffer[: count * channels].view(count, channels).zero_().index_add_(
-            0, rows, slot_grads)
-        if value_weight is None:
-            grad_source[start:stop] = grad_values
-        else:
-            torch.mm(grad_values, value_weight, out=grad_source[start:stop])
-            grad_value_weight.addmm_(grad_values.t(), chunk_source)
+        all_grad_values[start:stop].zero_().index_add_(0, rows, slot_grads)
 
         weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
@@ -211,7 +200,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
-    return grad_source.view_as(source), grad_weights.view_as(weights), grad_kernel, grad_value_weight
+    if value_weight is None:
+        return all_grad_values.view_as(source), grad_weights.view_as(weights), grad_kernel, source.new_zeros(0)
+    return ((all_grad_values @ value_weight).view_as(source), grad_weights.view_as(weights), grad_kernel,
+            all_grad_values.t() @ flat_source)
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())
@@ -282,10 +274,6 @@ def _accumulated(accumulators: Tensor, table: Tensor, weights: Tensor,
     grad_weights, grad_scale = rest[: weights.numel()], rest[weights.numel():]
     return (grad_table.view(table.shape), grad_weights.view(weights.shape),
             None if scale is None else grad_scale.view(scale.shape))
-
-
-def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
-    return source if value_weight is None else source @ value_weight.t()
 
 
 def _gather_table(values: Tensor, kernel: Tensor) -> Tuple[Tensor, Optional[Tensor], int]:
