@@ -109,7 +109,6 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
              value_weight: Optional[Tensor]) -> Tensor:
     batch, seq_len, slots = neighbours.shape
     kernel_out = kernel.shape[0]
-    channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
     per_chunk = _sequences_per_chunk(seq_len, slots * kernel_out * source.element_size())
     table_rows = _chunk_rows(neighbours, per_chunk) * slots + torch.arange(slots, device=neighbours.device)
     flat_source = source.reshape(batch * seq_len, -1)
@@ -250,6 +249,15 @@ def _slot_gather(table: Tensor, neighbours: Tensor, weights: Tensor, scale: Opti
 @_slot_gather.register_fake
 def _slot_gather_shape(table, neighbours, weights, scale, slot_stride, channels):
     return table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
+
+
+@register_flop_formula(torch.ops.convnn.slot_gather)
+def _slot_gather_flops(table_shape, neighbours_shape, weights_shape, scale_shape, slot_stride, channels,
+                       *args, **kwargs) -> int:
+    """A depthwise kernel's convolution, as counted for ``conv1d``; with a standard kernel, the matrix product
+    that built the table has counted it already."""
+    batch, seq_len, slots = neighbours_shape
+    return 0 if scale_shape is None else 2 * batch * seq_len * channels * slots
 
 
 @torch.library.custom_op("convnn::slot_gather_backward", mutates_args=("accumulators",))

@@ -221,7 +221,9 @@ def test_gpus_take_the_triton_kernels_unless_results_must_be_reproducible():
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_neighbour_conv_flops_are_those_of_the_convolution_it_computes(kernel_shape, projected):
+@pytest.mark.parametrize("path", ["one-chunk", "triton"])
+def test_neighbour_conv_flops_are_those_of_the_convolution_it_computes(kernel_shape, projected, path, monkeypatch):
+    select_path(path, monkeypatch)
     source, neighbours, weights, kernel, value_weight = neighbour_conv_inputs(kernel_shape, projected)
     with FlopCounterMode(display=False) as counted:
         neighbour_conv(source, neighbours, weights, kernel, value_weight)
