@@ -166,9 +166,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     slot_kernel = _slot_kernel(kernel)
     chunk_tokens = min(batch, per_chunk) * seq_len
     one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
+    ones = source.new_ones(chunk_tokens)  # sums over a chunk's tokens as one matrix-vector product
 
     all_values = _values(flat_source, value_weight)
-    all_grad_values = torch.empty_like(all_values)
+    all_grad_values = torch.zeros_like(all_values)
     grad_weights = torch.empty_like(token_weights)
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
@@ -187,12 +188,12 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_weights[start:stop] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             slot_grads, values, rows, bags, bags, 0).view(count, slots)
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
-        all_grad_values[start:stop].zero_().index_add_(0, rows, slot_grads)
+        all_grad_values[start:stop].index_add_(0, rows, slot_grads)
 
         weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
         if slot_kernel.depthwise:
-            grad_kernel.add_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).sum(0))
+            grad_kernel.addmv_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).t(), ones[:count])
         else:
             grad_kernel.addmm_(chunk_grad.t(), weighted.view(count, -1))
     if slot_kernel.depthwise:
