@@ -43,7 +43,6 @@ import importlib.util
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
@@ -115,16 +114,17 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     token_weights = weights.reshape(batch * seq_len, slots)
     slot_kernel = _slot_kernel(kernel)
 
-    out = source.new_empty(batch * seq_len, kernel_out)
     chunk_tokens = min(batch, per_chunk) * seq_len
     table_buffer = source.new_empty(chunk_tokens * slots * kernel_out)
+    bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
     all_values = _values(flat_source, value_weight)
+    pieces = []
     for start, stop in _chunks(batch, seq_len, per_chunk):
-        values = all_values[start:stop]
-        table = _slot_table(values, slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
-        out[start:stop] = F.embedding_bag(table_rows[start:stop], table, per_sample_weights=token_weights[start:stop],
-                                          mode="sum")
-    return out.view(batch, seq_len, kernel_out)
+        table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
+        pieces.append(torch.ops.aten._embedding_bag_forward_only(
+            table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start], False, 0, False,
+            token_weights[start:stop].reshape(-1))[0])
+    return torch.cat(pieces).view(batch, seq_len, kernel_out)
 
 
 # Named apart from the earlier per-slot operators (``convnn::neighbour_conv`` and its backward, whose outputs
@@ -170,7 +170,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
 
     all_values = _values(flat_source, value_weight)
     all_grad_values = torch.zeros_like(all_values)
-    grad_weights = torch.empty_like(token_weights)
+    grad_weights = []
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
@@ -185,8 +185,8 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         # What each slot passes back to the neighbour it chose; its dot product with that neighbour's value is
         # the weight's gradient, and weighted, its sum over the slots that chose a row is the row's gradient.
         slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, slot_buffer)
-        grad_weights[start:stop] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            slot_grads, values, rows, bags, bags, 0).view(count, slots)
+        grad_weights.append(torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            slot_grads, values, rows, bags, bags, 0))
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
         all_grad_values[start:stop].index_add_(0, rows, slot_grads)
 
@@ -200,9 +200,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
+    grad_weights = torch.cat(grad_weights).view_as(weights)
     if value_weight is None:
-        return all_grad_values.view_as(source), grad_weights.view_as(weights), grad_kernel, source.new_zeros(0)
-    return ((all_grad_values @ value_weight).view_as(source), grad_weights.view_as(weights), grad_kernel,
+        return all_grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
+    return ((all_grad_values @ value_weight).view_as(source), grad_weights, grad_kernel,
             all_grad_values.t() @ flat_source)
 
 
