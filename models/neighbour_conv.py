@@ -2,64 +2,135 @@
 
 For every token ``i`` with neighbours ``n(i, k)`` and weights ``w_ik`` (``k < K``) it computes
 
-    out_i = sum_k W[:, :, k] @ (w_ik * v_{n(i,k)})
+    out_i = sum_k W_k (w_ik * v_{n(i,k)})        (W_k = W[:, :, k]; depthwise: kern[:, k] * ...)
 
 which is a 1-D convolution with kernel ``K`` and stride ``K`` over the sequence of weighted
 neighbour values. Written plainly, autograd would build the gathered ``(B, N, K, C)`` neighbour
-values and keep them (and their weighted copy) until the backward pass. Here both passes walk the
-``K`` slots one at a time, gathering one ``(B*N, C)`` slab per slot and folding it into the result,
-so no ``N x K x C`` tensor ever exists, and the backward pass gathers again instead of saving:
-only the inputs are kept. The slabs live in two buffers reused across slots: on the CPU a fresh
-large allocation per slot is mapped and page-faulted anew each time, which costs more than the copy.
+values and keep them until the backward pass; here only the inputs are kept, and ``v = x W_v^T``
+is recomputed in backward.
 
-The two passes are wrapped twice:
+On the CPU both passes are sums of weighted rows, which ``embedding_bag`` computes in one fused
+pass (gather, scale and add, without writing the gathered rows out):
 
-- as ``torch.library`` custom operators (with a FLOP formula), which eager code and compiled CPU
-  graphs call as they are. Traced, Inductor's CPU code turns the backward's ``index_add_`` into a
-  scalar loop of atomic adds, which made the compiled model slower than the eager one;
-- as an ``autograd.Function`` that ``torch.compile`` traces on GPUs, where Inductor fuses the slot
-  loop into a few kernels (compiled, the ConvNN ViT ran at 1.6x to 2x its eager speed on an H100).
+- forward: a *slot table* holds every value as each slot's kernel sees it, ``T[j*K + k] = W_k v_j``
+  (depthwise, one broadcast multiply; standard, one ``(C_in, K*C_out)`` matrix product), and
+  ``out_i = sum_k w_ik T[n(i,k)*K + k]`` is one ``embedding_bag`` over it;
+- backward: the table of what each slot passes back, ``G[i*K + k] = W_k^T g_i``, gives the weights'
+  gradient ``dw_ik = <G[i*K + k], v_{n(i,k)}>`` as ``embedding_bag``'s fused per-sample-weight
+  gradient; weighted by ``w_ik``, its rows are added into the rows they chose (one ``index_add_``
+  for all slots); the kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
+
+The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
+own sequence) in buffers reused across those chunks: a chunk stays in the core's cache, and memory
+this size is reused by the allocator, where the 40 MiB of a whole batch would be handed back to the
+system and page-faulted anew at every call (with two threads, freeing and faulting such buffers
+made a training step several times slower).
+
+The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
+compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
+loop of atomic adds.
+
+On a GPU, where every operation launches a kernel, the aggregation is instead one Triton kernel
+forward and one backward (``models/neighbour_conv_triton.py``), around the projections' matrix
+products: the backward adds into the gradients of ``v`` and of the kernel atomically. Triton is
+imported only there, and only used where installed and where deterministic algorithms are not
+requested (atomic additions make float sums vary in their last bits from run to run); otherwise
+GPUs take the CPU's passes, whose operations all have GPU kernels.
 """
 
-from typing import Optional, Tuple
+import importlib
+import importlib.util
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-def _slot_rows(neighbours: Tensor) -> Tensor:
-    """Row indices into ``values.reshape(B * N, C)``, one column per slot: ``(B*N, K)``."""
+# Budget for one chunk's slot table, about half a core's L2 cache: smaller chunks cost more in per-operation
+# overhead, larger ones in cache misses (and from about 4 MiB, with two threads, in page faults).
+CHUNK_BYTES = 1 << 20
+
+
+def _sequences_per_chunk(seq_len: int, bytes_per_token: int) -> int:
+    """As many whole sequences as keep a chunk's per-slot rows within ``CHUNK_BYTES``, and at least one."""
+    return max(1, CHUNK_BYTES // (seq_len * bytes_per_token))
+
+
+def _chunks(batch: int, seq_len: int, per_chunk: int) -> List[Tuple[int, int]]:
+    """Row ranges of ``per_chunk`` sequences each (the last may hold fewer)."""
+    return [(first * seq_len, min(batch, first + per_chunk) * seq_len) for first in range(0, batch, per_chunk)]
+
+
+def _chunk_rows(neighbours: Tensor, per_chunk: int) -> Tensor:
+    """Each token's neighbour rows, counted from the first row of its chunk: ``(B*N, K)``."""
     batch, seq_len, slots = neighbours.shape
-    offsets = torch.arange(batch, device=neighbours.device).mul_(seq_len).view(batch, 1, 1)
+    offsets = torch.arange(batch, device=neighbours.device).remainder_(per_chunk).mul_(seq_len).view(batch, 1, 1)
     return (neighbours + offsets).view(batch * seq_len, slots)
 
 
-def _flat_operands(source: Tensor, neighbours: Tensor, weights: Tensor,
-                   value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The values ``v`` as ``(B*N, C)``, their row for every token and slot ``(B*N, K)``, and the weights
-    as ``(B*N, K)``; ``v = source @ value_weight.T`` when ``value_weight`` is given."""
-    values = source if value_weight is None else source @ value_weight.t()
-    return values.reshape(-1, values.shape[-1]), _slot_rows(neighbours), weights.reshape(-1, weights.shape[-1])
+class _SlotKernel(NamedTuple):
+    """The kernel laid out for slot tables: depthwise ``(K, C)`` both ways; standard ``(C_in, K*C_out)`` for
+    values and ``(C_out, K*C_in)`` for output gradients."""
+
+    depthwise: bool
+    forward: Tensor
+    backward: Tensor
+
+
+def _slot_kernel(kernel: Tensor) -> _SlotKernel:
+    if kernel.dim() == 2:
+        per_slot = kernel.t().contiguous()
+        return _SlotKernel(True, per_slot, per_slot)
+    kernel_out, channels_in, slots = kernel.shape
+    return _SlotKernel(False, kernel.permute(1, 2, 0).reshape(channels_in, slots * kernel_out),
+                       kernel.transpose(1, 2).reshape(kernel_out, slots * channels_in))
+
+
+def _slot_table(rows: Tensor, per_slot: Tensor, depthwise: bool, slots: int, buffer: Tensor) -> Tensor:
+    """``(n*K, C')``: row ``j*K + k`` is slot ``k``'s kernel applied to ``rows[j]``, written into ``buffer``."""
+    count = rows.shape[0]
+    width = per_slot.shape[-1] if depthwise else per_slot.shape[1] // slots
+    table = buffer[: count * slots * width]
+    if depthwise:
+        torch.mul(rows.unsqueeze(1), per_slot, out=table.view(count, slots, width))
+    else:
+        torch.mm(rows, per_slot, out=table.view(count, slots * width))
+    return table.view(count * slots, width)
+
+
+def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
+    return source if value_weight is None else source @ value_weight.t()
 
 
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
              value_weight: Optional[Tensor]) -> Tensor:
-    flat_values, rows, token_weights = _flat_operands(source, neighbours, weights, value_weight)
     batch, seq_len, slots = neighbours.shape
-    depthwise = kernel.dim() == 2
-    out = flat_values.new_zeros(batch * seq_len, kernel.shape[0])
-    gathered = torch.empty_like(flat_values)
-    for slot in range(slots):
-        torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
-        if depthwise:
-            out.addcmul_(gathered.mul_(kernel[:, slot]), token_weights[:, slot : slot + 1])
-        else:
-            out.addmm_(gathered.mul_(token_weights[:, slot : slot + 1]), kernel[:, :, slot].t())
-    return out.view(batch, seq_len, -1)
+    kernel_out = kernel.shape[0]
+    per_chunk = _sequences_per_chunk(seq_len, slots * kernel_out * source.element_size())
+    table_rows = _chunk_rows(neighbours, per_chunk) * slots + torch.arange(slots, device=neighbours.device)
+    flat_source = source.reshape(batch * seq_len, -1)
+    token_weights = weights.reshape(batch * seq_len, slots)
+    slot_kernel = _slot_kernel(kernel)
+
+    chunk_tokens = min(batch, per_chunk) * seq_len
+    table_buffer = source.new_empty(chunk_tokens * slots * kernel_out)
+    bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
+    all_values = _values(flat_source, value_weight)
+    pieces = []
+    for start, stop in _chunks(batch, seq_len, per_chunk):
+        table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
+        pieces.append(torch.ops.aten._embedding_bag_forward_only(
+            table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start], False, 0, False,
+            token_weights[start:stop].reshape(-1))[0])
+    return torch.cat(pieces).view(batch, seq_len, kernel_out)
 
 
-_forward_operator = torch.library.custom_op("convnn::neighbour_conv", _forward, mutates_args=())
+# Named apart from the earlier per-slot operators (``convnn::neighbour_conv`` and its backward, whose outputs
+# differed): Inductor's on-disk caches of compiled graphs do not see a changed implementation behind an
+# unchanged name.
+_forward_operator = torch.library.custom_op("convnn::neighbour_bags", _forward, mutates_args=())
 
 
 @_forward_operator.register_fake
@@ -68,7 +139,7 @@ def _forward_shape(source, neighbours, weights, kernel, value_weight):
     return source.new_empty(batch, seq_len, kernel.shape[0])
 
 
-@register_flop_formula(torch.ops.convnn.neighbour_conv)
+@register_flop_formula(torch.ops.convnn.neighbour_bags)
 def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, value_weight_shape,
                    *args, **kwargs) -> int:
     """The FLOPs of the convolution this computes (as counted for ``conv1d``) and of ``v = x W^T``."""
@@ -82,76 +153,184 @@ def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, 
 
 
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
-                     value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients with respect to the values ``v`` (flattened to ``(B*N, C)``), the weights and the kernel."""
-    flat_values, rows, token_weights = _flat_operands(source, neighbours, weights, value_weight)
+                     value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients with respect to the source, the weights, the kernel and the value projection (an empty
+    tensor when there is none)."""
     batch, seq_len, slots = neighbours.shape
+    channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
+    per_chunk = _sequences_per_chunk(seq_len, slots * channels * source.element_size())
+    chunk_rows = _chunk_rows(neighbours, per_chunk)
+    flat_source = source.reshape(batch * seq_len, -1)
+    token_weights = weights.reshape(batch * seq_len, slots)
     grad_out = grad_out.reshape(batch * seq_len, -1)
-    depthwise = kernel.dim() == 2
+    slot_kernel = _slot_kernel(kernel)
+    chunk_tokens = min(batch, per_chunk) * seq_len
+    one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
+    ones = source.new_ones(chunk_tokens)  # sums over a chunk's tokens as one matrix-vector product
 
-    grad_values = torch.zeros_like(flat_values)
-    grad_weights = torch.empty_like(token_weights)
-    grad_kernel = torch.empty_like(kernel)
-    gathered, grad_gathered = torch.empty_like(flat_values), torch.empty_like(flat_values)
-    for slot in range(slots):
-        slot_weights = token_weights[:, slot : slot + 1]
-        torch.index_select(flat_values, 0, rows[:, slot], out=gathered)
-        if depthwise:
-            # gathered * grad_out is the common factor of the kernel and the weight gradients.
-            gathered.mul_(grad_out)
-            grad_kernel[:, slot] = token_weights[:, slot] @ gathered
-            grad_weights[:, slot] = gathered @ kernel[:, slot]
-            torch.mul(grad_out, kernel[:, slot], out=grad_gathered)
+    all_values = _values(flat_source, value_weight)
+    all_grad_values = torch.zeros_like(all_values)
+    grad_weights = []
+    # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
+    grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
+        kernel.shape[0], slots * channels)
+    slot_buffer, gather_buffer = source.new_empty(2, chunk_tokens * slots * channels)
+    for start, stop in _chunks(batch, seq_len, per_chunk):
+        count = stop - start
+        chunk_grad, chunk_weights = grad_out[start:stop], token_weights[start:stop]
+        values = all_values[start:stop]
+        rows = chunk_rows[start:stop].reshape(-1)
+        bags = one_per_bag[: rows.numel()]
+
+        # What each slot passes back to the neighbour it chose; its dot product with that neighbour's value is
+        # the weight's gradient, and weighted, its sum over the slots that chose a row is the row's gradient.
+        slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, slot_buffer)
+        grad_weights.append(torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            slot_grads, values, rows, bags, bags, 0))
+        slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
+        all_grad_values[start:stop].index_add_(0, rows, slot_grads)
+
+        weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
+        weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
+        if slot_kernel.depthwise:
+            grad_kernel.addmv_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).t(), ones[:count])
         else:
-            torch.mm(grad_out, kernel[:, :, slot], out=grad_gathered)
-            grad_weights[:, slot] = (gathered * grad_gathered).sum(-1)
-            grad_kernel[:, :, slot] = grad_out.t() @ gathered.mul_(slot_weights)
-        grad_values.index_add_(0, rows[:, slot], grad_gathered.mul_(slot_weights))
-    return grad_values, grad_weights.view(batch, seq_len, slots), grad_kernel
+            grad_kernel.addmm_(chunk_grad.t(), weighted.view(count, -1))
+    if slot_kernel.depthwise:
+        grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
+    else:
+        grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
+    grad_weights = torch.cat(grad_weights).view_as(weights)
+    if value_weight is None:
+        return all_grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
+    return ((all_grad_values @ value_weight).view_as(source), grad_weights, grad_kernel,
+            all_grad_values.t() @ flat_source)
 
 
-_backward_operator = torch.library.custom_op("convnn::neighbour_conv_backward", _backward_kernel, mutates_args=())
+_backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())
 
 
 @_backward_operator.register_fake
 def _backward_shapes(grad_out, source, neighbours, weights, kernel, value_weight):
-    batch, seq_len, _ = neighbours.shape
-    channels_in = source.shape[-1] if value_weight is None else value_weight.shape[0]
-    return source.new_empty(batch * seq_len, channels_in), torch.empty_like(weights), torch.empty_like(kernel)
+    grad_value_weight = source.new_empty(0) if value_weight is None else torch.empty_like(value_weight)
+    return torch.empty_like(source), torch.empty_like(weights), torch.empty_like(kernel), grad_value_weight
 
 
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _input_gradients(ctx, grad_out: Tensor, backward_kernel):
+def _input_gradients(ctx, grad_out: Tensor):
     source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
-    grad_values, grad_weights, grad_kernel = backward_kernel(grad_out, source, neighbours, weights, kernel,
-                                                             value_weight)
-    grad_source = grad_value_weight = None
-    if value_weight is None:
-        grad_source = grad_values.view_as(source)
-    else:
-        if ctx.needs_input_grad[0]:
-            grad_source = (grad_values @ value_weight).view_as(source)
-        if ctx.needs_input_grad[4]:
-            grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
-    return grad_source, None, grad_weights, grad_kernel, grad_value_weight
+    grad_source, grad_weights, grad_kernel, grad_value_weight = _backward_operator(
+        grad_out, source, neighbours, weights, kernel, value_weight)
+    return grad_source, None, grad_weights, grad_kernel, None if value_weight is None else grad_value_weight
 
 
-_forward_operator.register_autograd(lambda ctx, grad_out: _input_gradients(ctx, grad_out, _backward_operator),
-                                    setup_context=_save_inputs)
+_forward_operator.register_autograd(_input_gradients, setup_context=_save_inputs)
 
 
-class TracedNeighbourConv(torch.autograd.Function):
-    """The same passes as an autograd function, for ``torch.compile`` to trace and fuse."""
+def _uses_triton(source: Tensor) -> bool:
+    """Whether the aggregation takes the GPU path (the tests force it, to run its kernels interpreted)."""
+    return source.is_cuda and _TRITON_INSTALLED and not torch.are_deterministic_algorithms_enabled()
 
-    forward = staticmethod(_forward)
+
+def _triton_kernels():
+    return importlib.import_module("models.neighbour_conv_triton")
+
+
+@torch.library.custom_op("convnn::slot_gather", mutates_args=())
+def _slot_gather(table: Tensor, neighbours: Tensor, weights: Tensor, scale: Optional[Tensor], slot_stride: int,
+                 channels: int) -> Tensor:
+    """``out_i = sum_k w_ik scale[:, k] * table[row(i,k), k]`` in one kernel (see ``neighbour_conv_triton``)."""
+    out = table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
+    _triton_kernels().forward(table, neighbours.contiguous(), weights.contiguous(), scale, slot_stride, out)
+    return out
+
+
+@_slot_gather.register_fake
+def _slot_gather_shape(table, neighbours, weights, scale, slot_stride, channels):
+    return table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
+
+
+@register_flop_formula(torch.ops.convnn.slot_gather)
+def _slot_gather_flops(table_shape, neighbours_shape, weights_shape, scale_shape, slot_stride, channels,
+                       *args, **kwargs) -> int:
+    """A depthwise kernel's convolution, as counted for ``conv1d``; with a standard kernel, the matrix product
+    that built the table has counted it already."""
+    batch, seq_len, slots = neighbours_shape
+    return 0 if scale_shape is None else 2 * batch * seq_len * channels * slots
+
+
+@torch.library.custom_op("convnn::slot_gather_backward", mutates_args=("accumulators",))
+def _slot_gather_backward(grad_out: Tensor, table: Tensor, neighbours: Tensor, weights: Tensor,
+                          scale: Optional[Tensor], slot_stride: int, accumulators: Tensor) -> None:
+    """Adds the gradients of the table, of the weights and of the scale, in that order, into ``accumulators``
+    (zeroed by the caller): one kernel."""
+    grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
+    _triton_kernels().backward(grad_out.contiguous(), table, neighbours.contiguous(), weights.contiguous(), scale,
+                               slot_stride, grad_table, grad_scale, grad_weights)
+
+
+@_slot_gather_backward.register_fake
+def _slot_gather_backward_shape(grad_out, table, neighbours, weights, scale, slot_stride, accumulators):
+    return None
+
+
+def _accumulated(accumulators: Tensor, table: Tensor, weights: Tensor,
+                 scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The table's, the weights' and the scale's gradient in ``accumulators``."""
+    grad_table, rest = accumulators[: table.numel()], accumulators[table.numel():]
+    grad_weights, grad_scale = rest[: weights.numel()], rest[weights.numel():]
+    return (grad_table.view(table.shape), grad_weights.view(weights.shape),
+            None if scale is None else grad_scale.view(scale.shape))
+
+
+def _gather_table(values: Tensor, kernel: Tensor) -> Tuple[Tensor, Optional[Tensor], int]:
+    """What the kernels gather from: depthwise, ``v`` itself scaled by the kernel; standard, each row's value
+    as every slot's kernel sees it, ``(B*N, K*C_out)`` (slot stride ``C_out``), unscaled."""
+    flat_values = values.reshape(-1, values.shape[-1])
+    if kernel.dim() == 2:
+        return flat_values, kernel, 0
+    return flat_values @ _slot_kernel(kernel).forward, None, kernel.shape[0]
+
+
+class _TritonNeighbourConv(torch.autograd.Function):
+    """The GPU path: the projections' matrix products and one kernel each way."""
+
+    @staticmethod
+    def forward(source, neighbours, weights, kernel, value_weight):
+        table, scale, slot_stride = _gather_table(_values(source, value_weight), kernel)
+        return torch.ops.convnn.slot_gather(table, neighbours, weights, scale, slot_stride, kernel.shape[0])
+
     setup_context = staticmethod(_save_inputs)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return _input_gradients(ctx, grad_out, _backward_kernel)
+        source, neighbours, weights, kernel, value_weight = ctx.saved_tensors
+        values = _values(source, value_weight)
+        table, scale, slot_stride = _gather_table(values, kernel)
+        accumulate = torch.float64 if table.dtype == torch.float64 else torch.float32
+        size = table.numel() + weights.numel() + (0 if scale is None else scale.numel())
+        accumulators = torch.zeros(size, dtype=accumulate, device=table.device)
+        torch.ops.convnn.slot_gather_backward(grad_out, table, neighbours, weights, scale, slot_stride, accumulators)
+        grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
+        grad_table, grad_weights = grad_table.to(table.dtype), grad_weights.to(weights.dtype)
+        if scale is None:
+            grad_values = grad_table @ _slot_kernel(kernel).forward.t()
+            flat_values = values.reshape(-1, values.shape[-1])
+            grad_kernel = (flat_values.t() @ grad_table).view(kernel.shape[1], kernel.shape[2], kernel.shape[0])
+            grad_kernel = grad_kernel.permute(2, 0, 1)
+        else:
+            grad_values = grad_table
+            grad_kernel = grad_scale.to(kernel.dtype)
+        if value_weight is None:
+            return grad_values.view_as(source), None, grad_weights, grad_kernel, None
+        grad_source = (grad_values @ value_weight).view_as(source) if ctx.needs_input_grad[0] else None
+        grad_value_weight = None
+        if ctx.needs_input_grad[4]:
+            grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])
+        return grad_source, None, grad_weights, grad_kernel, grad_value_weight
 
 
 def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
@@ -167,6 +346,6 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
                     keeps anyway) is saved instead of ``v``.
     Returns ``(B, N, C_out)``.
     """
-    if torch.compiler.is_compiling() and source.device.type != "cpu":
-        return TracedNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+    if _uses_triton(source):
+        return _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
     return _forward_operator(source, neighbours, weights, kernel, value_weight)

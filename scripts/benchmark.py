@@ -7,8 +7,12 @@ repeat, so drift on a shared machine hits all of them alike):
    (32, 197), (8, 1025) with D = 192; ConvNN-Attention with ``all``, ``random`` (64 candidates)
    and ``spatial`` (8x8 grid) sampling;
 2. whole-model ViT-Tiny training steps (forward, backward, AdamW step) in images per second, at
-   32 px / patch 4 and 224 px / patch 16, for ``Attention`` and ``ConvNNAttention``, eager and compiled;
-3. data loading in images per second at 224 px, for the worker loader and the device-resident one.
+   32 px / patch 4 (with the CLI's dropout of 0.1 and with none) and 224 px / patch 16, for ``Attention``
+   and ``ConvNNAttention``, eager and compiled;
+3. data loading in images per second at 224 px, for the worker loader and the device-resident one;
+4. the operations one forward+backward of ``Attention`` and of ``ConvNNAttention`` dispatches, the latter
+   on the GPU path (on a CPU, its Triton kernels run in Triton's interpreter): on a GPU each launches at
+   least one kernel.
 
 Prints markdown tables and writes every figure to a JSON file.
 
@@ -16,17 +20,29 @@ Prints markdown tables and writes every figure to a JSON file.
 """
 
 import argparse
+import collections
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Without a GPU, Triton's interpreter runs the GPU path's kernels on CPU tensors, for the operation count. It is
+# chosen when triton.language is first imported, which importing the models does, hence before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
@@ -63,6 +79,60 @@ def saved_bytes(step) -> int:
         output = step()
     del output
     return sum(storages.values())
+
+
+# Operators that only reinterpret or allocate memory, which launch no kernel on a GPU; all others are counted.
+NOT_COUNTED = {"aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
+               "aten::new_empty_strided"}
+
+
+class _DispatchedOperations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.operations = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name not in NOT_COUNTED:
+            self.operations[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_operations(step) -> collections.Counter:
+    """How often each operator that does work (no view, no bare allocation) is dispatched during ``step()``."""
+    with _DispatchedOperations() as counting:
+        step()
+    return counting.operations
+
+
+@contextlib.contextmanager
+def gpu_aggregation(device: torch.device):
+    """ConvNN-Attention's GPU path: its own on a GPU, forced with Triton's interpreter on a CPU."""
+    if device.type == "cuda":
+        yield
+        return
+    import triton
+
+    if not triton.knobs.runtime.interpret:
+        raise RuntimeError("the GPU path runs on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1")
+    with mock.patch.object(neighbour_conv_module, "_uses_triton", lambda source: True):
+        yield
+
+
+def operation_table(device, batch: int = 2, seq_len: int = 65):
+    """Operations dispatched by one forward+backward (gradients not accumulated, as in a training step), by layer;
+    the count does not depend on the sizes."""
+    rows = []
+    x = torch.randn(batch, seq_len, WIDTH, device=device, requires_grad=True)
+    grad = torch.ones_like(x)
+    for name in ("Attention", "ConvNNAttention"):
+        layer = build_layer(name, d_hidden=WIDTH, num_heads=3, attention_dropout=0.0, num_tokens=seq_len,
+                            **options_from(name, dict(K=9))).to(device).train()
+        with gpu_aggregation(device):
+            operations = dispatched_operations(lambda: layer(x).backward(grad))
+        x.grad = None
+        rows.append(dict(layer=name, path="GPU", operations=sum(operations.values()),
+                         by_operator=dict(operations.most_common())))
+    return rows
 
 
 def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):
@@ -120,23 +190,29 @@ def training_step(model, optimizer, images, labels, dtype, device):
     return step
 
 
-def model_table(device, dtype, repeats, warmup, batch, compile_modes):
+# (image size, patch size, dropout): the CLI's dropout of 0.1 for the residual branches and inside the token
+# mixer, and at 32 px also none, where Attention keeps its fused kernel and the rows compare the mixers alone.
+MODEL_CASES = ((32, 4, 0.1), (32, 4, 0.0), (224, 16, 0.1))
+
+
+def model_table(device, dtype, repeats, warmup, batch, compile_modes, cases=MODEL_CASES):
     rows = []
-    for img_size, patch in ((32, 4), (224, 16)):
+    for img_size, patch, dropout in cases:
         images = torch.randn(batch, 3, img_size, img_size, device=device)
         labels = torch.randint(0, 10, (batch,), device=device)
         names, steps = [], []
         for compiled in compile_modes:
             for layer in ("Attention", "ConvNNAttention"):
                 torch.manual_seed(0)
-                model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch).to(device).train()
+                model = ViT(img_size=img_size, num_classes=10, layer=layer, patch_size=patch, dropout=dropout,
+                            attention_dropout=dropout).to(device).train()
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 runnable = compile_network(model, "default", device) if compiled else model
                 names.append((layer, "compiled" if compiled else "eager"))
                 steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
         measured = dict(zip(names, interleaved_medians(steps, repeats, warmup, device)))
         for (layer, mode), seconds in measured.items():
-            rows.append(dict(image=img_size, patch=patch, layer=layer, mode=mode, batch=batch,
+            rows.append(dict(image=img_size, patch=patch, dropout=dropout, layer=layer, mode=mode, batch=batch,
                              images_per_second=batch / seconds,
                              ratio_to_attention=measured[("Attention", mode)] / seconds,
                              ratio_to_eager=measured[(layer, "eager")] / seconds))
@@ -168,7 +244,7 @@ def data_table(device, batches, batch_size):
     return rows
 
 
-def print_tables(layers, models, data, header):
+def print_tables(layers, models, data, operations, header):
     print(header + "\n")
     if layers:
         print("| B | N | layer | fwd+bwd ms | x Attention | saved MiB | x Attention |")
@@ -178,24 +254,31 @@ def print_tables(layers, models, data, header):
                   f"| {r['saved_mib']:.1f} | {r['memory_ratio']:.2f} |")
         print()
     if models:
-        print("| image / patch | layer | mode | images/s | x Attention | x eager |")
-        print("|---|---|---|---|---|---|")
+        print("| image / patch | dropout | layer | mode | images/s | x Attention | x eager |")
+        print("|---|---|---|---|---|---|---|")
         for r in models:
-            print(f"| {r['image']} / {r['patch']} | {r['layer']} | {r['mode']} | {r['images_per_second']:.1f} "
-                  f"| {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
+            print(f"| {r['image']} / {r['patch']} | {r['dropout']:g} | {r['layer']} | {r['mode']} "
+                  f"| {r['images_per_second']:.1f} | {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
         print()
     if data:
         print("| data path | images/s at 224 px |")
         print("|---|---|")
         for r in data:
             print(f"| {r['path']} | {r['images_per_second']:.0f} |")
+        print()
+    if operations:
+        print("| layer (GPU path) | operations per forward+backward | largest |")
+        print("|---|---|---|")
+        for r in operations:
+            largest = ", ".join(f"{name.split('::')[-1]} {count}" for name, count in list(r["by_operator"].items())[:4])
+            print(f"| {r['layer']} | {r['operations']} | {largest} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
-    parser.add_argument("--parts", default="layers,models,data", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="layers,models,data,operations", help="comma-separated subset to run")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model_batch", type=int, default=32)
@@ -215,8 +298,10 @@ def main(argv=None):
     models = (model_table(device, dtype, args.repeats, args.warmup, args.model_batch, compile_modes)
               if "models" in parts else [])
     data = data_table(device, batches=args.repeats, batch_size=args.model_batch) if "data" in parts else []
-    print_tables(layers, models, data, header)
-    Path(args.json).write_text(json.dumps(dict(header=header, layers=layers, models=models, data=data), indent=2))
+    operations = operation_table(device) if "operations" in parts else []
+    print_tables(layers, models, data, operations, header)
+    Path(args.json).write_text(json.dumps(dict(header=header, layers=layers, models=models, data=data,
+                                               operations=operations), indent=2))
     print(f"\nwrote {args.json}")
 
 

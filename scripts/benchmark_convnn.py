@@ -5,6 +5,9 @@ for the backward pass (counted with ``torch.autograd.graph.saved_tensors_hooks``
 markdown table of both and their ratios.
 
     python scripts/benchmark_convnn.py --batch 32 --tokens 197 --width 192 --K 9
+
+With ``--profile`` it prints instead where the time of a forward+backward step goes, by operator
+(``torch.profiler``, self CPU time), for ConvNN-Attention and for ``Attention``.
 """
 
 import argparse
@@ -12,24 +15,17 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import interleaved_medians, saved_bytes  # noqa: E402
+from models.vit import build_layer  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
 from scripts.convnn_reference import reference_convnn  # noqa: E402
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=197)
-    parser.add_argument("--width", type=int, default=192)
-    parser.add_argument("--K", type=int, default=9)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args(argv)
-
+def compare_with_reference(args):
     torch.manual_seed(0)
     rows = []
     for convolution_type in ("depthwise", "standard"):
@@ -49,6 +45,59 @@ def main(argv=None):
     for convolution_type, fast_time, plain_time, fast_saved, plain_saved in rows:
         print(f"| {convolution_type} | {fast_time * 1e3:.1f} | {plain_time * 1e3:.1f} | {plain_time / fast_time:.2f}x "
               f"| {fast_saved / 2**20:.1f} | {plain_saved / 2**20:.1f} | {fast_saved / plain_saved:.3f} |")
+
+
+def operator_shares(step, steps: int):
+    """Self CPU milliseconds per step, and ``(operator, share of that time, calls per step)`` largest first."""
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(steps):
+            step()
+    events = [event for event in profiled.key_averages() if event.self_cpu_time_total > 0]
+    total = sum(event.self_cpu_time_total for event in events)
+    shares = sorted(((event.key, event.self_cpu_time_total / total, event.count / steps) for event in events),
+                    key=lambda share: -share[1])
+    return total / steps / 1e3, shares
+
+
+def print_profile(args, top: int = 8):
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
+    print(f"Where one forward+backward goes, B={args.batch} N={args.tokens} D={args.width} K={args.K}, "
+          f"depthwise, sampling all, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name in ("ConvNNAttention", "Attention"):
+        layer = build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, K=args.K,
+                            num_tokens=args.tokens).train()
+
+        def step(layer=layer):
+            layer(x).sum().backward()
+            x.grad = None
+            layer.zero_grad(set_to_none=True)  # as a training step does, so no gradient is accumulated
+
+        per_step, shares = operator_shares(step, args.repeats)
+        print(f"\n{name}: {per_step:.1f} ms of self CPU time per step (under the profiler)\n")
+        print("| operator | share | calls per step |")
+        print("|---|---|---|")
+        for key, share, calls in shares[:top]:
+            print(f"| `{key}` | {share:.0%} | {calls:g} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=197)
+    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--K", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the time goes by operator instead of comparing with the reference")
+    args = parser.parse_args(argv)
+    if args.profile:
+        print_profile(args)
+    else:
+        compare_with_reference(args)
 
 
 if __name__ == "__main__":

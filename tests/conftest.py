@@ -2,11 +2,19 @@
 
 import os
 
+import os
+
 import pytest
+import torch
 from matplotlib.figure import Figure
 
-import dataset
-from tests.helpers import TINY_MODEL_FLAGS
+# Without a GPU, Triton's interpreter runs the GPU path's kernels on CPU tensors (tests/test_convnn.py). It is
+# chosen when triton.language is first imported, which torch.compile's machinery may do early, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataset  # noqa: E402
+from tests.helpers import TINY_MODEL_FLAGS  # noqa: E402
 
 
 @pytest.fixture

@@ -35,8 +35,9 @@ def test_saved_bytes_counts_each_storage_once():
 def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVNN_SYNTHETIC_SIZES", "64,16")
     models = benchmark.model_table(CPU, None, repeats=1, warmup=0, batch=2, compile_modes=(False,))
-    assert {(row["image"], row["layer"]) for row in models} == {
-        (32, "Attention"), (32, "ConvNNAttention"), (224, "Attention"), (224, "ConvNNAttention")}
+    assert {(row["image"], row["dropout"], row["layer"]) for row in models} == {
+        (image, dropout, layer) for image, _, dropout in benchmark.MODEL_CASES
+        for layer in ("Attention", "ConvNNAttention")}
     for row in models:
         assert row["images_per_second"] > 0 and row["ratio_to_eager"] == 1.0
         if row["layer"] == "Attention":
@@ -49,5 +50,8 @@ def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "layer_table", lambda *args: [])
     monkeypatch.setattr(benchmark, "model_table", lambda *args: models)
     monkeypatch.setattr(benchmark, "data_table", lambda *args, **kwargs: data)
+    operations = [dict(layer="Attention", path="GPU", operations=16, by_operator={"aten::mm": 12})]
+    monkeypatch.setattr(benchmark, "operation_table", lambda *args: operations)
     benchmark.main(["--device", "cpu", "--json", str(out)])
-    assert json.loads(out.read_text())["models"] == models
+    written = json.loads(out.read_text())
+    assert written["models"] == models and written["operations"] == operations

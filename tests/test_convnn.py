@@ -1,16 +1,27 @@
-"""ConvNN-Attention against the plain reference, its autograd function, and the paper's special cases."""
+"""ConvNN-Attention against the plain reference, its aggregation operator on each path, and the paper's special
+cases."""
 
+import importlib.util
 import itertools
 import math
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.neighbour_conv import TracedNeighbourConv, neighbour_conv
+import models.neighbour_conv as neighbour_conv_module
+from models.layer_options import CONVOLUTION_TYPES
+from models.neighbour_conv import neighbour_conv
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts.convnn_reference import reference_convnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import benchmark  # noqa: E402
 
 GRID = (4, 4)
 SEQ_LEN = GRID[0] * GRID[1] + 1
@@ -29,6 +40,38 @@ def make_layer(**options):
         # Random, non-trivial weights (the depthwise kernel starts as all ones).
         torch.nn.init.normal_(parameter, std=0.5)
     return layer.eval()
+
+
+def use_triton_interpreter(monkeypatch):
+    """Sends the aggregation down the GPU path, its Triton kernels run by Triton's interpreter on CPU tensors
+    (which tests/conftest.py selects where there is no GPU)."""
+    triton = pytest.importorskip("triton")
+    if not triton.knobs.runtime.interpret:
+        pytest.skip("Triton's interpreter is off (a GPU is present): scripts/check_device.py covers the GPU path")
+    monkeypatch.setattr(neighbour_conv_module, "_uses_triton", lambda source: True)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    use_triton_interpreter(monkeypatch)
+
+
+CPU_PATHS = ["one-chunk", "chunk-per-sequence"]
+
+
+def select_path(path, monkeypatch):
+    """Each way the aggregation can run: the CPU passes over the whole batch at once, and over chunks of one
+    sequence each (the chunks of a large batch); the GPU path's Triton kernels, interpreted."""
+    if path == "chunk-per-sequence":
+        monkeypatch.setattr(neighbour_conv_module, "CHUNK_BYTES", 1)
+    if path == "triton":
+        use_triton_interpreter(monkeypatch)
+
+
+@pytest.fixture(params=[*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
+def aggregation_path(request, monkeypatch):
+    select_path(request.param, monkeypatch)
+    return request.param
 
 
 def fixed_candidates(layer):
@@ -67,10 +110,17 @@ def compare_with_reference(layer, batch=3, seq_len=SEQ_LEN, tolerance=1e-9):
     )),
 )
 def test_matches_reference_for_every_option(sampling_type, magnitude_type, softmax_topk_val, convolution_type,
-                                            coordinate_encoding):
+                                            coordinate_encoding, aggregation_path):
     layer = make_layer(sampling_type=sampling_type, magnitude_type=magnitude_type, softmax_topk_val=softmax_topk_val,
                        convolution_type=convolution_type, coordinate_encoding=coordinate_encoding)
     compare_with_reference(layer)
+
+
+@pytest.mark.parametrize("convolution_type", CONVOLUTION_TYPES)
+@pytest.mark.parametrize("sampling_type", ["all", "random"])
+def test_triton_kernels_match_reference(sampling_type, convolution_type, triton_interpreter):
+    # A quick share of the comparisons above, which run on every path when slow tests are included.
+    compare_with_reference(make_layer(sampling_type=sampling_type, convolution_type=convolution_type))
 
 
 @pytest.mark.parametrize("sampling_type", ["all", "random", "spatial"])
@@ -78,14 +128,14 @@ def test_matches_reference_for_every_option(sampling_type, magnitude_type, softm
                          [("Loc", "Col"), ("Loc", "Loc_Col"), ("Loc_Col", "Col"), ("Col", "Loc_Col")])
 @pytest.mark.parametrize("convolution_type", ["standard", "depthwise"])
 def test_similarity_and_aggregation_types_match_reference(sampling_type, similarity_type, aggregation_type,
-                                                          convolution_type):
+                                                          convolution_type, aggregation_path):
     layer = make_layer(sampling_type=sampling_type, similarity_type=similarity_type,
                        aggregation_type=aggregation_type, convolution_type=convolution_type)
     compare_with_reference(layer)
 
 
 @pytest.mark.parametrize("K", [1, 2, 5, SEQ_LEN])
-def test_matches_reference_for_extreme_K(K):
+def test_matches_reference_for_extreme_K(K, aggregation_path):
     compare_with_reference(make_layer(K=K, convolution_type="standard"))
 
 
@@ -138,24 +188,59 @@ def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
     return source, neighbours, weights, kernel, value_weight
 
 
-@pytest.mark.parametrize("wrapper", [neighbour_conv, TracedNeighbourConv.apply], ids=["operator", "traced"])
+@pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_gradcheck_neighbour_conv(wrapper, kernel_shape, projected):
+def test_gradcheck_neighbour_conv(kernel_shape, projected, path, monkeypatch):
+    select_path(path, monkeypatch)
     inputs = neighbour_conv_inputs(kernel_shape, projected)
-    assert torch.autograd.gradcheck(wrapper, inputs)
+    assert torch.autograd.gradcheck(neighbour_conv, inputs)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected):
+def test_neighbour_conv_operator_registration_is_consistent(kernel_shape, projected, path, monkeypatch):
     # Shapes from the fake kernel, schema, autograd registration and AOT tracing, as torch.compile sees them.
-    torch.library.opcheck(torch.ops.convnn.neighbour_conv.default, neighbour_conv_inputs(kernel_shape, projected))
+    select_path(path, monkeypatch)
+    torch.library.opcheck(torch.ops.convnn.neighbour_bags.default, neighbour_conv_inputs(kernel_shape, projected))
+
+
+@pytest.mark.parametrize("standard", [False, True], ids=["depthwise", "standard"])
+def test_triton_kernel_operators_are_registered_consistently(standard, triton_interpreter):
+    torch.manual_seed(0)
+    batch, seq_len, slots, channels = 2, 6, 3, 5
+    neighbours = torch.randint(0, seq_len, (batch, seq_len, slots))
+    weights = torch.randn(batch, seq_len, slots)
+    if standard:
+        table, scale, slot_stride = torch.randn(batch * seq_len, slots * channels), None, channels
+    else:
+        table, scale, slot_stride = torch.randn(batch * seq_len, channels), torch.randn(channels, slots), 0
+    torch.library.opcheck(torch.ops.convnn.slot_gather.default,
+                          (table, neighbours, weights, scale, slot_stride, channels))
+    accumulators = torch.zeros(table.numel() + weights.numel() + (0 if scale is None else scale.numel()))
+    torch.library.opcheck(torch.ops.convnn.slot_gather_backward.default,
+                          (torch.randn(batch, seq_len, channels), table, neighbours, weights, scale, slot_stride,
+                           accumulators))
+
+
+def test_gpus_take_the_triton_kernels_unless_results_must_be_reproducible():
+    on_gpu = types.SimpleNamespace(is_cuda=True)
+    assert not neighbour_conv_module._uses_triton(torch.zeros(1))
+    assert neighbour_conv_module._uses_triton(on_gpu) == (importlib.util.find_spec("triton") is not None)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not neighbour_conv_module._uses_triton(on_gpu)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
-def test_neighbour_conv_flops_are_those_of_the_convolution_it_computes(kernel_shape, projected):
+@pytest.mark.parametrize("path", ["one-chunk", "triton"])
+def test_neighbour_conv_flops_are_those_of_the_convolution_it_computes(kernel_shape, projected, path, monkeypatch):
+    select_path(path, monkeypatch)
     source, neighbours, weights, kernel, value_weight = neighbour_conv_inputs(kernel_shape, projected)
     with FlopCounterMode(display=False) as counted:
         neighbour_conv(source, neighbours, weights, kernel, value_weight)
@@ -181,18 +266,19 @@ def test_compiled_layer_calls_the_aggregation_operator_instead_of_tracing_its_lo
     layer = make_layer().float().train()
     torch.compile(layer, backend=capture, fullgraph=True)(torch.randn(2, SEQ_LEN, WIDTH))
     called = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
-    assert torch.ops.convnn.neighbour_conv.default in called
+    assert torch.ops.convnn.neighbour_bags.default in called
     assert torch.index_select not in called
 
 
+@pytest.mark.parametrize("path", ["one-chunk", pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
-def test_traced_neighbour_conv_compiles_to_the_eager_result(kernel_shape):
-    # The form torch.compile traces on GPUs; Inductor's CPU code runs the same graph here.
+def test_compiled_neighbour_conv_gives_the_eager_result(kernel_shape, path, monkeypatch):
+    select_path(path, monkeypatch)
     torch._dynamo.reset()
     inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
     differentiable = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
     results = []
-    for function in (TracedNeighbourConv.apply, torch.compile(TracedNeighbourConv.apply, fullgraph=True)):
+    for function in (neighbour_conv, torch.compile(neighbour_conv, fullgraph=True)):
         out = function(*inputs)
         results.append((out, torch.autograd.grad(out.square().sum(), differentiable)))
     (eager, eager_grads), (compiled, compiled_grads) = results
@@ -201,7 +287,7 @@ def test_traced_neighbour_conv_compiles_to_the_eager_result(kernel_shape):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_neighbour_conv_handles_repeated_neighbours():
+def test_neighbour_conv_handles_repeated_neighbours(aggregation_path):
     values = torch.arange(6.0, dtype=torch.float64).view(1, 3, 2).requires_grad_()
     neighbours = torch.tensor([[[1, 1], [0, 2], [2, 2]]])
     weights = torch.ones(1, 3, 2, dtype=torch.float64)
@@ -289,7 +375,7 @@ def test_recorded_selection_is_what_the_forward_pass_used():
 
 @pytest.mark.parametrize("convolution_type", ["standard", "depthwise", "depthwise-separable"])
 @pytest.mark.parametrize("aggregation_type", ["Col", "Loc_Col"])
-def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type, aggregation_type):
+def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type, aggregation_type, aggregation_path):
     # Positional selection keeps bfloat16 from flipping near-tied neighbours, so the aggregation's
     # numerics can be compared; feature selection is checked for dtypes and finiteness.
     torch.manual_seed(0)
@@ -308,3 +394,33 @@ def test_autocast_runs_in_one_dtype_and_stays_close_to_float32(convolution_type,
         if similarity_type == "Loc":
             assert (mixed.float() - exact).norm() / exact.norm() < 0.02
             assert (mixed_grad - exact_grad).norm() / exact_grad.norm() < 0.02
+
+
+def test_cpu_aggregation_dispatches_a_fixed_number_of_operations_whatever_K():
+    # Walking the slots one at a time dispatched about 3 operations per slot forward and 7 backward.
+    counts = []
+    for slots in (3, 9):
+        torch.manual_seed(0)
+        source, weights = torch.randn(2, 12, 5), torch.randn(2, 12, slots)
+        neighbours, kernel, value_weight = torch.randint(0, 12, (2, 12, slots)), torch.randn(5, slots), torch.randn(5, 5)
+        with_inputs = (source, neighbours, weights, kernel, value_weight)
+        counts.append(benchmark.dispatched_operations(lambda: (
+            neighbour_conv_module._forward(*with_inputs),
+            neighbour_conv_module._backward_kernel(torch.randn(2, 12, 5), *with_inputs))))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+def test_aggregation_keeps_only_its_inputs_for_backward(kernel_shape, aggregation_path):
+    inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
+    kept = benchmark.saved_bytes(lambda: neighbour_conv(*inputs))
+    assert kept == sum(tensor.untyped_storage().nbytes() for tensor in inputs)
+
+
+def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpreter):
+    # Walking the slots, the aggregation alone dispatched about 90 for K = 9; attention dispatches 16.
+    rows = {row["layer"]: row for row in benchmark.operation_table(torch.device("cpu"))}
+    convnn = rows["ConvNNAttention"]
+    assert convnn["operations"] <= 30
+    assert convnn["by_operator"]["convnn::slot_gather"] == convnn["by_operator"]["convnn::slot_gather_backward"] == 1
+    assert rows["Attention"]["operations"] > 0
