@@ -114,26 +114,57 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def build_transform(dataset: str, resize: int, augment: bool) -> v2.Compose:
-    """Resize (when asked), optional augmentation, then float conversion and normalisation.
+# --auto_augment: torchvision's automatic augmentation policies, applied to the uint8 image after the
+# crop and flip (as DeiT orders them).
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment", "autoaugment")
+# RandAugment's magnitudes are indices into its 31 bins (torchvision's default num_magnitude_bins).
+RANDAUGMENT_BINS = 31
+DEFAULT_AUGMENT_MAGNITUDE = 9
+
+
+def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str = "none",
+                    augment_magnitude: int = DEFAULT_AUGMENT_MAGNITUDE, random_erasing: float = 0.0) -> v2.Compose:
+    """Resize (when asked), optional augmentation, then float conversion and normalisation, and random
+    erasing last, on the normalised tensor (erased pixels are 0, the dataset's mean colour).
     The v2 transforms accept both PIL images (CIFAR, folders) and uint8 tensors (synthetic)."""
     steps = [v2.ToImage()]
-    if resize > 0:
-        steps.append(v2.Resize((resize, resize), antialias=True))
-    if augment:
-        size = image_size(dataset, resize)
-        steps += [v2.RandomCrop(size, padding=AUGMENT_PADDING), v2.RandomHorizontalFlip()]
+    size = image_size(dataset, resize)
+    if augment and dataset == "imagenet":
+        # Photos of every size and framing: a random region of random scale and aspect ratio, resized.
+        steps += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        if resize > 0:
+            steps.append(v2.Resize((resize, resize), antialias=True))
+        if augment:
+            steps += [v2.RandomCrop(size, padding=AUGMENT_PADDING), v2.RandomHorizontalFlip()]
+    if auto_augment != "none":
+        steps.append(auto_augment_transform(dataset, auto_augment, augment_magnitude))
     mean, std = NORMALISATION[dataset]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing))
     return v2.Compose(steps)
 
 
+def auto_augment_transform(dataset: str, policy: str, magnitude: int) -> v2.Transform:
+    """--auto_augment's transform; AutoAugment's learned policy is the dataset's (CIFAR-10's for the 32 px sets)."""
+    if policy == "randaugment":
+        return v2.RandAugment(magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_BINS)
+    if policy == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    if policy == "autoaugment":
+        learned = v2.AutoAugmentPolicy.IMAGENET if dataset == "imagenet" else v2.AutoAugmentPolicy.CIFAR10
+        return v2.AutoAugment(learned)
+    raise ValueError(f"--auto_augment: unknown policy {policy!r}; choose from {', '.join(AUTO_AUGMENTS)}")
+
+
 def load_datasets(
-    dataset: str, data_path: str, resize: int, augment: bool, need_train: bool = True
+    dataset: str, data_path: str, resize: int, augment: bool, need_train: bool = True, *,
+    auto_augment: str = "none", augment_magnitude: int = DEFAULT_AUGMENT_MAGNITUDE, random_erasing: float = 0.0,
 ) -> Tuple[Optional[Dataset], Dataset, int, int]:
     """Returns ``(train_dataset, test_dataset, num_classes, img_size)``; ``train_dataset`` is None
-    when ``need_train`` is False (evaluation only). ``augment`` affects the training split only."""
-    train_transform = build_transform(dataset, resize, augment)
+    when ``need_train`` is False (evaluation only). The augmentations affect the training split only."""
+    train_transform = build_transform(dataset, resize, augment, auto_augment, augment_magnitude, random_erasing)
     test_transform = build_transform(dataset, resize, augment=False)
     if dataset in CIFAR_FILES:
         train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
@@ -375,14 +406,17 @@ class DeviceLoader:
 
     The same steps as the worker path, in the same order and with the same functions, so that the
     numbers agree: resize (uint8, antialiased), with ``augment`` a random crop of the image padded by
-    4 zero pixels and a random horizontal flip, then scaling to [0, 1] and normalisation. Shuffling
+    4 zero pixels and a random horizontal flip, then scaling to [0, 1] and normalisation, and with
+    ``random_erasing`` torchvision's RandomErasing, called once per image so that each image has its own
+    draw (a v2 transform called on a batch tensor draws one rectangle for the whole batch). Shuffling
     and augmentation draw from ``generator`` (on the CPU, a few numbers per batch), which the training
-    loop reseeds every epoch exactly as it does a ``DataLoader``'s.
+    loop reseeds every epoch exactly as it does a ``DataLoader``'s. --auto_augment has no device path
+    (``vit_main`` refuses it there).
     """
 
     def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
                  batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None,
-                 shard: Tuple[int, int] = (0, 1)):
+                 shard: Tuple[int, int] = (0, 1), random_erasing: float = 0.0):
         images, labels = stored_images(data)
         self.rank, self.world_size = shard
         self.dataset = data
@@ -391,6 +425,7 @@ class DeviceLoader:
         self.side = image_size(dataset, resize)
         self.resize = resize > 0
         self.augment = augment
+        self.erasing = v2.RandomErasing(p=random_erasing) if random_erasing > 0 else None
         self.shuffle = shuffle
         self.batch_size = batch_size
         self.device = device
@@ -433,7 +468,10 @@ class DeviceLoader:
             batch = v2.functional.resize(batch, [self.side, self.side], antialias=True)
         if self.augment:
             batch = self._crop_and_flip(batch)
-        return batch.float().mul_(self.scale).sub_(self.shift)
+        batch = batch.float().mul_(self.scale).sub_(self.shift)
+        if self.erasing is not None:
+            batch = self._erase_each(batch)
+        return batch
 
     def _crop_and_flip(self, batch: torch.Tensor) -> torch.Tensor:
         # The offsets and flips are drawn on the CPU, so slicing by them never waits for the device.
@@ -444,6 +482,14 @@ class DeviceLoader:
         crops = torch.stack([padded[i, :, top : top + side, left : left + side] for i, (top, left) in enumerate(offsets)])
         crops[flipped] = crops[flipped].flip(-1)
         return crops
+
+    def _erase_each(self, batch: torch.Tensor) -> torch.Tensor:
+        # RandomErasing draws from torch's global CPU generator; seeded here from the loader's own, the
+        # rectangles follow the epoch's seed like the crops, and the global stream is left as it was.
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([self.erasing(image) for image in batch])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,12 +509,12 @@ def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, bat
     Under torchrun, ``batch_size`` is per process; each rank trains on its share of a shuffle common
     to all ranks and evaluates one contiguous block of the test split.
 
-    ``on_device`` (``dataset``, ``resize``, ``augment``) selects ``dataset.DeviceLoader``: the images
-    stay on ``device`` and are transformed there, a batch at a time."""
+    ``on_device`` (``dataset``, ``resize``, ``augment``, ``random_erasing``) selects ``dataset.DeviceLoader``:
+    the images stay on ``device`` and are transformed there, a batch at a time."""
     if on_device is not None:
         shard = (distributed.rank(), distributed.world_size())
-        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False), shuffle=False,
-                                   batch_size=batch_size, device=device, shard=shard)
+        test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False, random_erasing=0.0),
+                                   shuffle=False, batch_size=batch_size, device=device, shard=shard)
         if train_dataset is None:
             return None, test_loader
         train_loader = DeviceLoader(train_dataset, **on_device, shuffle=True, batch_size=batch_size, device=device,

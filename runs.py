@@ -413,11 +413,14 @@ def _load_data(args: argparse.Namespace, need_train: bool):
 
 
 def data_config(args: argparse.Namespace) -> Dict:
-    return dict(dataset=args.dataset, data_path=args.data_path, resize=args.resize, augment=args.augment)
+    return dict(dataset=args.dataset, data_path=args.data_path, resize=args.resize, augment=args.augment,
+                auto_augment=args.auto_augment, augment_magnitude=args.augment_magnitude,
+                random_erasing=args.random_erasing)
 
 
 def loader_config(args: argparse.Namespace, device: torch.device) -> Dict:
     on_device = None
     if args.data_loader == "device":
-        on_device = dict(dataset=args.dataset, resize=args.resize, augment=args.augment)
+        on_device = dict(dataset=args.dataset, resize=args.resize, augment=args.augment,
+                         random_erasing=args.random_erasing)
     return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, on_device=on_device)

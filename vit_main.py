@@ -84,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="cifar10", choices=list(dataset.DATASETS), help="dataset")
     data.add_argument("--data_path", default="./Data", help="dataset directory")
     data.add_argument("--resize", type=int, default=224, help="resize images to N x N; 0 keeps the native size")
-    data.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
+    data.add_argument("--augment", action="store_true",
+                      help="random crop (padding 4) and horizontal flip; imagenet: random resized crop and flip")
+    data.add_argument("--auto_augment", default="none", choices=list(dataset.AUTO_AUGMENTS),
+                      help="automatic augmentation policy of the training images (autoaugment: the dataset's policy)")
+    data.add_argument("--augment_magnitude", type=int, default=dataset.DEFAULT_AUGMENT_MAGNITUDE,
+                      help=f"RandAugment's magnitude, 0 to {dataset.RANDAUGMENT_BINS - 1}")
+    data.add_argument("--random_erasing", type=float, default=0.0,
+                      help="probability of erasing a random rectangle of a normalised training image")
     data.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
     data.add_argument("--data_loader", default="workers", choices=["workers", "device"],
                       help="workers: torchvision loader in worker processes; device: images held on --device "
@@ -152,6 +159,7 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     if args.data_loader == "device" and args.dataset not in dataset.IN_MEMORY_DATASETS:
         problems.append(f"--data_loader: device loading holds the images in memory, which {args.dataset} does "
                         f"not fit; use it with {', '.join(dataset.IN_MEMORY_DATASETS)} or use --data_loader workers")
+    problems += _augmentation_problems(args)
     problems += _mode_problems(args)
     device_problem = utils.device_problem(args.device)
     if device_problem:
@@ -172,6 +180,25 @@ def _number_problems(args: argparse.Namespace) -> List[str]:
             problems.append(f"--{name}: {value} does not fit a 64-bit integer; must be {bound}")
     if not 0 <= args.seed <= utils.SEED_MAX:
         problems.append(f"--seed: must be between 0 and {utils.SEED_MAX} (the seeds numpy takes), got {args.seed}")
+    return problems
+
+
+def _augmentation_problems(args: argparse.Namespace) -> List[str]:
+    problems = []
+    highest_magnitude = dataset.RANDAUGMENT_BINS - 1
+    if not 0 <= args.augment_magnitude <= highest_magnitude:
+        problems.append(f"--augment_magnitude: must be between 0 and {highest_magnitude} (RandAugment's "
+                        f"{dataset.RANDAUGMENT_BINS} magnitude bins), got {args.augment_magnitude}")
+    elif args.augment_magnitude != dataset.DEFAULT_AUGMENT_MAGNITUDE and args.auto_augment != "randaugment":
+        problems.append("--augment_magnitude: only --auto_augment randaugment takes a magnitude (trivialaugment "
+                        "draws its own, autoaugment's policy fixes them); leave it out or use randaugment")
+    if not 0 <= args.random_erasing <= 1:
+        problems.append(f"--random_erasing: is a probability, must be between 0 and 1, got {args.random_erasing}")
+    if args.data_loader == "device" and args.auto_augment != "none":
+        # The device path transforms whole batches, and a v2 policy called on a batch draws one set of
+        # operations for every image in it; a call per image would be a Python loop of small device operations.
+        problems.append(f"--auto_augment: {args.auto_augment} has no per-image device path; use --data_loader "
+                        "workers")
     return problems
 
 
