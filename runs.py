@@ -37,7 +37,7 @@ MODEL_FLAGS = ("layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_
 # What a checkpoint's weights mean: --test_only takes these from the checkpoint and refuses other values.
 EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
 # Flags of one invocation rather than settings of a run: never taken from a checkpoint.
-INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "resume", "overwrite")
+INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "resume", "overwrite", "config")
 # Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
 # Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
 RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")

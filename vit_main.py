@@ -59,8 +59,8 @@ def _add_layer_options(parser_group, names: List[str]) -> None:
                                       choices=option.choices, help=option.help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(
         description="Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -131,7 +131,102 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
     output.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output_dir (otherwise such a directory is refused)")
+    output.add_argument("--config", default=None, metavar="FILE",
+                        help="read flags from FILE, 'name: value' lines as in a run's args.txt; flags on the "
+                             "command line win")
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files (--config)
+# ---------------------------------------------------------------------------------------------
+
+# Keys of a config file that act on one command rather than set up a run: a run's args.txt holds them
+# (--overwrite, --resume auto), and applying them again would replace or continue a run unasked.
+CONFIG_IGNORED_KEYS = ("test_only", "checkpoint", "resume", "overwrite", "config")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is one line naming --config, the file and the line."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Raises instead of exiting, so that a config file's bad value is reported with its file and line."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def parse_arguments(parser: argparse.ArgumentParser,
+                    argv: Optional[List[str]]) -> Tuple[argparse.Namespace, Set[str], Dict[str, str]]:
+    """The flags; the names of those set on the command line or in the --config file; and for each value
+    that comes from the file, its place there ("FILE line N"). A config file's values take the place of the
+    parser's defaults, so that the command line overrides them."""
+    args = parser.parse_args(argv)
+    given = given_flags(argv)
+    if args.config is None:
+        return args, given, {}
+    try:
+        values, lines = read_config(args.config)
+    except ConfigError as error:
+        parser.error(str(error))
+    parser.set_defaults(**values)
+    places = {name: f"{args.config} line {lines[name]}" for name in values if name not in given}
+    return parser.parse_args(argv), given | set(values), places
+
+
+def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int]]:
+    """The values of a config file, and the line of each: ``name: value`` lines (a run's args.txt is one), ``#`` comment lines and
+    blank lines. Each value is read by the parser, with the command line's types, choices and checks;
+    ``None`` is accepted where it is the default. CONFIG_IGNORED_KEYS are skipped, with a warning when set."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a UTF-8 text file"
+        raise ConfigError(f"--config: cannot read {path} ({reason}); give a file of 'name: value' lines") from error
+    value_parser = build_parser(_RaisingParser)
+    defaults = vars(value_parser.parse_args([]))
+    values, first_line = {}, {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        place = f"--config: {path} line {number}"
+        name, colon, value = (part.strip() for part in text.partition(":"))
+        if not colon or not name:
+            raise ConfigError(f"{place}: expected 'name: value', got {text!r}")
+        if name not in defaults:
+            raise ConfigError(f"{place}: unknown flag {name!r} (python vit_main.py --help lists the flags, "
+                              "written here without their --)")
+        if name in first_line:
+            raise ConfigError(f"{place}: {name} is set twice (first on line {first_line[name]}); keep one")
+        first_line[name] = number
+        if name in CONFIG_IGNORED_KEYS:
+            _warn_ignored(place, name, value, defaults[name])
+            continue
+        values[name] = _config_value(value_parser, name, value, defaults[name], place)
+    return values, first_line
+
+
+def _config_value(value_parser: argparse.ArgumentParser, name: str, value: str, default, place: str):
+    if value == "None" and default is None:
+        return None
+    if isinstance(default, bool):  # switches and True/False flags alike
+        try:
+            return str2bool(value)
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"{place}: argument --{name}: {error}") from error
+    try:
+        return getattr(value_parser.parse_args([f"--{name}={value}"]), name)
+    except ConfigError as error:
+        raise ConfigError(f"{place}: {error}") from error
+
+
+def _warn_ignored(place: str, name: str, value: str, default) -> None:
+    if value != str(default):
+        print(f"warning: {place}: {name}: {value} is not applied; --{name} acts on one command: give it on "
+              "the command line", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,9 +390,9 @@ def trainer_config(args: argparse.Namespace) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, given, config_places = parse_arguments(parser, argv)
     try:
-        dispatch(args, argv)
+        dispatch(args, given, config_places)
     except UsageError as error:
         parser.error(str(error))
     except runs.RunEnded as end:
@@ -305,9 +400,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(end.exit_code)
 
 
-def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
+def dispatch(args: argparse.Namespace, given: Set[str], config_places: Optional[Dict[str, str]] = None) -> None:
     """Checks what can be checked before the data is read, builds the model, and starts the run: the
-    evaluation of a checkpoint with --test_only, training otherwise."""
+    evaluation of a checkpoint with --test_only, training otherwise. ``given``: the flags set on the command
+    line or in the --config file, which a checkpoint's stored values do not replace; ``config_places``: where
+    in the --config file each value it set is, named in the error when that value is refused."""
     # Stored absolute: a resume or evaluation started from another directory must read the same data, not
     # whatever the relative path names there.
     args.data_path = os.path.abspath(args.data_path)
@@ -316,12 +413,12 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
         raise UsageError(mode_problems[0])
     resumed, evaluated = None, None
     if args.test_only:
-        args, evaluated = runs.evaluation_settings(args, given_flags(argv))
+        args, evaluated = runs.evaluation_settings(args, given)
     elif resume_path(args):
-        args, resumed = runs.resume_settings(args, given_flags(argv), resume_path(args))
+        args, resumed = runs.resume_settings(args, given, resume_path(args))
     problems = argument_problems(args)
     if problems:
-        raise UsageError(problems[0])
+        raise UsageError(_with_config_place(problems[0], config_places or {}))
     directory_problem = run_files.directory_problem(args.output_dir)
     if directory_problem and args.test_only:
         raise UsageError(f"--output_dir: {directory_problem}; --test_only writes test_results.txt there: give a "
@@ -355,6 +452,11 @@ def dispatch(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
         runs.evaluate(args, trainer_options, evaluated)
     else:
         runs.train(args, trainer_options, img_size, resumed)
+
+
+def _with_config_place(problem: str, config_places: Dict[str, str]) -> str:
+    flag = problem.split(":", 1)[0].lstrip("-")
+    return f"{problem} (set in --config {config_places[flag]})" if flag in config_places else problem
 
 
 if __name__ == "__main__":

@@ -23,15 +23,15 @@ DEFAULTS = {
     "sample_padding": 0, "magnitude_type": "matmul", "coordinate_encoding": False,
     "similarity_type": "Col", "aggregation_type": "Col",
     "kernel_size": 9, "branch_ratio": 0.5, "sparse_mode": "all", "sparse_context_window": 128, "local_window": 128,
-    "dataset": "cifar10", "data_path": "./Data", "resize": 224, "augment": False, "num_workers": 4,
-    "data_loader": "workers",
+    "dataset": "cifar10", "data_path": "./Data", "resize": 224, "augment": False, "auto_augment": "none",
+    "augment_magnitude": 9, "random_erasing": 0.0, "num_workers": 4, "data_loader": "workers",
     "batch_size": 256, "num_epochs": 150, "use_amp": False, "use_compiled": False, "compile_mode": "default",
     "clip_grad_norm": 1.0,
     "criterion": "CrossEntropy", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-6, "momentum": 0.9,
     "scheduler": "none", "lr_step": 20, "lr_gamma": 0.1,
     "device": "cuda", "seed": 0,
     "output_dir": "./Output/VGG/ConvNN", "test_only": False, "checkpoint": None, "resume": None,
-    "overwrite": False,
+    "overwrite": False, "config": None,
 }
 
 CHOICES = {
@@ -44,6 +44,7 @@ CHOICES = {
     "aggregation_type": ["Col", "Loc_Col"],
     "sparse_mode": ["all", "local", "strided"],
     "dataset": ["cifar10", "cifar100", "imagenet", "synthetic"],
+    "auto_augment": ["none", "randaugment", "trivialaugment", "autoaugment"],
     "compile_mode": ["default", "reduce-overhead", "reduce-memory", "max-autotune"],
     "criterion": ["CrossEntropy", "MSE"],
     "optimizer": ["adam", "sgd", "adamw"],
