@@ -1,6 +1,8 @@
 """--config: files of 'name: value' lines (a run's args.txt is one), their precedence under the command
 line, their refusals, and their part in resuming."""
 
+import pathlib
+
 import pytest
 
 import vit_main
@@ -114,3 +116,28 @@ def test_a_resume_refuses_config_values_that_differ_from_the_checkpoint(tiny_arg
     vit_main.main(["--config", str(run / "args.txt"), "--resume", "auto", "--num_epochs", "2"])
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2"]
     assert not (run / "args_changes.txt").read_text().count("lr")
+
+
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.txt"))
+
+
+def test_configs_folder_holds_the_paper_setting():
+    assert "vit_tiny_cifar10_paper.txt" in [path.name for path in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_shipped_config_parses_and_passes_the_checks(path, capsys):
+    args, given = parsed("--config", path, "--device", "cpu")
+    assert vit_main.argument_problems(args) == []
+    assert "warning" not in capsys.readouterr().err
+    assert path.read_text().startswith("#"), "a config says where its values come from in its header"
+    assert {"layer", "num_layers", "d_hidden", "lr", "num_epochs"} <= given
+
+
+def test_the_paper_config_is_the_reference_codes_vit_tiny():
+    args, _ = parsed("--config", CONFIGS[0].parent / "vit_tiny_cifar10_paper.txt")
+    model = (args.layer, args.num_layers, args.num_heads, args.d_hidden, args.d_mlp, args.patch_size, args.resize)
+    assert model == ("Attention", 12, 3, 192, 768, 16, 224)
+    assert (args.optimizer, args.lr, args.weight_decay, args.scheduler) == ("adamw", 5e-4, 5e-2, "cosine")
+    assert (args.dataset, args.num_epochs, args.batch_size, args.augment) == ("cifar10", 150, 256, False)
