@@ -176,9 +176,10 @@ def parse_arguments(parser: argparse.ArgumentParser,
 
 
 def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int]]:
-    """The values of a config file, and the line of each: ``name: value`` lines (a run's args.txt is one), ``#`` comment lines and
-    blank lines. Each value is read by the parser, with the command line's types, choices and checks;
-    ``None`` is accepted where it is the default. CONFIG_IGNORED_KEYS are skipped, with a warning when set."""
+    """The values of a config file, and the line of each. The file holds ``name: value`` lines (a run's
+    args.txt is one), ``#`` comment lines and blank lines. Each value is read by the parser, with the command
+    line's types, choices and checks; ``None`` is accepted where it is the default. CONFIG_IGNORED_KEYS are
+    skipped, with a warning when set."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -224,9 +225,13 @@ def _config_value(value_parser: argparse.ArgumentParser, name: str, value: str, 
 
 
 def _warn_ignored(place: str, name: str, value: str, default) -> None:
-    if value != str(default):
-        print(f"warning: {place}: {name}: {value} is not applied; --{name} acts on one command: give it on "
-              "the command line", file=sys.stderr)
+    if value == str(default):
+        return
+    if name == "config":  # an args.txt names the file its run read, whose values are its other lines
+        reason = "a config file does not read another; copy the lines you need"
+    else:
+        reason = f"--{name} acts on one command: give it on the command line"
+    print(f"warning: {place}: {name}: {value} is not applied; {reason}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

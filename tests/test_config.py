@@ -95,13 +95,15 @@ def test_keys_of_one_command_are_not_applied_from_a_file(tiny_argv, tmp_path, ca
 
 
 def test_ignored_keys_with_a_value_are_warned_about(tmp_path, capsys):
-    config = write(tmp_path / "c.txt", "overwrite: True\nresume: auto\ntest_only: False\n")
+    config = write(tmp_path / "c.txt", "overwrite: True\nresume: auto\ntest_only: False\nconfig: base.txt\n")
     parsed("--config", config)
     warnings = capsys.readouterr().err.splitlines()
     assert warnings == [f"warning: --config: {config} line 1: overwrite: True is not applied; --overwrite acts on "
                         "one command: give it on the command line",
                         f"warning: --config: {config} line 2: resume: auto is not applied; --resume acts on one "
-                        "command: give it on the command line"]
+                        "command: give it on the command line",
+                        f"warning: --config: {config} line 4: config: base.txt is not applied; a config file does "
+                        "not read another; copy the lines you need"]
 
 
 @pytest.mark.slow
@@ -116,6 +118,10 @@ def test_a_resume_refuses_config_values_that_differ_from_the_checkpoint(tiny_arg
     vit_main.main(["--config", str(run / "args.txt"), "--resume", "auto", "--num_epochs", "2"])
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2"]
     assert not (run / "args_changes.txt").read_text().count("lr")
+    # --test_only takes the model from the checkpoint and refuses a config's other model, as a typed flag.
+    wider = write(tmp_path / "wider.txt", "d_hidden: 64\n")
+    expect_one_line_error(capsys, ["--config", wider, "--output_dir", run, "--test_only"], 2,
+                          f"--d_hidden: {run / 'best.pt'} was trained with --d_hidden 32, not 64")
 
 
 
