@@ -316,7 +316,7 @@ class Trainer:
                                warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch)
         # Training optimises the smoothed loss of the (mixed) targets; evaluation reports the plain loss, so
         # that test losses compare across recipes.
-        self.loss_of = per_sample_loss(criterion, num_classes, label_smoothing)
+        self.loss_of = per_sample_loss(criterion, num_classes, label_smoothing=label_smoothing)
         self.evaluation_loss_of = per_sample_loss(criterion, num_classes)
         self.mixing = batch_mixing(mixup, cutmix, num_classes)
         self._mixing_rng_state: Optional[torch.Tensor] = None
