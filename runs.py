@@ -278,6 +278,9 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
     # Signals are caught from the lock on, not only in the epoch loop: a SIGTERM during the set-up still
     # ends with the message and exit code (at the first step), a second one at once.
     stop_signals = train_eval.StopSignals()
+    # Every rank has checked the output directory (vit_main.earlier_run_problem) before rank 0 locks it;
+    # otherwise a slower rank would find the directory in use by rank 0.
+    distributed.wait_for_all_processes()
     with faults_explained(outputs):
         # Under torchrun rank 0 writes every file, so it alone holds the directory's lock.
         claim = output_directory_claimed(args.output_dir) if distributed.is_main_process() else (
