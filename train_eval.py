@@ -566,8 +566,8 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
         outputs.finish(history)
-        _report(run_files.average_time_line(history), trainer.show_progress)
-        _report(run_files.best_accuracy_line(history), trainer.show_progress)
+        for line in run_files.summary_lines(history):
+            _report(line, trainer.show_progress)
     return history
 
 

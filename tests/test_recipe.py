@@ -350,20 +350,18 @@ def test_a_default_run_writes_the_seed_columns_and_no_recipe_state(tiny_argv, tm
     assert "warmup_epochs: 0.0" in (tmp_path / "args.txt").read_text()
 
 
-@pytest.fixture
-def ema_run(tiny_argv, tmp_path):
-    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--ema_decay", "0.9"))
-    return tmp_path
-
-
 @pytest.mark.slow
-def test_an_ema_run_logs_both_weight_sets_and_checkpoints_both(ema_run, tiny_argv, capsys):
+def test_an_ema_run_logs_both_weight_sets_and_checkpoints_both(tiny_argv, tmp_path, capsys):
+    ema_run = tmp_path
+    vit_main.main(tiny_argv(ema_run, "--num_epochs", "2", "--ema_decay", "0.9"))
+    console = capsys.readouterr().out
     rows = read_metrics(ema_run)
     assert list(rows[0]) == run_files.METRIC_COLUMNS + ["ema_test_loss", "ema_test_top1", "ema_test_top5"]
     lines = results_lines(ema_run)
     assert all("| [EMA Test] Loss: " in line for line in lines[:2])
     assert lines[2].startswith("Average Epoch Time") and lines[3].startswith("Max Accuracy")
     assert lines[4].startswith("Max EMA Accuracy: ")
+    assert console.count("| [EMA Test] Loss: ") == 2 and lines[4] in console
     last = checkpoints.load_checkpoint(ema_run / "last.pt")
     best = checkpoints.load_checkpoint(ema_run / "best.pt")
     assert "ema" in last and "ema" in best
