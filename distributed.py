@@ -88,6 +88,12 @@ def decorrelate_ranks(seed: int, start_epoch: int) -> None:
         utils.seed_everything((seed + 1_000_003 * rank() + start_epoch) % (utils.SEED_MAX + 1))
 
 
+def wait_for_all_processes() -> None:
+    """Returns once every rank has reached this call (at once outside a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The model as a DistributedDataParallel replica when in a process group, else unchanged.
     DDP averages the gradients over the ranks after each backward pass."""

@@ -12,7 +12,7 @@ import io
 import os
 import stat
 import tempfile
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -329,6 +329,8 @@ METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_top1", "train_top5",
     "test_loss", "test_top1", "test_top5", "epoch_seconds", "images_per_second",
 ]
+# Appended after METRIC_COLUMNS only when --ema_decay is on: the test split with the EMA weights.
+EMA_COLUMNS = ["ema_test_loss", "ema_test_top1", "ema_test_top5"]
 
 
 def epoch_line(record: Dict) -> str:
@@ -338,7 +340,14 @@ def epoch_line(record: Dict) -> str:
         f"Top5: {record['train_top5']:.4f}% | "
         f"[Test] Loss: {record['test_loss']:.8f} Accuracy: Top1: {record['test_top1']:.4f}%, "
         f"Top5: {record['test_top5']:.4f}%"
-    )
+    ) + _ema_part(record)
+
+
+def _ema_part(record: Dict) -> str:
+    if "ema_test_loss" not in record:
+        return ""
+    return (f" | [EMA Test] Loss: {record['ema_test_loss']:.8f} Accuracy: Top1: {record['ema_test_top1']:.4f}%, "
+            f"Top5: {record['ema_test_top5']:.4f}%")
 
 
 def average_time_line(history: List[Dict]) -> str:
@@ -356,8 +365,16 @@ def best_record(history: List[Dict]) -> Dict:
     return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
 
 
+def best_ema_accuracy_line(history: List[Dict]) -> str:
+    best = max(history, key=lambda record: (record["ema_test_top1"], -record["epoch"]))
+    return f"Max EMA Accuracy: {best['ema_test_top1']:.4f}% at epoch {best['epoch']}"
+
+
 def summary_lines(history: List[Dict]) -> List[str]:
-    return [average_time_line(history), best_accuracy_line(history)]
+    lines = [average_time_line(history), best_accuracy_line(history)]
+    if "ema_test_top1" in history[-1]:
+        lines.append(best_ema_accuracy_line(history))
+    return lines
 
 
 def results_text(history: List[Dict]) -> str:
@@ -382,8 +399,10 @@ class RunOutputs:
     one line per epoch as it ends.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, extra_columns: Sequence[str] = ()):
         self.output_dir = output_dir
+        # metrics.csv: the seed's columns, then those of the options that are on (EMA_COLUMNS).
+        self.metric_columns = METRIC_COLUMNS + list(extra_columns)
         self.results_path = self.path("train_eval_results.txt")
         self.metrics_path = self.path("metrics.csv")
 
@@ -426,14 +445,14 @@ class RunOutputs:
         of epochs after a resumed checkpoint, and the summary lines of a finished run, go away."""
         atomic_write_text(self.results_path, results_text(history))
         table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(table, fieldnames=self.metric_columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(self.metrics_path, table.getvalue())
 
     def log_epoch(self, record: Dict, history: List[Dict]) -> None:
         append_line(self.results_path, epoch_line(record))
-        append_line(self.metrics_path, ",".join(repr(record[column]) for column in METRIC_COLUMNS))
+        append_line(self.metrics_path, ",".join(repr(record[column]) for column in self.metric_columns))
         write_curves(self.path("curves.png"), history)
 
     def finish(self, history: List[Dict]) -> None:
@@ -465,6 +484,9 @@ def write_curves(path: str, history: List[Dict]) -> None:
     for split in ("train", "test"):
         loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         accuracy_axes.plot(epochs, [r[f"{split}_top1"] for r in history], marker="o", label=split)
+    if "ema_test_loss" in history[-1]:
+        loss_axes.plot(epochs, [r["ema_test_loss"] for r in history], marker="o", label="test (EMA)")
+        accuracy_axes.plot(epochs, [r["ema_test_top1"] for r in history], marker="o", label="test (EMA)")
     loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
     accuracy_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Top-1 accuracy")
     for axes in (loss_axes, accuracy_axes):

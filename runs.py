@@ -33,11 +33,11 @@ FRESH_MODEL = "none"
 # The flags that build the model: ViT's own keywords and every layer option (of any layer: a checkpoint's
 # args hold them all, and one that the layer ignores is still refused when changed, which costs nothing).
 MODEL_FLAGS = ("layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp", "dropout",
-               "attention_dropout", *LAYER_OPTIONS)
+               "attention_dropout", "drop_path", *LAYER_OPTIONS)
 # What a checkpoint's weights mean: --test_only takes these from the checkpoint and refuses other values.
 EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
 # Flags of one invocation rather than settings of a run: never taken from a checkpoint.
-INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "resume", "overwrite", "config")
+INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "test_weights", "resume", "overwrite", "config")
 # Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
 # Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
 RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
@@ -129,6 +129,10 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
     if merged.num_epochs < epoch or nothing_to_train:
         raise UsageError(f"--num_epochs: {path} has trained {epoch} epochs already; give more than {epoch} "
                          "to train it further")
+    if "num_epochs" in values and getattr(merged, "warmup_epochs", 0) > 0 and merged.scheduler == "cosine":
+        # The cosine after a warmup anneals over the steps planned at the start; it is not refitted.
+        raise UsageError(f"--num_epochs: {path} anneals a cosine after its warmup over {values['num_epochs'][0]} "
+                         "epochs, which cannot change on a resume; leave --num_epochs out or start a new run")
     args_changes = list(checkpoint.get("args_changes", []))
     if values:
         now = datetime.datetime.now().isoformat(timespec="seconds")
@@ -177,6 +181,22 @@ def evaluation_settings(args: argparse.Namespace,
     _refuse_other_values(args, given, stored, EVALUATED_FLAGS, path,
                          lambda flag: f"leave {flag} out to evaluate it as trained")
     return _with_stored_values(args, given, stored), (path, checkpoint)
+
+
+def check_evaluated_weights(args: argparse.Namespace, evaluated: Optional[Tuple[str, Dict]]) -> None:
+    """--test_weights ema needs a checkpoint of a run trained with --ema_decay."""
+    if args.test_weights != "ema":
+        return
+    if evaluated is None or "ema" not in evaluated[1]:
+        source = evaluated[0] if evaluated else f"--checkpoint {FRESH_MODEL}"
+        raise UsageError(f"--test_weights: {source} holds no EMA weights (its run had no --ema_decay); "
+                         "evaluate its weights with --test_weights model")
+
+
+def ema_weights(checkpoint: Dict) -> Dict:
+    """The model state dict of the EMA weights a checkpoint holds (AveragedModel keeps them under ``module.``)."""
+    prefix = "module."
+    return {name[len(prefix):]: value for name, value in checkpoint["ema"].items() if name.startswith(prefix)}
 
 
 def evaluated_checkpoint_path(args: argparse.Namespace) -> Optional[str]:
@@ -249,7 +269,7 @@ def check_weights_fit(flag: str, path: str, checkpoint: Dict, model: torch.nn.Mo
 def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resumed: Optional[Resumed]) -> None:
     """Trains the run of --output_dir: afresh, or continuing ``resumed``. ``trainer_options`` are the
     keyword arguments of the Trainer that the command line settles (model, device, optimiser, ...)."""
-    outputs = run_files.RunOutputs(args.output_dir)
+    outputs = run_files.RunOutputs(args.output_dir, run_files.EMA_COLUMNS if args.ema_decay > 0 else ())
     if resumed and _is_finished(args, resumed, outputs):
         distributed.print_main(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise "
                                "--num_epochs to train it further")
@@ -258,13 +278,15 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
     # Signals are caught from the lock on, not only in the epoch loop: a SIGTERM during the set-up still
     # ends with the message and exit code (at the first step), a second one at once.
     stop_signals = train_eval.StopSignals()
-    trainer = _trainer(trainer_options, stop_signals)
+    # Every rank has checked the output directory (vit_main.earlier_run_problem) before rank 0 locks it;
+    # otherwise a slower rank would find the directory in use by rank 0.
+    distributed.wait_for_all_processes()
     with faults_explained(outputs):
         # Under torchrun rank 0 writes every file, so it alone holds the directory's lock.
         claim = output_directory_claimed(args.output_dir) if distributed.is_main_process() else (
             contextlib.nullcontext())
         with claim, stop_signals:
-            _train(args, trainer, outputs, img_size, resumed)
+            _train(args, trainer_options, stop_signals, outputs, img_size, resumed)
 
 
 def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optional[Tuple[str, Dict]]) -> None:
@@ -293,8 +315,14 @@ def _trainer(options: Dict, stop_signals: Optional[train_eval.StopSignals] = Non
                               show_progress=train_eval.show_progress_bars() and distributed.is_main_process())
 
 
-def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_files.RunOutputs, img_size: int,
-           resumed: Optional[Resumed]) -> None:
+def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_eval.StopSignals,
+           outputs: run_files.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
+    # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
+    # after it, as a warmup's schedule counts the batches of an epoch.
+    train_data, test_data, _, _ = _load_data(args, need_train=True)
+    train_loader, test_loader = dataset.make_loaders(train_data, test_data,
+                                                     **loader_config(args, trainer_options["device"]))
+    trainer = _trainer({**trainer_options, "steps_per_epoch": len(train_loader)}, stop_signals)
     start_epoch, history, rng_state = 0, [], None
     record, args_changes = vars(args), []
     if resumed:
@@ -309,8 +337,6 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
         record, args_changes = resumed.record, resumed.args_changes
         distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
 
-    # The data first: when it cannot be had, the output directory is left as it was.
-    train_data, test_data, _, _ = _load_data(args, need_train=True)
     if distributed.is_main_process():
         if args.overwrite:
             run_files.remove_earlier_run(args.output_dir)
@@ -318,7 +344,6 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
         outputs.write_args_changes(args_changes)
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
-    train_loader, test_loader = dataset.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
                            f"{args.device}; {args.dataset}: {len(train_data)} training and {len(test_data)} test "
                            f"images of {img_size}x{img_size}", flush=True)
@@ -334,7 +359,8 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
 def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_files.RunOutputs,
               evaluated: Optional[Tuple[str, Dict]]) -> None:
     if evaluated:
-        checkpoint, weights = evaluated[0], checkpoints.model_weights(evaluated[1])
+        checkpoint = evaluated[0]
+        weights = ema_weights(evaluated[1]) if args.test_weights == "ema" else checkpoints.model_weights(evaluated[1])
         try:
             trainer.model.load_state_dict(weights)
         except checkpoints.CHECKPOINT_ERRORS as error:
@@ -345,6 +371,8 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
     _, test_data, _, _ = _load_data(args, need_train=False)
     _, test_loader = dataset.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader)
+    if args.test_weights == "ema":
+        checkpoint += " (EMA weights)"
     distributed.print_main(f"Checkpoint: {checkpoint}")
     distributed.print_main(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 import checkpoints
@@ -25,8 +27,9 @@ import utils
 from dataset import seed_epoch
 
 # Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
-# CPUs run bfloat16 (float16 matrix products are slow or missing there).
+# CPUs run bfloat16 (float16 matrix products are slow or missing there). On CUDA, --amp_dtype chooses.
 AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16, "mps": torch.float16}
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Steps between reads of the on-device non-finite-loss flag. Each read waits for the GPU, so reading it
 # every step would stall the pipeline; the flag also records the first bad step, so the message stays exact.
@@ -56,14 +59,19 @@ SCHEDULERS = {
 }
 
 
-def _cross_entropy(logits, targets, num_classes):
-    return F.cross_entropy(logits, targets, reduction="none")
+# Targets are class indices, or class probabilities (rows summing to 1) when --mixup or --cutmix mixed the batch.
 
 
-def _mean_squared_error(logits, targets, num_classes):
-    # Logits against one-hot targets; averaging over classes makes the batch mean equal nn.MSELoss.
-    one_hot = F.one_hot(targets, num_classes).to(logits.dtype)
-    return (logits - one_hot).pow(2).mean(dim=1)
+def _cross_entropy(logits, targets, num_classes, label_smoothing):
+    return F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+
+
+def _mean_squared_error(logits, targets, num_classes, label_smoothing):
+    # Logits against one-hot (or mixed) targets; averaging over classes makes the batch mean equal nn.MSELoss.
+    # --label_smoothing is refused with MSE (vit_main), so label_smoothing is always 0 here.
+    expected = targets.to(logits.dtype) if targets.is_floating_point() else F.one_hot(targets, num_classes).to(
+        logits.dtype)
+    return (logits - expected).pow(2).mean(dim=1)
 
 
 LOSSES = {"CrossEntropy": _cross_entropy, "MSE": _mean_squared_error}
@@ -85,14 +93,66 @@ def build_scheduler(optimizer, *, scheduler: str, lr_step: int, lr_gamma: float,
                                                        num_epochs=num_epochs)
 
 
+def warmup_steps_of(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Optimiser steps of a warmup of ``warmup_epochs`` epochs (at least one when it is on)."""
+    return max(1, round(warmup_epochs * steps_per_epoch)) if warmup_epochs > 0 else 0
+
+
+def build_warmup_scheduler(optimizer, *, scheduler: str, warmup_steps: int, steps_per_epoch: int, lr_step: int,
+                           lr_gamma: float, num_epochs: int):
+    """A scheduler stepped after every optimiser step: a linear warmup whose step ``t`` (from 0) runs at
+    ``lr * (t + 1) / (warmup_steps + 1)``, then ``scheduler`` counted in steps from the warmup's end:
+    ``step`` decays every ``lr_step`` epochs' worth of steps, ``cosine`` anneals to 0 over the remaining
+    steps, ``none`` and ``plateau`` keep ``lr`` (plateau's own decays stay per epoch, see Trainer)."""
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup_steps + 1), end_factor=1.0,
+                                   total_iters=warmup_steps)
+    if scheduler == "step":
+        after = lr_scheduler.StepLR(optimizer, step_size=lr_step * steps_per_epoch, gamma=lr_gamma)
+    elif scheduler == "cosine":
+        after = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, num_epochs * steps_per_epoch - warmup_steps))
+    else:
+        return warmup
+    return lr_scheduler.SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """The model's parameters in two groups: those weight decay shrinks, and those it leaves alone (biases,
+    the weights of normalisation layers, and the names ``model.no_weight_decay()`` gives), at decay 0."""
+    exempt = set(getattr(model, "no_weight_decay", set)())
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    for module_name, module in model.named_modules():
+        if isinstance(module, norms):
+            exempt.update(f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters())
+    decayed, kept = [], []
+    for name, parameter in model.named_parameters():
+        (kept if name in exempt or name.endswith("bias") else decayed).append(parameter)
+    return [{"params": decayed}, {"params": kept, "weight_decay": 0.0}]
+
+
+def batch_mixing(mixup: float, cutmix: float, num_classes: int):
+    """torchvision's MixUp and/or CutMix of a batch (one of them drawn per batch when both are on), or None."""
+    mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def mixing_seed(seed: int, epoch: int) -> int:
+    """Seed of the batch-mixing draws of an epoch: the loader's epoch seed (dataset.seed_epoch) moved to
+    another stream, so that mixing never shares numbers with the shuffling."""
+    return 2**63 + seed * 100_003 + epoch
+
+
 def cosine_rate(base_lr: float, epoch: int, num_epochs: int, eta_min: float = 0.0) -> float:
     """Rate of ``CosineAnnealingLR(T_max=num_epochs)`` after ``epoch`` steps, in closed form."""
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / num_epochs)) / 2
 
 
-def per_sample_loss(criterion: str, num_classes: int):
+def per_sample_loss(criterion: str, num_classes: int, label_smoothing: float = 0.0):
     """A function ``(logits, targets) -> loss of each sample``, so that split losses are exact sums."""
-    return functools.partial(_chosen(LOSSES, "criterion", criterion), num_classes=num_classes)
+    return functools.partial(_chosen(LOSSES, "criterion", criterion), num_classes=num_classes,
+                             label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -229,25 +289,45 @@ def compile_network(network: nn.Module, mode: str, device: torch.device) -> nn.M
 
 
 class Trainer:
-    """Owns the model and everything stepped with it (optimiser, scheduler, gradient scaler). Works with
-    any classifier: ``compile_mode`` is one of torch.compile's modes, applied to the model as it is given."""
+    """Owns the model and everything stepped with it (optimiser, schedulers, gradient scaler, EMA weights).
+    Works with any classifier: ``compile_mode`` is one of torch.compile's modes, applied to the model as it
+    is given. The training recipe's options (warmup, label smoothing, batch mixing, EMA, decay-exempt
+    parameters, gradient accumulation, the CUDA autocast type) default to off.
+
+    ``steps_per_epoch`` is the number of batches of a training epoch; a warmup needs it, and without it
+    (evaluation only) no per-step scheduler is built."""
 
     def __init__(self, *, model: nn.Module, device: torch.device, num_classes: int, optimizer: str, lr: float,
                  weight_decay: float, momentum: float, scheduler: str, lr_step: int, lr_gamma: float,
                  num_epochs: int, criterion: str, clip_grad_norm: float, use_amp: bool, use_compiled: bool,
                  compile_mode: str, show_progress: bool, distributed_replica: bool = False,
-                 stop_signals: Optional[StopSignals] = None):
+                 stop_signals: Optional[StopSignals] = None, warmup_epochs: float = 0.0,
+                 steps_per_epoch: Optional[int] = None, label_smoothing: float = 0.0, mixup: float = 0.0,
+                 cutmix: float = 0.0, ema_decay: float = 0.0, no_decay_norm_bias: bool = False,
+                 accumulation_steps: int = 1, amp_dtype: str = "float16"):
         self.model = model.to(device)
         self.device = device
         self.num_classes = num_classes
-        self.optimizer = build_optimizer(model.parameters(), optimizer=optimizer, lr=lr,
+        parameters = parameter_groups(model, weight_decay) if no_decay_norm_bias else model.parameters()
+        self.optimizer = build_optimizer(parameters, optimizer=optimizer, lr=lr,
                                          weight_decay=weight_decay, momentum=momentum)
-        self.scheduler = build_scheduler(self.optimizer, scheduler=scheduler, lr_step=lr_step, lr_gamma=lr_gamma,
-                                         num_epochs=num_epochs)
-        self.loss_of = per_sample_loss(criterion, num_classes)
+        self.accumulation_steps = accumulation_steps
+        self._build_schedulers(scheduler=scheduler, lr_step=lr_step, lr_gamma=lr_gamma, num_epochs=num_epochs,
+                               warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch)
+        # Training optimises the smoothed loss of the (mixed) targets; evaluation reports the plain loss, so
+        # that test losses compare across recipes.
+        self.loss_of = per_sample_loss(criterion, num_classes, label_smoothing=label_smoothing)
+        self.evaluation_loss_of = per_sample_loss(criterion, num_classes)
+        self.mixing = batch_mixing(mixup, cutmix, num_classes)
+        self._mixing_rng_state: Optional[torch.Tensor] = None
         self.clip_grad_norm = clip_grad_norm
         self.use_amp = use_amp
-        self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+        self.amp_dtype = AMP_DTYPES[amp_dtype] if device.type == "cuda" else AMP_DTYPE[device.type]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda"
+                                           and self.amp_dtype == torch.float16)
+        # Exponential moving average of the weights (and buffers), updated after every optimiser step.
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                 use_buffers=True) if ema_decay > 0 else None
         self.show_progress = show_progress
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
@@ -258,10 +338,28 @@ class Trainer:
         # While they are active (training from the command line), SIGINT and SIGTERM end the epoch at the next step.
         self.stop_signals = stop_signals
 
+    def _build_schedulers(self, *, scheduler: str, lr_step: int, lr_gamma: float, num_epochs: int,
+                          warmup_epochs: float, steps_per_epoch: Optional[int]) -> None:
+        """``self.scheduler`` is stepped after each epoch, ``self.per_step_scheduler`` after each optimiser step.
+        Without warmup only the first exists, as it always did; with warmup the second runs the warmup and
+        the schedule after it, except plateau, which stays per epoch and starts once the warmup is over."""
+        self.warmup_steps, self.per_step_scheduler = 0, None
+        if warmup_epochs > 0 and steps_per_epoch is not None:
+            optimizer_steps = math.ceil(steps_per_epoch / self.accumulation_steps)
+            self.warmup_steps = warmup_steps_of(warmup_epochs, optimizer_steps)
+            self.per_step_scheduler = build_warmup_scheduler(
+                self.optimizer, scheduler=scheduler, warmup_steps=self.warmup_steps, steps_per_epoch=optimizer_steps,
+                lr_step=lr_step, lr_gamma=lr_gamma, num_epochs=num_epochs)
+        if self.per_step_scheduler is None or scheduler == "plateau":
+            self.scheduler = build_scheduler(self.optimizer, scheduler=scheduler, lr_step=lr_step,
+                                             lr_gamma=lr_gamma, num_epochs=num_epochs)
+        else:
+            self.scheduler = None
+
     def autocast(self):
         if not self.use_amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPE[self.device.type])
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -273,24 +371,47 @@ class Trainer:
         return self._run(loader, description, training=True)
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, description: str = "test") -> SplitResult:
-        self.network.eval()
-        return self._run(loader, description, training=False)
+    def evaluate(self, loader: DataLoader, description: str = "test", weights: str = "model") -> SplitResult:
+        """The split's metrics with the trained weights (``model``) or their moving average (``ema``)."""
+        network = self.network if weights == "model" else self.ema.module
+        network.eval()
+        return self._run(loader, description, training=False, network=network)
 
-    def _run(self, loader: DataLoader, description: str, training: bool) -> SplitResult:
+    def seed_batch_mixing(self, seed: int, epoch: int) -> None:
+        """Starts the epoch's stream of MixUp / CutMix draws. It is its own stream, seeded per epoch like the
+        shuffling, so a resumed run draws what the uninterrupted one did and dropout's stream is untouched."""
+        self._mixing_rng_state = torch.Generator().manual_seed(mixing_seed(seed, epoch)).get_state()
+
+    def _mixed(self, images: torch.Tensor, targets: torch.Tensor):
+        # torchvision draws from the global CPU generator: it runs on a fork of it holding the mixing stream.
+        with torch.random.fork_rng(devices=[]):
+            if self._mixing_rng_state is not None:
+                torch.set_rng_state(self._mixing_rng_state)
+            images, mixed = self.mixing(images, targets)
+            self._mixing_rng_state = torch.get_rng_state()
+        return images, mixed
+
+    def _run(self, loader: DataLoader, description: str, training: bool,
+             network: Optional[nn.Module] = None) -> SplitResult:
         tally = _Tally(self.device, self.num_classes)
         watch = _NonFiniteWatch(self.device)
+        loss_of = self.loss_of if training else self.evaluation_loss_of
         bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
         utils.synchronize(self.device)
         start = time.perf_counter()
         for step, (images, targets) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
+            loss_targets = targets
+            if training and self.mixing is not None:
+                # Top-1 / top-5 of a mixed batch count against each mixed target's largest share.
+                images, loss_targets = self._mixed(images, targets)
+                targets = loss_targets.argmax(dim=1)
             with self.autocast():
-                logits = self._forward(images)
-                losses = self.loss_of(logits.float(), targets)
+                logits = self._forward(images, network)
+                losses = loss_of(logits.float(), loss_targets)
             if training:
-                self._step(losses.mean())
+                self._accumulate(losses.mean(), targets.shape[0], step, len(loader))
             tally.add(losses, logits, targets)
             watch.add(step, losses)
             if (step + 1) % NONFINITE_CHECK_INTERVAL == 0:
@@ -307,10 +428,13 @@ class Trainer:
         summary = tally.summary()
         return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
         """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the
         largest batch it has met, so that it never meets a new shape and never recompiles; every layer is
-        independent across the batch, so the real samples' logits and gradients are unchanged."""
+        independent across the batch, so the real samples' logits and gradients are unchanged. Another
+        ``network`` (the EMA weights, never compiled) just runs."""
+        if network is not None and network is not self.network:
+            return network(images)
         count = images.shape[0]
         if not self.compiled or count >= self.compiled_batch:
             self.compiled_batch = max(self.compiled_batch, count)
@@ -319,15 +443,50 @@ class Trainer:
         return self.network(torch.cat([images, padding]))[:count]
 
     def _step(self, loss: torch.Tensor) -> None:
+        """One optimiser step on the gradients of ``loss``."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._optimizer_step()
+
+    def _accumulate(self, loss: torch.Tensor, samples: int, step: int, steps: int) -> None:
+        """Adds batch ``step`` (of ``steps``) to the current group of ``accumulation_steps`` batches, and steps
+        the optimiser after the group's last batch. The gradients are those of the mean loss over all the
+        group's samples, one large batch's; the epoch's last group may be shorter and is stepped too, with
+        the same mean over the samples it has."""
+        if self.accumulation_steps == 1:
+            self._step(loss)
+            return
+        if step % self.accumulation_steps == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._group_nominal, self._group_samples = self.accumulation_steps * samples, 0
+        self._group_samples += samples
+        # Weighted by a full group's size now; a group that turns out smaller is corrected below.
+        self.scaler.scale(loss * (samples / self._group_nominal)).backward()
+        if (step + 1) % self.accumulation_steps and step + 1 < steps:
+            return
+        if self._group_samples != self._group_nominal:
+            for parameter in self.model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(self._group_nominal / self._group_samples)
+        self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
         if self.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.per_step_scheduler is not None:
+            self.per_step_scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def warming_up(self) -> bool:
+        return self.per_step_scheduler is not None and self.per_step_scheduler.last_epoch < self.warmup_steps
 
     def step_scheduler(self, test_loss: float) -> None:
+        if self.warming_up():
+            return  # plateau, the only per-epoch schedule beside a warmup, starts when the warmup is over
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(test_loss)
         elif self.scheduler is not None:
@@ -336,12 +495,18 @@ class Trainer:
     # -- checkpoint state ----------------------------------------------------------------------
 
     def state_dict(self) -> Dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
         }
+        # Only when their options are on, so that other runs' checkpoints hold what they always did.
+        if self.per_step_scheduler is not None:
+            state["step_scheduler"] = self.per_step_scheduler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def fit_schedule_to(self, num_epochs: int, completed_epochs: int) -> None:
         """After a resume that changed the run's length: from epoch ``completed_epochs + 1`` on, the
@@ -362,6 +527,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.per_step_scheduler is not None:
+            self.per_step_scheduler.load_state_dict(state["step_scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -397,18 +566,19 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:
         outputs.finish(history)
-        _report(run_files.average_time_line(history), trainer.show_progress)
-        _report(run_files.best_accuracy_line(history), trainer.show_progress)
+        for line in run_files.summary_lines(history):
+            _report(line, trainer.show_progress)
     return history
 
 
 def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: int) -> Dict:
     seed_epoch(train_loader, seed, epoch)
-    learning_rate = trainer.learning_rate()
+    trainer.seed_batch_mixing(seed, epoch)
+    learning_rate = trainer.learning_rate()  # with a warmup: the rate of the epoch's first step
     train = trainer.train_one_epoch(train_loader, f"epoch {epoch} train")
     test = trainer.evaluate(test_loader, f"epoch {epoch} test")
     trainer.step_scheduler(test.loss)
-    return {
+    record = {
         "epoch": epoch,
         "lr": learning_rate,
         "train_loss": train.loss, "train_top1": train.top1, "train_top5": train.top5,
@@ -416,6 +586,11 @@ def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: 
         "epoch_seconds": train.seconds + test.seconds,
         "images_per_second": train.samples / train.seconds if train.seconds > 0 else 0.0,
     }
+    if trainer.ema is not None:
+        ema = trainer.evaluate(test_loader, f"epoch {epoch} test (EMA)", weights="ema")
+        record["epoch_seconds"] += ema.seconds
+        record.update(ema_test_loss=ema.loss, ema_test_top1=ema.top1, ema_test_top5=ema.top5)
+    return record
 
 
 def epoch_summary(record: Dict) -> str:

@@ -73,6 +73,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     model.add_argument("--d_mlp", type=int, default=768, help="hidden width of the MLP")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout of the residual branches and MLP")
     model.add_argument("--attention_dropout", type=float, default=0.1, help="dropout inside the token mixer")
+    model.add_argument("--drop_path", type=float, default=0.0,
+                       help="stochastic depth of the residual branches, rising linearly over the blocks to this "
+                            "rate; 0 disables")
 
     convnn_options = LAYER_REGISTRY["ConvNNAttention"].options
     _add_layer_options(parser.add_argument_group("ConvNN-Attention"),
@@ -105,6 +108,22 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     training.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                           help="torch.compile mode; reduce-memory = default mode + activation checkpointing")
     training.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient-norm limit; 0 disables")
+    training.add_argument("--amp_dtype", default="float16", choices=list(train_eval.AMP_DTYPES),
+                          help="--use_amp on CUDA: float16 (with gradient scaling) or bfloat16 (without)")
+    training.add_argument("--accumulation_steps", type=int, default=1,
+                          help="batches whose gradients are summed into one optimiser step (one large batch's)")
+
+    recipe = parser.add_argument_group("training recipe (all off by default)")
+    recipe.add_argument("--warmup_epochs", type=float, default=0.0,
+                        help="linear warmup of the learning rate over this many epochs, moved every step")
+    recipe.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    recipe.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha; 0 disables")
+    recipe.add_argument("--cutmix", type=float, default=0.0,
+                        help="CutMix alpha; 0 disables (with --mixup, each batch uses one of them)")
+    recipe.add_argument("--ema_decay", type=float, default=0.0,
+                        help="decay of an exponential moving average of the weights, also evaluated; 0 disables")
+    _boolean(recipe, "--no_decay_norm_bias", False,
+             "no weight decay on biases, normalisation weights and the class token")
 
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--criterion", default="CrossEntropy", choices=list(train_eval.LOSSES), help="loss")
@@ -127,6 +146,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     output.add_argument("--checkpoint", default=None, metavar="PATH|none",
                         help="weights for --test_only (default: <output_dir>/best.pt); none = a freshly "
                              "initialised model")
+    output.add_argument("--test_weights", default="model", choices=["model", "ema"],
+                        help="--test_only: evaluate the trained weights or their moving average (--ema_decay)")
     output.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
     output.add_argument("--overwrite", action="store_true",
@@ -256,6 +277,7 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:
         problems.append(f"--lr_gamma: must be > 0 with --scheduler step, got {args.lr_gamma}")
+    problems += _recipe_problems(args)
     if args.data_loader == "device" and args.dataset not in dataset.IN_MEMORY_DATASETS:
         problems.append(f"--data_loader: device loading holds the images in memory, which {args.dataset} does "
                         f"not fit; use it with {', '.join(dataset.IN_MEMORY_DATASETS)} or use --data_loader workers")
@@ -302,6 +324,23 @@ def _augmentation_problems(args: argparse.Namespace) -> List[str]:
     return problems
 
 
+def _recipe_problems(args: argparse.Namespace) -> List[str]:
+    problems = [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in ("warmup_epochs", "mixup", "cutmix")
+                if getattr(args, name) < 0]
+    problems += [f"--{name}: must be in [0, 1), got {getattr(args, name)}" for name in ("label_smoothing", "ema_decay")
+                 if not 0 <= getattr(args, name) < 1]
+    if args.accumulation_steps < 1:
+        problems.append(f"--accumulation_steps: must be >= 1, got {args.accumulation_steps}")
+    if args.warmup_epochs >= args.num_epochs:
+        problems.append(f"--warmup_epochs: must be below --num_epochs ({args.num_epochs}), got {args.warmup_epochs}")
+    if args.label_smoothing > 0 and args.criterion != "CrossEntropy":
+        problems.append(f"--label_smoothing: smooths the cross-entropy's targets; use it with --criterion "
+                        f"CrossEntropy, not {args.criterion}")
+    if args.amp_dtype != "float16" and not args.use_amp:
+        problems.append(f"--amp_dtype: {args.amp_dtype} has no effect without --use_amp; add --use_amp or leave it out")
+    return problems
+
+
 def _mode_problems(args: argparse.Namespace) -> List[str]:
     problems = []
     if args.test_only and args.resume:
@@ -312,6 +351,8 @@ def _mode_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--checkpoint: no file {args.checkpoint}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume: no file {args.resume} (use --resume auto to start fresh when absent)")
+    if args.test_weights != "model" and not args.test_only:
+        problems.append("--test_weights: only used with --test_only (training evaluates both weight sets itself)")
     if args.overwrite and args.test_only:
         problems.append("--overwrite: only for training, not with --test_only")
     elif args.overwrite and args.resume and continues_in_place(args):
@@ -364,7 +405,7 @@ def model_config(args: argparse.Namespace, img_size: int, num_classes: int) -> D
         img_size=img_size, num_classes=num_classes, layer=args.layer,
         layer_options=options_from(args.layer, vars(args)), patch_size=args.patch_size,
         num_layers=args.num_layers, num_heads=args.num_heads, d_hidden=args.d_hidden, d_mlp=args.d_mlp,
-        dropout=args.dropout, attention_dropout=args.attention_dropout,
+        dropout=args.dropout, attention_dropout=args.attention_dropout, drop_path=args.drop_path,
     )
 
 
@@ -384,7 +425,10 @@ def trainer_config(args: argparse.Namespace) -> Dict:
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
         scheduler=args.scheduler, lr_step=args.lr_step, lr_gamma=args.lr_gamma, num_epochs=args.num_epochs,
         criterion=args.criterion, clip_grad_norm=args.clip_grad_norm, use_amp=args.use_amp,
-        use_compiled=args.use_compiled, compile_mode=args.compile_mode,
+        use_compiled=args.use_compiled, compile_mode=args.compile_mode, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, ema_decay=args.ema_decay,
+        no_decay_norm_bias=args.no_decay_norm_bias, accumulation_steps=args.accumulation_steps,
+        amp_dtype=args.amp_dtype,
     )
 
 
@@ -419,6 +463,7 @@ def dispatch(args: argparse.Namespace, given: Set[str], config_places: Optional[
     resumed, evaluated = None, None
     if args.test_only:
         args, evaluated = runs.evaluation_settings(args, given)
+        runs.check_evaluated_weights(args, evaluated)
     elif resume_path(args):
         args, resumed = runs.resume_settings(args, given, resume_path(args))
     problems = argument_problems(args)

@@ -1,10 +1,11 @@
 """Vision Transformer whose token mixer is chosen by name from ``LAYER_REGISTRY`` (SPEC section 1)."""
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from models.vit_layers import layer_class
 
@@ -44,19 +45,28 @@ class PositionalEncoding(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm block: ``x + Dropout(Layer(LN1(x)))`` then ``x + Dropout(MLP(LN2(x)))``."""
+    """Pre-norm block: ``x + DropPath(Dropout(Layer(LN1(x))))`` then ``x + DropPath(Dropout(MLP(LN2(x))))``.
 
-    def __init__(self, attention: nn.Module, d_hidden: int, d_mlp: int, dropout: float):
+    DropPath (stochastic depth) drops a sample's whole branch with probability ``drop_path`` while training
+    and scales kept branches by ``1 / (1 - drop_path)``; at 0 the block holds no such module, so that the
+    model (and model.txt) stays the one without it."""
+
+    def __init__(self, attention: nn.Module, d_hidden: int, d_mlp: int, dropout: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_hidden)
         self.attention = attention
         self.norm2 = nn.LayerNorm(d_hidden)
         self.mlp = nn.Sequential(nn.Linear(d_hidden, d_mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_mlp, d_hidden))
         self.dropout = nn.Dropout(dropout)
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else None
+
+    def _branch(self, output: Tensor) -> Tensor:
+        output = self.dropout(output)
+        return output if self.drop_path is None else self.drop_path(output)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.dropout(self.attention(self.norm1(x)))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        x = x + self._branch(self.attention(self.norm1(x)))
+        return x + self._branch(self.mlp(self.norm2(x)))
 
 
 def build_layer(layer: str, *, d_hidden: int, num_heads: int, attention_dropout: float = 0.0,
@@ -87,9 +97,11 @@ class ViT(nn.Module):
         d_mlp: int = 768,
         dropout: float = 0.1,
         attention_dropout: float = 0.1,
+        drop_path: float = 0.0,
     ):
         super().__init__()
-        _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout)
+        _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout,
+                        drop_path)
         grid_side = img_size // patch_size
         self.num_tokens = grid_side * grid_side + 1
         self.activation_checkpointing = False
@@ -98,11 +110,18 @@ class ViT(nn.Module):
         options = dict(layer_options or {})
         self.patch_embedding = PatchEmbedding(patch_size, d_hidden)
         self.positional_encoding = PositionalEncoding(self.num_tokens, d_hidden)
+        # Stochastic depth rises linearly over the blocks, from 0 at the first to ``drop_path`` at the last.
+        drop_path_rates = torch.linspace(0.0, drop_path, num_layers, dtype=torch.float64).tolist()
         self.transformer_encoder = nn.ModuleList(
-            EncoderBlock(build_layer(layer, **structure, **options), d_hidden, d_mlp, dropout)
-            for _ in range(num_layers)
+            EncoderBlock(build_layer(layer, **structure, **options), d_hidden, d_mlp, dropout, rate)
+            for rate in drop_path_rates
         )
         self.classifier = nn.Linear(d_hidden, num_classes)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of parameters that weight decay should leave alone beyond biases and norm weights: the class
+        token (the position table is a fixed buffer, not a parameter)."""
+        return {"positional_encoding.cls_tokens"}
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -118,7 +137,8 @@ class ViT(nn.Module):
         return self.classifier(x[:, 0])
 
 
-def _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout):
+def _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp, dropout, attention_dropout,
+                    drop_path):
     if patch_size < 1:
         raise ValueError(f"--patch_size: must be >= 1, got {patch_size}")
     if img_size % patch_size:
@@ -130,7 +150,7 @@ def _check_geometry(img_size, patch_size, num_layers, num_heads, d_hidden, d_mlp
                         ("--d_mlp", d_mlp)):
         if value < 1:
             raise ValueError(f"{flag}: must be >= 1, got {value}")
-    for flag, value in (("--dropout", dropout), ("--attention_dropout", attention_dropout)):
+    for flag, value in (("--dropout", dropout), ("--attention_dropout", attention_dropout), ("--drop_path", drop_path)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{flag}: must be in [0, 1), got {value}")
 

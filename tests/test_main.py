@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every flag with its default, from the seed's tables plus this project's additions.
 DEFAULTS = {
     "layer": "Attention", "patch_size": 16, "num_layers": 12, "num_heads": 3, "d_hidden": 192, "d_mlp": 768,
-    "dropout": 0.1, "attention_dropout": 0.1,
+    "dropout": 0.1, "attention_dropout": 0.1, "drop_path": 0.0,
     "convolution_type": "depthwise", "softmax_topk_val": True, "K": 9, "sampling_type": "all", "num_samples": -1,
     "sample_padding": 0, "magnitude_type": "matmul", "coordinate_encoding": False,
     "similarity_type": "Col", "aggregation_type": "Col",
@@ -26,12 +26,14 @@ DEFAULTS = {
     "dataset": "cifar10", "data_path": "./Data", "resize": 224, "augment": False, "auto_augment": "none",
     "augment_magnitude": 9, "random_erasing": 0.0, "num_workers": 4, "data_loader": "workers",
     "batch_size": 256, "num_epochs": 150, "use_amp": False, "use_compiled": False, "compile_mode": "default",
-    "clip_grad_norm": 1.0,
+    "clip_grad_norm": 1.0, "amp_dtype": "float16", "accumulation_steps": 1,
+    "warmup_epochs": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0,
+    "no_decay_norm_bias": False,
     "criterion": "CrossEntropy", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-6, "momentum": 0.9,
     "scheduler": "none", "lr_step": 20, "lr_gamma": 0.1,
     "device": "cuda", "seed": 0,
-    "output_dir": "./Output/VGG/ConvNN", "test_only": False, "checkpoint": None, "resume": None,
-    "overwrite": False, "config": None,
+    "output_dir": "./Output/VGG/ConvNN", "test_only": False, "checkpoint": None, "test_weights": "model",
+    "resume": None, "overwrite": False, "config": None,
 }
 
 CHOICES = {
@@ -50,6 +52,8 @@ CHOICES = {
     "optimizer": ["adam", "sgd", "adamw"],
     "scheduler": ["step", "cosine", "plateau", "none"],
     "device": ["cpu", "cuda", "mps"],
+    "amp_dtype": ["float16", "bfloat16"],
+    "test_weights": ["model", "ema"],
 }
 
 SEED_ATTENTION_EXAMPLE = """

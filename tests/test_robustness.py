@@ -707,8 +707,8 @@ def fail_in_epoch(monkeypatch, epoch, step):
     per_sample_loss = train_eval.per_sample_loss
     batches_per_epoch = 4  # 200 images in batches of 64
 
-    def poisoned(criterion, num_classes):
-        loss_of, calls = per_sample_loss(criterion, num_classes), {"train": 0}
+    def poisoned(criterion, num_classes, **options):
+        loss_of, calls = per_sample_loss(criterion, num_classes, **options), {"train": 0}
 
         def loss(logits, targets):
             losses = loss_of(logits, targets)
