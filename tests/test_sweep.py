@@ -316,7 +316,7 @@ def test_the_summary_goes_to_its_own_folder_by_default(tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     assert summarize.main([str(run)]) == 0
     assert sorted(os.listdir(run)) == before
-    assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "summary.csv", "summary.md",
+    assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "groups.csv", "summary.csv", "summary.md",
                                                         "top1_vs_epoch.png"]
 
 
