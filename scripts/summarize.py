@@ -358,7 +358,7 @@ def paired_comparison(differences: List[float]) -> Dict:
 def welch_comparison(values: List[float], baseline: List[float]) -> Dict:
     """Difference of the means, and Welch's interval: difference +- t(0.975, df) * se, with
     se^2 = s1^2/n1 + s2^2/n2 and the Welch-Satterthwaite df = se^4 / ((s1^2/n1)^2/(n1-1) + (s2^2/n2)^2/(n2-1)).
-    None when either side has a single run (its variance is unknown)."""
+    No interval when either side has a single run (its variance is unknown)."""
     (mean, sd), (baseline_mean, baseline_sd) = mean_and_sd(values), mean_and_sd(baseline)
     result = {"comparison": "unpaired (Welch)", "difference": mean - baseline_mean, "ci95_low": None,
               "ci95_high": None, "df": None}
@@ -366,7 +366,9 @@ def welch_comparison(values: List[float], baseline: List[float]) -> Dict:
         return result
     shares = [sd ** 2 / len(values), baseline_sd ** 2 / len(baseline)]
     variance = sum(shares)
-    df = variance ** 2 / (shares[0] ** 2 / (len(values) - 1) + shares[1] ** 2 / (len(baseline) - 1)) if variance else None
+    df = None  # no spread on either side: the interval is the difference itself, and df is 0 / 0
+    if variance:
+        df = variance ** 2 / (shares[0] ** 2 / (len(values) - 1) + shares[1] ** 2 / (len(baseline) - 1))
     result.update(zip(("ci95_low", "ci95_high"), _interval(result["difference"], math.sqrt(variance), df)), df=df)
     return result
 

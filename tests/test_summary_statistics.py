@@ -77,7 +77,8 @@ def test_runs_differing_only_in_seed_form_a_group_with_mean_and_sample_deviation
     assert float(group["average_epoch_seconds"]) == pytest.approx(3.0)  # epochs of 2 s and 4 s
     single = groups["lr_0.002"]
     assert (single["n_seeds"], single["top1_mean"], single["top1_std"]) == ("1", "70.0", "")
-    assert "| lr_0.002 | ConvNNAttention | 4 | all | depthwise | 2 | 1 (0) | test (optimistic) | 70.00 | - |" in printed.out
+    single_row = "| lr_0.002 | ConvNNAttention | 4 | all | depthwise | 2 | 1 (0) | test (optimistic) | 70.00 | - |"
+    assert single_row in printed.out
     assert "| ConvNNAttention_K4_all | ConvNNAttention | 4 | all | depthwise | 2 | 4 (0, 1, 2, 3) |" in printed.out
     assert runs["ConvNNAttention_K4_all_s4"]["finished"] == "False"
 
@@ -112,6 +113,16 @@ def test_the_epoch_is_selected_by_validation_when_there_is_a_split_and_marked_ot
     assert (groups["held_out"]["selected_by"], float(groups["held_out"]["top1_mean"])) == ("val", 72.5)
     assert groups["test_picked"]["selected_by"] == "test (optimistic)"
     assert "the epoch of the best test top-1, picked on the test set itself" in printed.out
+
+
+def test_a_run_whose_validation_top1_is_not_a_number_is_skipped(tmp_path, capsys):
+    """NaN compares false with everything: the selected epoch would depend on where it stands."""
+    root = tmp_path / "sweep"
+    finished_run(root / "good_s0", 0, (60.0, 75.0), val_top1s=(50.0, 72.0))
+    bad = finished_run(root / "bad_s0", 0, (60.0, 75.0), val_top1s=(50.0, math.nan))
+    groups, runs, printed = summarise(root, tmp_path, capsys)
+    assert sorted(runs) == ["good_s0"]
+    assert printed.err.splitlines() == [f"summarize.py: skipped {bad}: metrics.csv line 3: val_top1 is nan"]
 
 
 def test_two_runs_of_one_seed_are_no_group(tmp_path, capsys):
