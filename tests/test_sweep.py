@@ -345,6 +345,8 @@ DAMAGES = {
     "args.txt K not a number": ("args.txt", "K: 4", "K: four", "args.txt: K is 'four', not an integer"),
     "args.txt num_epochs not a number": ("args.txt", "num_epochs: 5", "num_epochs: 5.5",
                                          "args.txt: num_epochs is '5.5', not an integer"),
+    "args.txt seed not a number": ("args.txt", "num_epochs: 5\n", "num_epochs: 5\nseed: one\n",
+                                   "args.txt: seed is 'one', not an integer"),
     "args.txt cut short": ("args.txt", "num_epochs: 5\n", "num_epochs: ", "args.txt: its last line is cut short"),
     "args.txt empty": ("args.txt", None, "", "args.txt is empty"),
     "args.txt repeats a name": ("args.txt", "K: 4\n", "K: 4\nK: 9\n", "args.txt line 3 repeats K"),
