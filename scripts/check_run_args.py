@@ -5,7 +5,8 @@ EXTRA_FLAGS, EPOCHS or seed into the same OUTPUT_ROOT) is refused rather than co
     python scripts/check_run_args.py DIRECTORY finished|unfinished VIT_MAIN_FLAGS...
 
 Exit code 0 when DIRECTORY/args.txt agrees with what VIT_MAIN_FLAGS would run; otherwise 1 and one line on
-stdout naming the differing flag(s), such as ``args.txt has --dataset synthetic, the sweep runs --dataset cifar10``.
+stdout naming the differing flag(s), such as
+``args.txt has --dataset synthetic, the sweep runs --dataset cifar10 (and --resize differ too)``.
 
 Flags that do not change the result (runs.RESUMABLE_FLAGS: device, loader, compilation...) are not
 compared. An unfinished run is continued by vit_main, which itself allows --num_epochs to change
@@ -26,21 +27,26 @@ LEFT_TO_VIT_MAIN_ON_RESUME = ("num_epochs", "batch_size")
 STATES = ("finished", "unfinished")
 
 
-def differences(stored: Dict[str, str], planned: Dict[str, str], finished: bool) -> List[str]:
-    """One phrase per flag whose stored value differs from the planned one, in the parser's order; a name that
-    the parser lacks (an args.txt of another version) counts as differing."""
+def differing_flags(stored: Dict[str, str], planned: Dict[str, str], finished: bool) -> List[str]:
+    """The flags whose stored value differs from the planned one, in the parser's order; a name that the parser
+    lacks (an args.txt of another version) counts as differing."""
     defaults = parsed_values([])
     stored, planned = result_settings(stored, defaults), result_settings(planned, defaults)
     ignored = () if finished else LEFT_TO_VIT_MAIN_ON_RESUME
-    phrases = []
-    for name in [*planned, *(name for name in stored if name not in planned)]:
-        if name in ignored or stored.get(name) == planned.get(name):
-            continue
-        if name not in planned:
-            phrases.append(f"args.txt has --{name} {stored[name]}, which this vit_main.py does not know")
-        else:
-            phrases.append(f"args.txt has --{name} {stored[name]}, the sweep runs --{name} {planned[name]}")
-    return phrases
+    names = [*planned, *(name for name in stored if name not in planned)]
+    return [name for name in names if name not in ignored and stored.get(name) != planned.get(name)]
+
+
+def difference_line(stored: Dict[str, str], planned: Dict[str, str], names: List[str]) -> str:
+    """The first differing flag with both values, and the names of the others."""
+    first, *others = names
+    if first not in planned:
+        line = f"args.txt has --{first} {stored[first]}, which this vit_main.py does not know"
+    elif first not in stored:  # written before the flag existed, it ran the default, which is not the sweep's
+        line = f"args.txt has no --{first}, the sweep runs --{first} {planned[first]}"
+    else:
+        line = f"args.txt has --{first} {stored[first]}, the sweep runs --{first} {planned[first]}"
+    return line + (f" (and {', '.join('--' + name for name in others)} differ too)" if others else "")
 
 
 def main(argv: List[str]) -> int:
@@ -53,10 +59,10 @@ def main(argv: List[str]) -> int:
     except SkippedRun as reason:
         print(reason)
         return 1
-    found = differences(stored, parsed_values(flags), finished=state == "finished")
-    if found:
-        more = f" (and {len(found) - 1} more: {'; '.join(found[1:])})" if len(found) > 1 else ""
-        print(found[0] + more)
+    planned = parsed_values(flags)
+    names = differing_flags(stored, planned, finished=state == "finished")
+    if names:
+        print(difference_line(stored, planned, names))
         return 1
     return 0
 

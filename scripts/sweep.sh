@@ -58,13 +58,13 @@ trap 'stop_signal=TERM' TERM
 # stop_if_signalled WHEN: ends the sweep, naming WHEN ("during NAME"), once a signal has arrived.
 stop_if_signalled() {
     [[ -z $stop_signal ]] && return
-    report_failed_runs
+    report_failed_and_refused_runs
     echo "sweep.sh: stopped by SIG$stop_signal $1; start the sweep again to continue" >&2
     [[ $stop_signal == INT ]] && exit 130
     exit 143
 }
 
-report_failed_runs() {
+report_failed_and_refused_runs() {
     if (( ${#failed_runs[@]} > 0 )); then
         echo "failed: ${failed_runs[*]}" >&2
     fi
@@ -147,5 +147,5 @@ for seed in $SEEDS; do
     done
 done
 
-report_failed_runs
+report_failed_and_refused_runs
 (( ${#failed_runs[@]} + ${#refused_runs[@]} == 0 )) || exit 1

@@ -211,18 +211,22 @@ def test_a_run_directory_trained_with_other_flags_is_refused_not_counted(tmp_pat
 def test_the_check_compares_only_what_decides_the_result(tmp_path):
     planned = check_run_args.parsed_values(["--lr", "0.01", "--K", "4"])
     stored = {**planned, "device": "cpu", "num_workers": "0", "data_path": "/data", "output_dir": "/elsewhere"}
-    assert check_run_args.differences(stored, planned, finished=True) == []
+    assert check_run_args.differing_flags(stored, planned, finished=True) == []
     del stored["softmax_topk_val"]  # an older args.txt: the flag did not exist, it ran as its default does
-    assert check_run_args.differences(stored, planned, finished=True) == []
+    assert check_run_args.differing_flags(stored, planned, finished=True) == []
     stored.update(num_epochs="3", batch_size="128")
-    assert check_run_args.differences(stored, planned, finished=False) == []
-    assert check_run_args.differences(stored, planned, finished=True) == [
-        "args.txt has --batch_size 128, the sweep runs --batch_size 256",
-        "args.txt has --num_epochs 3, the sweep runs --num_epochs 150"]
+    assert check_run_args.differing_flags(stored, planned, finished=False) == []
+    assert check_run_args.differing_flags(stored, planned, finished=True) == ["batch_size", "num_epochs"]
     stored.update(num_epochs="150", batch_size="256", lr="0.001", new_flag="1")
-    assert check_run_args.differences(stored, planned, finished=True) == [
-        "args.txt has --lr 0.001, the sweep runs --lr 0.01",
-        "args.txt has --new_flag 1, which this vit_main.py does not know"]
+    names = check_run_args.differing_flags(stored, planned, finished=True)
+    assert names == ["lr", "new_flag"]
+    assert check_run_args.difference_line(stored, planned, names) == (
+        "args.txt has --lr 0.001, the sweep runs --lr 0.01 (and --new_flag differ too)")
+    assert check_run_args.difference_line(stored, planned, ["new_flag"]) == (
+        "args.txt has --new_flag 1, which this vit_main.py does not know")
+    del stored["K"]
+    assert check_run_args.differing_flags(stored, planned, finished=True) == ["K", "lr", "new_flag"]
+    assert check_run_args.difference_line(stored, planned, ["K"]) == "args.txt has no --K, the sweep runs --K 4"
 
 
 def test_a_damaged_args_txt_is_refused_with_its_reason(tmp_path, capsys):
