@@ -1,6 +1,7 @@
-"""Compares training runs: one table (markdown and CSV) and two plots from their output directories.
+"""Compares training runs: a table of runs, a table of groups of seeds (markdown and CSV) and two plots
+from their output directories.
 
-    python scripts/summarize.py Output/sweep [MORE_DIRS ...] [--out_dir DIR]
+    python scripts/summarize.py Output/sweep [MORE_DIRS ...] [--out_dir DIR] [--baseline LAYER]
 
 Each argument is a run's output directory (it holds ``args.txt``) or a directory with runs somewhere
 below it. A run reads its settings from ``args.txt``, parameters and GFLOPs from ``model.txt`` and
@@ -9,9 +10,20 @@ directories holding no run are named on stderr and skipped, and so is a run whos
 (one line each, naming the run and the reason). A last ``metrics.csv`` line without its line end is an
 epoch still being written: it is left out, with a note.
 
-Writes ``summary.md``, ``summary.csv``, ``top1_vs_epoch.png`` (test top-1 against epoch, every run)
-and ``best_top1_vs_K.png`` (best test top-1 against K, one line per layer and sampling) to
-``--out_dir`` (default: ``summary`` in the current directory), and prints the markdown table.
+Each run's result is the test top-1 of its selected epoch: the epoch of the best validation top-1 when
+metrics.csv has validation columns (--val_split), else the epoch of the best test top-1, marked
+"test (optimistic)": picked on the test set itself, it overstates what a new sample would give.
+
+Finished runs whose args.txt differ only in --seed (and in flags that do not change the result, see
+run_settings.py) form a group: the number of seeds, mean and sample standard deviation of the selected
+top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to each group of another
+layer the mean difference from the LAYER group with the same other settings, with its 95 % confidence
+interval (paired by seed when both have the same seeds, else Welch's).
+
+Writes ``summary.md`` (both tables), ``summary.csv`` (runs), ``groups.csv``, ``top1_vs_epoch.png`` (test
+top-1 against epoch, every run) and ``best_top1_vs_K.png`` (mean selected test top-1 against K with the
+standard deviation over seeds as error bars, one line per layer and sampling) to ``--out_dir`` (default:
+``summary`` in the current directory), and prints the markdown tables.
 """
 
 import argparse
@@ -31,8 +43,12 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.vit_layers import layers_taking  # noqa: E402
-from run_files import OutputWriteError, atomic_write, atomic_write_text, best_record  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models.layer_options import LAYER_OPTIONS  # noqa: E402
+from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
+from run_files import OutputWriteError, atomic_write, atomic_write_text  # noqa: E402
+from scripts.run_settings import parsed_values, result_settings  # noqa: E402
 
 # The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
 LAYERS_USING_K = layers_taking("K")
@@ -40,17 +56,33 @@ LAYERS_USING_SAMPLING = layers_taking("sampling_type")
 LAYERS_USING_CONVOLUTION = layers_taking("convolution_type")
 NOT_APPLICABLE = "-"
 
+# New columns are appended, so that a reader of the older file finds its columns where they were.
 CSV_COLUMNS = ["run", "finished", "layer", "K", "sampling", "convolution_type", "parameters", "gflops",
-               "epochs", "best_top1", "best_epoch", "final_top1", "average_epoch_seconds"]
+               "epochs", "best_top1", "best_epoch", "final_top1", "average_epoch_seconds",
+               "seed", "selected_by", "selected_epoch", "selected_top1"]
 MARKDOWN_HEADERS = ["run", "layer", "K", "sampling", "convolution", "parameters", "GFLOPs", "epochs",
-                    "best top-1 (%)", "best epoch", "final top-1 (%)", "s / epoch"]
+                    "best top-1 (%)", "best epoch", "final top-1 (%)", "s / epoch", "seed", "selected by",
+                    "selected epoch", "selected top-1 (%)"]
+GROUP_COLUMNS = ["group", "runs", "layer", "K", "sampling", "convolution_type", "num_epochs", "n_seeds", "seeds",
+                 "selected_by", "top1_mean", "top1_std", "parameters", "gflops", "average_epoch_seconds",
+                 "baseline", "comparison", "difference", "ci95_low", "ci95_high", "df"]
+GROUP_HEADERS = ["group", "layer", "K", "sampling", "convolution", "epochs", "seeds", "selected by",
+                 "mean top-1 (%)", "sd", "parameters", "GFLOPs", "s / epoch"]
+BASELINE_HEADERS = ["baseline", "comparison", "difference (points)", "95% CI"]
 UNFINISHED_MARK = "*"
 DEFAULT_OUT_DIR = "summary"
 SAVE_DPI = 90
 
 # The metrics.csv columns the summary reads; an accuracy is a percentage.
 METRICS_READ = ["epoch", "test_top1", "epoch_seconds"]
-PERCENTAGES = {"train_top1", "train_top5", "test_top1", "test_top5"}
+VALIDATION_TOP1 = "val_top1"  # present when the run held out a validation split (--val_split)
+PERCENTAGES = {"train_top1", "train_top5", "test_top1", "test_top5", "val_top1", "val_top5"}
+
+SELECTED_BY_VALIDATION = "val"
+SELECTED_BY_TEST = "test (optimistic)"
+# The settings that may differ between a group and the baseline group it is compared with.
+BASELINE_MAY_DIFFER = frozenset({"layer", *LAYER_OPTIONS})
+CONFIDENCE = 0.95
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +215,9 @@ def _metrics_row(header: List[str], cells: List[str], line: int) -> Dict[str, fl
     if len(cells) != len(header):
         raise SkippedRun(f"metrics.csv line {line}: {len(cells)} values for {len(header)} columns")
     record = {column: _number(value, f"metrics.csv line {line}: {column}") for column, value in zip(header, cells)}
-    for column in METRICS_READ:
+    # A NaN validation top-1 would make the choice of the selected epoch meaningless.
+    checked = METRICS_READ + ([VALIDATION_TOP1] if VALIDATION_TOP1 in header else [])
+    for column in checked:
         if not math.isfinite(record[column]):
             raise SkippedRun(f"metrics.csv line {line}: {column} is {record[column]}")
     for column in PERCENTAGES.intersection(header):
@@ -207,6 +241,19 @@ def sampling_label(arguments: Dict[str, str]) -> str:
     return sampling_type if sampling_type == "all" or num_samples in (None, -1) else f"{sampling_type}:{num_samples}"
 
 
+def first_best(epochs: List[Dict[str, float]], column: str) -> Dict[str, float]:
+    # The first epoch reaching the maximum wins ties, as vit_main's choice of best.pt.
+    return max(epochs, key=lambda record: (record[column], -record["epoch"]))
+
+
+def selected_epoch(epochs: List[Dict[str, float]]) -> Tuple[Dict[str, float], str]:
+    """The epoch whose test top-1 is the run's result, and what chose it: the best validation top-1 when the
+    run has a validation split, else the best test top-1 itself, which overstates the result."""
+    if VALIDATION_TOP1 in epochs[0]:
+        return first_best(epochs, VALIDATION_TOP1), SELECTED_BY_VALIDATION
+    return first_best(epochs, "test_top1"), SELECTED_BY_TEST
+
+
 def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
     """One row of the table, and a note on what was left out of it. The metric cells are None while a
     run has no finished epoch. Raises SkippedRun for a run whose files are damaged."""
@@ -226,19 +273,22 @@ def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
         **read_model_summary(run),
         "epochs": f"{len(epochs)}/{num_epochs if num_epochs is not None else '?'}",
         "best_top1": None, "best_epoch": None, "final_top1": None, "average_epoch_seconds": None,
-        "history": epochs,
+        "seed": integer_argument(arguments, "seed"), "selected_by": None, "selected_epoch": None,
+        "selected_top1": None, "history": epochs, "arguments": arguments,
     }
     if epochs:
-        best = best_record(epochs)  # the rule of the run's own "Max Accuracy" line
+        best = first_best(epochs, "test_top1")
+        selected, selected_by = selected_epoch(epochs)
         row.update(best_top1=best["test_top1"], best_epoch=int(best["epoch"]), final_top1=epochs[-1]["test_top1"],
-                   average_epoch_seconds=sum(record["epoch_seconds"] for record in epochs) / len(epochs))
+                   average_epoch_seconds=sum(record["epoch_seconds"] for record in epochs) / len(epochs),
+                   selected_by=selected_by, selected_epoch=int(selected["epoch"]), selected_top1=selected["test_top1"])
     return row, note
 
 
 def table_order(row: Dict) -> tuple:
-    """Runs of one layer and sampling together, by increasing K (layers without K first)."""
+    """Runs (or groups) of one layer and sampling together, by increasing K (layers without K first)."""
     k = row["K"] if row["K"] != NOT_APPLICABLE else 0
-    return row["layer"], row["sampling"], k, row["run"]
+    return row["layer"], row["sampling"], k, row["run"] if "run" in row else row["group"]
 
 
 def run_name(run: str, argument: str) -> str:
@@ -246,6 +296,173 @@ def run_name(run: str, argument: str) -> str:
     if os.path.samefile(run, argument):
         return os.path.basename(os.path.abspath(argument))
     return os.path.relpath(run, argument)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics over seeds (numpy only)
+# ---------------------------------------------------------------------------------------------
+
+# Simpson's rule over this many intervals integrates the t density to about 1e-10 for every df >= 1.
+T_INTEGRATION_INTERVALS = 4096
+
+
+def mean_and_sd(values: List[float]) -> Tuple[float, Optional[float]]:
+    """The mean and the sample standard deviation (ddof=1), which one value does not define (None)."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def _t_density(x: np.ndarray, df: float) -> np.ndarray:
+    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return np.exp(log_scale - (df + 1) / 2 * np.log1p(x * x / df))
+
+
+def _t_probability_below(x: float, df: float) -> float:
+    """P(T <= x) for x >= 0: one half plus the integral of the density from 0 to x (Simpson's rule)."""
+    points = np.linspace(0.0, x, T_INTEGRATION_INTERVALS + 1)
+    density = _t_density(points, df)
+    step = x / T_INTEGRATION_INTERVALS
+    integral = step / 3 * (density[0] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum() + density[-1])
+    return 0.5 + integral
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """The quantile of Student's t distribution with ``df`` (not necessarily whole) degrees of freedom, for
+    a probability above one half: its CDF, integrated numerically, inverted by bisection."""
+    low, high = 0.0, 1.0
+    while _t_probability_below(high, df) < probability:
+        low, high = high, 2 * high
+    while high - low > 1e-10 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if _t_probability_below(middle, df) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def _interval(difference: float, standard_error: float, df: Optional[float]) -> Tuple[float, float]:
+    if standard_error == 0:  # no spread at all: no t quantile is needed (nor defined, for Welch's df)
+        return difference, difference
+    half_width = t_quantile(1 - (1 - CONFIDENCE) / 2, df) * standard_error
+    return difference - half_width, difference + half_width
+
+
+def paired_comparison(differences: List[float]) -> Dict:
+    """Mean of the per-seed differences, and mean +- t(0.975, n-1) * sd / sqrt(n) (none for one pair)."""
+    mean, sd = mean_and_sd(differences)
+    result = {"comparison": "paired", "difference": mean, "ci95_low": None, "ci95_high": None, "df": None}
+    if sd is not None:
+        df = len(differences) - 1
+        result.update(zip(("ci95_low", "ci95_high"), _interval(mean, sd / math.sqrt(len(differences)), df)), df=df)
+    return result
+
+
+def welch_comparison(values: List[float], baseline: List[float]) -> Dict:
+    """Difference of the means, and Welch's interval: difference +- t(0.975, df) * se, with
+    se^2 = s1^2/n1 + s2^2/n2 and the Welch-Satterthwaite df = se^4 / ((s1^2/n1)^2/(n1-1) + (s2^2/n2)^2/(n2-1)).
+    No interval when either side has a single run (its variance is unknown)."""
+    (mean, sd), (baseline_mean, baseline_sd) = mean_and_sd(values), mean_and_sd(baseline)
+    result = {"comparison": "unpaired (Welch)", "difference": mean - baseline_mean, "ci95_low": None,
+              "ci95_high": None, "df": None}
+    if sd is None or baseline_sd is None:
+        return result
+    shares = [sd ** 2 / len(values), baseline_sd ** 2 / len(baseline)]
+    variance = sum(shares)
+    df = None  # no spread on either side: the interval is the difference itself, and df is 0 / 0
+    if variance:
+        df = variance ** 2 / (shares[0] ** 2 / (len(values) - 1) + shares[1] ** 2 / (len(baseline) - 1))
+    result.update(zip(("ci95_low", "ci95_high"), _interval(result["difference"], math.sqrt(variance), df)), df=df)
+    return result
+
+
+def compare_with_baseline(group: Dict, baseline: Dict) -> Dict:
+    """Paired by seed when both groups ran the same seeds, else unpaired."""
+    if group["top1_by_seed"].keys() == baseline["top1_by_seed"].keys():
+        seeds = sorted(group["top1_by_seed"])
+        return paired_comparison([group["top1_by_seed"][seed] - baseline["top1_by_seed"][seed] for seed in seeds])
+    return welch_comparison(list(group["top1_by_seed"].values()), list(baseline["top1_by_seed"].values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups: runs that differ only in --seed
+# ---------------------------------------------------------------------------------------------
+
+
+def group_name(runs: List[Tuple[int, Dict]]) -> str:
+    """The runs' name without the sweep's ``_s<seed>`` ending, when that leaves one name for all of them."""
+    names = sorted({re.sub(rf"_s{seed}$", "", row["run"]) for seed, row in runs})
+    return names[0] if len(names) == 1 else " | ".join(names)
+
+
+def group_runs(rows: List[Dict]) -> List[Dict]:
+    """The groups of finished runs with the same settings but their seed (and the flags that do not change the
+    result), split by how their epoch was selected. A group holding two runs of one seed is left out, with a
+    line on stderr: such copies are not independent samples."""
+    defaults = parsed_values([])
+    members = defaultdict(list)
+    for row in rows:
+        if row["finished"] and row["selected_top1"] is not None:
+            settings = result_settings(row["arguments"], defaults)
+            seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
+            del settings["seed"]
+            members[(tuple(sorted(settings.items())), row["selected_by"])].append((seed, row))
+    groups = []
+    for (settings, selected_by), runs in members.items():
+        runs.sort(key=lambda run: (run[0], run[1]["run"]))
+        seeds = [seed for seed, _ in runs]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            names = ", ".join(row["run"] for seed, row in runs if seed in repeated)
+            print(f"summarize.py: left out the group of {names}: same settings and same seed {repeated[0]} "
+                  "(copies of a run are not independent seeds)", file=sys.stderr)
+            continue
+        groups.append(_group_row(runs, dict(settings), selected_by))
+    return groups
+
+
+def _common(rows: List[Dict], column: str):
+    """The value all ``rows`` share (None when they differ: no single number stands for them)."""
+    values = {row[column] for row in rows}
+    return values.pop() if len(values) == 1 else None
+
+
+def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_by: str) -> Dict:
+    rows = [row for _, row in runs]
+    mean, sd = mean_and_sd([row["selected_top1"] for row in rows])
+    first = rows[0]
+    return {
+        "group": group_name(runs), "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],
+        "K": first["K"], "sampling": first["sampling"], "convolution_type": first["convolution_type"],
+        "num_epochs": settings.get("num_epochs", "?"), "n_seeds": len(runs),
+        "seeds": " ".join(str(seed) for seed, _ in runs), "selected_by": selected_by,
+        "top1_mean": mean, "top1_std": sd, "parameters": _common(rows, "parameters"),
+        "gflops": _common(rows, "gflops"),
+        "average_epoch_seconds": float(np.mean([row["average_epoch_seconds"] for row in rows])),
+        "baseline": None, "comparison": None, "difference": None, "ci95_low": None, "ci95_high": None, "df": None,
+        "settings": settings, "top1_by_seed": {seed: row["selected_top1"] for seed, row in runs},
+    }
+
+
+def _baseline_key(group: Dict) -> tuple:
+    others = {name: value for name, value in group["settings"].items() if name not in BASELINE_MAY_DIFFER}
+    return tuple(sorted(others.items())), group["selected_by"]
+
+
+def add_baseline_comparisons(groups: List[Dict], layer: str) -> None:
+    """Fills the baseline columns of every group of another layer that has one matching ``layer`` group: the same
+    settings but the layer and its options, selected the same way. The others are named on stderr."""
+    baselines = defaultdict(list)
+    for group in groups:
+        if group["layer"] == layer:
+            baselines[_baseline_key(group)].append(group)
+    for group in groups:
+        if group["layer"] == layer:
+            continue
+        matches = baselines.get(_baseline_key(group), [])
+        if len(matches) != 1:
+            found = "no" if not matches else f"{len(matches)} ({', '.join(match['group'] for match in matches)})"
+            print(f"summarize.py: {group['group']}: {found} {layer} group with the same other settings and selection; "
+                  "not compared", file=sys.stderr)
+            continue
+        group.update(baseline=matches[0]["group"], **compare_with_baseline(group, matches[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,27 +478,74 @@ def _cell(value, number_format: str = ".2f") -> str:
     return str(value)
 
 
+def _parameters_cell(value: Optional[int]) -> str:
+    return f"{value:,}" if value is not None else ""
+
+
+def _markdown_lines(headers: List[str], rows: List[List]) -> List[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers),
+            *("| " + " | ".join(str(cell) for cell in cells) + " |" for cells in rows)]
+
+
 def markdown_table(rows: List[Dict]) -> str:
-    lines = ["| " + " | ".join(MARKDOWN_HEADERS) + " |", "|" + " --- |" * len(MARKDOWN_HEADERS)]
+    cells = []
     for row in rows:
         name = row["run"] if row["finished"] else row["run"] + UNFINISHED_MARK
-        parameters = f"{row['parameters']:,}" if row["parameters"] is not None else ""
-        cells = [name, row["layer"], row["K"], row["sampling"], row["convolution_type"], parameters,
-                 _cell(row["gflops"], ".4g"), row["epochs"], _cell(row["best_top1"]), _cell(row["best_epoch"]),
-                 _cell(row["final_top1"]), _cell(row["average_epoch_seconds"])]
-        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        cells.append([name, row["layer"], row["K"], row["sampling"], row["convolution_type"],
+                      _parameters_cell(row["parameters"]), _cell(row["gflops"], ".4g"), row["epochs"],
+                      _cell(row["best_top1"]), _cell(row["best_epoch"]), _cell(row["final_top1"]),
+                      _cell(row["average_epoch_seconds"]), _cell(row["seed"]), _cell(row["selected_by"]),
+                      _cell(row["selected_epoch"]), _cell(row["selected_top1"])])
+    lines = _markdown_lines(MARKDOWN_HEADERS, cells)
     if not all(row["finished"] for row in rows):
         lines.append("")
-        lines.append(f"{UNFINISHED_MARK} unfinished run (no final \"Max Accuracy\" line yet)")
+        lines.append(f"{UNFINISHED_MARK} unfinished run (no final \"Max Accuracy\" line yet), left out of the groups")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: List[Dict]) -> None:
+def _undefined(value, number_format: str = ".2f") -> str:
+    # A statistic that the runs do not define (a deviation of one seed, an interval of one pair).
+    return "-" if value is None else _cell(value, number_format)
+
+
+def _interval_cell(group: Dict) -> str:
+    if group["ci95_low"] is None:
+        return "- (needs 2 seeds a side)" if group["comparison"] != "paired" else "- (needs 2 paired seeds)"
+    return f"[{group['ci95_low']:+.2f}, {group['ci95_high']:+.2f}]"
+
+
+def groups_markdown(groups: List[Dict], baseline: Optional[str]) -> str:
+    """The table of groups, with the baseline columns when a baseline was asked for, and what its numbers mean."""
+    headers = GROUP_HEADERS + (BASELINE_HEADERS if baseline else [])
+    cells = []
+    for group in groups:
+        row = [group["group"], group["layer"], group["K"], group["sampling"], group["convolution_type"],
+               group["num_epochs"], f"{group['n_seeds']} ({group['seeds'].replace(' ', ', ')})", group["selected_by"],
+               _cell(group["top1_mean"]), _undefined(group["top1_std"]), _parameters_cell(group["parameters"]),
+               _cell(group["gflops"], ".4g"), _cell(group["average_epoch_seconds"])]
+        if baseline:
+            compared = group["baseline"] is not None
+            row += [group["baseline"] or "-", group["comparison"] or "-",
+                    f"{group['difference']:+.2f}" if compared else "-", _interval_cell(group) if compared else "-"]
+        cells.append(row)
+    notes = ["",
+             "Groups: finished runs that differ only in --seed. mean top-1: test top-1 at each run's selected epoch, "
+             "averaged over the seeds; sd: their sample standard deviation (n-1), '-' for one seed.",
+             f"selected by {SELECTED_BY_VALIDATION}: the epoch of the best validation top-1; {SELECTED_BY_TEST}: "
+             "the epoch of the best test top-1, picked on the test set itself, which overstates the result."]
+    if baseline:
+        notes.append(f"difference: mean top-1 minus that of the {baseline} group with the same other settings, in "
+                     "points; 95% CI over the seeds (paired by seed when both ran the same seeds, else Welch's). "
+                     "It measures seed noise only, not the choice of data or hyper-parameters.")
+    return "\n".join(_markdown_lines(headers, cells) + notes) + "\n"
+
+
+def csv_text(columns: List[str], rows: List[Dict]) -> str:
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, table.getvalue())
+    return table.getvalue()
 
 
 def _limit_to_percentages(axes) -> None:
@@ -328,30 +592,56 @@ def plot_top1_against_epoch(path: str, rows: List[Dict]) -> None:
     _save(figure, path)
 
 
-def plot_best_against_k(path: str, rows: List[Dict]) -> None:
-    """One line per layer and sampling over K; layers that ignore K are horizontal dashed lines."""
+def _line_labels(keys: List[tuple]) -> Dict[tuple, str]:
+    """``layer, sampling`` for each line (a group's settings but K, and its selection), with the settings that
+    tell apart lines of the same layer and sampling, and ``[test-picked]`` when the plot mixes both selections."""
+    labels = {}
+    mixed = len({selected_by for _, _, _, selected_by in keys}) > 1
+    for key in keys:
+        layer, sampling, settings, selected_by = key
+        label = layer if sampling == NOT_APPLICABLE else f"{layer}, {sampling}"
+        own = dict(settings)
+        namesakes = [dict(other[2]) for other in keys if other[:2] == key[:2] and other != key]
+        differing = sorted({name for other in namesakes for name in own if other.get(name) != own[name]})
+        label += "".join(f", {name} {own[name]}" for name in differing)
+        labels[key] = label + (" [test-picked]" if mixed and selected_by == SELECTED_BY_TEST else "")
+    return labels
+
+
+def plot_best_against_k(path: str, groups: List[Dict]) -> None:
+    """Mean selected test top-1 against K, one line per layer and sampling (and other settings), with the
+    standard deviation over seeds as error bars (none for one seed); layers that ignore K are horizontal dashed
+    lines with the band of one standard deviation around them."""
     figure = _new_figure(7, 4.5)
     axes = figure.subplots()
     lines = defaultdict(list)
     flat = []
-    for row in rows:
-        if row["best_top1"] is None:
+    for group in groups:
+        if group["K"] == NOT_APPLICABLE:
+            flat.append(group)
             continue
-        if row["K"] == NOT_APPLICABLE:
-            flat.append(row)
-        else:
-            lines[(row["layer"], row["sampling"])].append((row["K"], row["best_top1"]))
-    for (layer, sampling), points in sorted(lines.items()):
-        points.sort()
-        label = layer if sampling == NOT_APPLICABLE else f"{layer}, {sampling}"
-        axes.plot([k for k, _ in points], [best for _, best in points], marker="o", label=label, clip_on=False)
-    for index, row in enumerate(flat, start=len(lines)):
+        others = tuple(sorted((name, value) for name, value in group["settings"].items() if name != "K"))
+        lines[(group["layer"], group["sampling"], others, group["selected_by"])].append(group)
+    labels = _line_labels(list(lines) + [(group["layer"], NOT_APPLICABLE, tuple(sorted(group["settings"].items())),
+                                         group["selected_by"]) for group in flat])
+    for key, points in sorted(lines.items(), key=lambda item: labels[item[0]]):
+        points.sort(key=lambda group: group["K"])
+        # NaN draws no bar: one seed has no deviation to show.
+        deviations = [group["top1_std"] if group["top1_std"] is not None else math.nan for group in points]
+        axes.errorbar([group["K"] for group in points], [group["top1_mean"] for group in points], yerr=deviations,
+                      marker="o", capsize=3, label=labels[key], clip_on=False)
+    for index, group in enumerate(flat, start=len(lines)):
         # Named in the legend: a name written beside the line would run into the top edge at 100 %.
         # axhline does not take the next colour of the cycle by itself.
-        axes.axhline(row["best_top1"], linestyle="--", label=row["run"], color=f"C{index % 10}", clip_on=False)
-    axes.set(xlabel="K (neighbours per token)", ylabel="best test top-1 accuracy (%)",
-             title="Best test top-1 against K")
-    axes.set_xticks(sorted({k for points in lines.values() for k, _ in points}))
+        colour = f"C{index % 10}"
+        key = (group["layer"], NOT_APPLICABLE, tuple(sorted(group["settings"].items())), group["selected_by"])
+        axes.axhline(group["top1_mean"], linestyle="--", label=labels[key], color=colour, clip_on=False)
+        if group["top1_std"] is not None:
+            axes.axhspan(group["top1_mean"] - group["top1_std"], group["top1_mean"] + group["top1_std"], color=colour,
+                         alpha=0.15, linewidth=0)
+    axes.set(xlabel="K (neighbours per token)", ylabel="test top-1 (%), mean ± sd over seeds",
+             title="Test top-1 at the selected epoch against K")
+    axes.set_xticks(sorted({group["K"] for points in lines.values() for group in points}))
     _limit_to_percentages(axes)
     axes.grid(True, alpha=0.3)
     if axes.lines:
@@ -366,28 +656,40 @@ def plot_best_against_k(path: str, rows: List[Dict]) -> None:
 
 def summarise_runs(directories: List[str]) -> List[Dict]:
     """The rows of every run found; what is skipped or left out is named on stderr, one line each."""
-    rows, not_runs = [], []
-    for argument in directories:
-        for run in find_runs(argument, not_runs):
-            try:
-                row, note = summarise_run(run, run_name(run, argument))
-            except SkippedRun as reason:
-                print(f"summarize.py: skipped {run}: {reason}", file=sys.stderr)
-                continue
-            if note:
-                print(f"summarize.py: {run}: {note}", file=sys.stderr)
-            rows.append(row)
+    rows = []
+    runs, not_runs = unique_runs(directories)
+    for run, argument in runs:
+        try:
+            row, note = summarise_run(run, run_name(run, argument))
+        except SkippedRun as reason:
+            print(f"summarize.py: skipped {run}: {reason}", file=sys.stderr)
+            continue
+        if note:
+            print(f"summarize.py: {run}: {note}", file=sys.stderr)
+        rows.append(row)
     for path in not_runs:
         print(f"summarize.py: skipped {path}: not a run directory (no args.txt) and no run below it", file=sys.stderr)
     return rows
 
 
-def write_summary(out_dir: str, rows: List[Dict], table: str) -> None:
+def unique_runs(directories: List[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """Each run found once, however many of the arguments lead to it: a run given twice is no second seed."""
+    runs, seen, not_runs = [], set(), []
+    for argument in directories:
+        for run in find_runs(argument, not_runs):
+            if os.path.realpath(run) not in seen:
+                seen.add(os.path.realpath(run))
+                runs.append((run, argument))
+    return runs, not_runs
+
+
+def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "summary.md"), table)
-    write_csv(os.path.join(out_dir, "summary.csv"), rows)
+    atomic_write_text(os.path.join(out_dir, "summary.csv"), csv_text(CSV_COLUMNS, rows))
+    atomic_write_text(os.path.join(out_dir, "groups.csv"), csv_text(GROUP_COLUMNS, groups))
     plot_top1_against_epoch(os.path.join(out_dir, "top1_vs_epoch.png"), rows)
-    plot_best_against_k(os.path.join(out_dir, "best_top1_vs_K.png"), rows)
+    plot_best_against_k(os.path.join(out_dir, "best_top1_vs_K.png"), groups)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -395,6 +697,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("directories", nargs="+", help="run directories, or directories with runs below them")
     parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
                         help="where the table and plots go (default: %(default)s in the current directory)")
+    parser.add_argument("--baseline", metavar="LAYER", choices=list(LAYER_REGISTRY),
+                        help="compare every group of another layer with the group of this layer that has the same "
+                             "other settings: mean difference and its 95%% confidence interval over seeds")
     args = parser.parse_args(argv)
 
     rows = summarise_runs(args.directories)
@@ -402,9 +707,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("summarize.py: no runs found to summarise", file=sys.stderr)
         return 1
     rows.sort(key=table_order)
-    table = markdown_table(rows)
+    groups = group_runs(rows)
+    groups.sort(key=table_order)
+    if args.baseline:
+        if not any(group["layer"] == args.baseline for group in groups):
+            parser.error(f"--baseline: no finished run of layer {args.baseline} among the runs; choose one of "
+                         f"{', '.join(sorted({group['layer'] for group in groups})) or 'none (no finished run)'}")
+        add_baseline_comparisons(groups, args.baseline)
+    table = markdown_table(rows) + "\n" + groups_markdown(groups, args.baseline)
     try:
-        write_summary(args.out_dir, rows, table)
+        write_summary(args.out_dir, rows, groups, table)
     except OSError as error:  # OutputWriteError names the file; makedirs names the directory
         reason = str(error) if isinstance(error, OutputWriteError) else f"cannot create {args.out_dir}: {error.strerror}"
         print(f"summarize.py: {reason}; choose another --out_dir", file=sys.stderr)

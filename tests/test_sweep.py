@@ -13,7 +13,7 @@ import pytest
 
 import run_files
 import vit_main
-from scripts import summarize
+from scripts import check_run_args, summarize
 from tests.helpers import TINY_MODEL_FLAGS, Interrupted, interrupt_in_epoch, texts_outside_or_overlapping
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -58,23 +58,23 @@ def test_sweep_skips_finished_runs_resumes_unfinished_ones_and_starts_absent_one
                                                                                    monkeypatch):
     root = tmp_path / "sweep"
     # K=2 finished: a results file that ends with the summary line (its content is never read again).
-    finished = root / "ConvNNAttention_K2_all"
+    finished = root / "ConvNNAttention_K2_all_s0"
     finished.mkdir(parents=True)
     finished_results = "[Epoch 001] ...\nAverage Epoch Time: 1.0000s\nMax Accuracy: 50.0000% at epoch 1\n"
     (finished / "train_eval_results.txt").write_text(finished_results)
     # K=3 interrupted in epoch 2, with the flags the sweep passes; K=4 absent.
-    unfinished = root / "ConvNNAttention_K3_all"
+    unfinished = root / "ConvNNAttention_K3_all_s0"
     interrupted_run(tiny_argv(unfinished, "--layer", "ConvNNAttention", "--K", "3", "--num_epochs", "2"), monkeypatch)
     first_epoch = read_rows(unfinished / "metrics.csv")
     assert len(first_epoch) == 1
 
     output = run_sweep(root)
-    assert "skip    ConvNNAttention_K2_all (finished)" in output
-    assert "resume  ConvNNAttention_K3_all" in output and "Resuming from" in output
-    assert "start   ConvNNAttention_K4_all" in output
+    assert "skip    ConvNNAttention_K2_all_s0 (finished)" in output
+    assert "resume  ConvNNAttention_K3_all_s0" in output and "Resuming from" in output
+    assert "start   ConvNNAttention_K4_all_s0" in output
     assert (finished / "train_eval_results.txt").read_text() == finished_results
     assert sorted(os.listdir(finished)) == ["train_eval_results.txt"]
-    for name in ("ConvNNAttention_K3_all", "ConvNNAttention_K4_all"):
+    for name in ("ConvNNAttention_K3_all_s0", "ConvNNAttention_K4_all_s0"):
         assert summarize.is_finished(str(root / name))
         rows = read_rows(root / name / "metrics.csv")
         assert [row["epoch"] for row in rows] == ["1", "2"]
@@ -95,7 +95,7 @@ def wait_for(path, process, timeout=180):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path):
     root = tmp_path / "sweep"
-    first, second = root / "ConvNNAttention_K2_all", root / "ConvNNAttention_K3_all"
+    first, second = root / "ConvNNAttention_K2_all_s0", root / "ConvNNAttention_K3_all_s0"
     # A new session, so that the test can signal the sweep's process group as a terminal does on Ctrl-C.
     sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, EPOCHS="1000", K_VALUES="2 3"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -107,9 +107,9 @@ def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
     assert sweep.returncode == 130, stdout + stderr
-    assert "start   ConvNNAttention_K3_all" not in stdout and not second.exists()
+    assert "start   ConvNNAttention_K3_all_s0" not in stdout and not second.exists()
     assert "vit_main.py: stopped by SIGINT" in (first / "console.log").read_text()
-    assert stderr.splitlines()[-1] == ("sweep.sh: stopped by SIGINT during ConvNNAttention_K2_all; "
+    assert stderr.splitlines()[-1] == ("sweep.sh: stopped by SIGINT during ConvNNAttention_K2_all_s0; "
                                        "start the sweep again to continue")
 
 
@@ -138,6 +138,101 @@ def test_python_defaults_to_the_projects_venv(tmp_path, with_venv):
 
     (call,) = (tmp_path / "calls").read_text().splitlines()
     assert call.startswith(f"{expected} {repository / 'vit_main.py'} --dataset synthetic")
+
+
+def recording_sweep(tmp_path, **settings):
+    """Runs sweep.sh with a launcher that records its command lines instead of training; returns the finished
+    process and the recorded calls."""
+    launcher = recording_python(tmp_path / "bin" / "launcher")
+    environment = {**sweep_environment(tmp_path / "sweep", **settings), "LAUNCHER": str(launcher),
+                   "CALLS": str(tmp_path / "calls")}
+    finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=300)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return finished, calls
+
+
+@pytest.mark.slow
+def test_every_setting_runs_once_per_seed_in_a_directory_named_after_it(tmp_path):
+    finished, calls = recording_sweep(tmp_path, SEEDS="0 7", K_VALUES="2", BASELINES="Attention")
+    assert finished.returncode == 0, finished.stderr
+    root = tmp_path / "sweep"
+    expected = [("ConvNNAttention_K2_all_s0", "0"), ("Attention_s0", "0"), ("ConvNNAttention_K2_all_s7", "7"),
+                ("Attention_s7", "7")]
+    assert len(calls) == len(expected)
+    for call, (name, seed) in zip(calls, expected):
+        assert f" --seed {seed} --output_dir {root / name} --resume auto" in call, call
+
+
+def sweep_run_arguments(directory, k, **changes):
+    """args.txt as vit_main writes it for the sweep's run of ``k`` (sweep_environment's settings), changed by
+    ``changes``."""
+    flags = ["--dataset", "synthetic", "--device", "cpu", "--num_epochs", "2", *TINY_MODEL_FLAGS, "--layer",
+             "ConvNNAttention", "--K", str(k), "--sampling_type", "all", "--num_samples", "-1", "--seed", "0",
+             "--output_dir", str(directory), "--resume", "auto"]
+    arguments = vars(vit_main.build_parser().parse_args(flags))
+    directory.mkdir(parents=True)
+    run_files.RunOutputs(str(directory)).write_args({**arguments, "data_path": os.path.abspath("Data"), **changes})
+
+
+@pytest.mark.slow
+def test_a_run_directory_trained_with_other_flags_is_refused_not_counted(tmp_path):
+    root = tmp_path / "sweep"
+    finished_line = "Average Epoch Time: 1.0000s\nMax Accuracy: 50.0000% at epoch 1\n"
+    cases = {  # K: (finished, changed flags)
+        2: (True, {"device": "cuda", "num_workers": 4}),  # where and how fast it ran: skipped as finished
+        3: (True, {"dataset": "cifar10"}),  # another DATASET
+        4: (True, {"num_epochs": 1}),  # a finished run of another length
+        5: (False, {"augment": True}),  # EXTRA_FLAGS without --augment: vit_main would keep it on
+        6: (False, {"num_epochs": 1}),  # vit_main continues it to the sweep's epochs, and records that
+    }
+    for k, (finished, changes) in cases.items():
+        directory = root / f"ConvNNAttention_K{k}_all_s0"
+        sweep_run_arguments(directory, k, **changes)
+        if finished:
+            (directory / "train_eval_results.txt").write_text(finished_line)
+
+    result, calls = recording_sweep(tmp_path, K_VALUES="2 3 4 5 6")
+
+    assert result.returncode == 1
+    assert "skip    ConvNNAttention_K2_all_s0 (finished)" in result.stdout
+    assert [call.split(" --output_dir ")[1].split()[0] for call in calls] == [str(root / "ConvNNAttention_K6_all_s0")]
+    advice = "; move the directory away or choose another OUTPUT_ROOT"
+    assert result.stderr.splitlines() == [
+        f"sweep.sh: refused {root / 'ConvNNAttention_K3_all_s0'}: args.txt has --dataset cifar10, the sweep runs "
+        f"--dataset synthetic{advice}",
+        f"sweep.sh: refused {root / 'ConvNNAttention_K4_all_s0'}: args.txt has --num_epochs 1, the sweep runs "
+        f"--num_epochs 2{advice}",
+        f"sweep.sh: refused {root / 'ConvNNAttention_K5_all_s0'}: args.txt has --augment True, the sweep runs "
+        f"--augment False{advice}",
+        "refused: ConvNNAttention_K3_all_s0 ConvNNAttention_K4_all_s0 ConvNNAttention_K5_all_s0",
+    ]
+
+
+def test_the_check_compares_only_what_decides_the_result(tmp_path):
+    planned = check_run_args.parsed_values(["--lr", "0.01", "--K", "4"])
+    stored = {**planned, "device": "cpu", "num_workers": "0", "data_path": "/data", "output_dir": "/elsewhere"}
+    assert check_run_args.differing_flags(stored, planned, finished=True) == []
+    del stored["softmax_topk_val"]  # an older args.txt: the flag did not exist, it ran as its default does
+    assert check_run_args.differing_flags(stored, planned, finished=True) == []
+    stored.update(num_epochs="3", batch_size="128")
+    assert check_run_args.differing_flags(stored, planned, finished=False) == []
+    assert check_run_args.differing_flags(stored, planned, finished=True) == ["batch_size", "num_epochs"]
+    stored.update(num_epochs="150", batch_size="256", lr="0.001", new_flag="1")
+    names = check_run_args.differing_flags(stored, planned, finished=True)
+    assert names == ["lr", "new_flag"]
+    assert check_run_args.difference_line(stored, planned, names) == (
+        "args.txt has --lr 0.001, the sweep runs --lr 0.01 (and --new_flag differ too)")
+    assert check_run_args.difference_line(stored, planned, ["new_flag"]) == (
+        "args.txt has --new_flag 1, which this vit_main.py does not know")
+    del stored["K"]
+    assert check_run_args.differing_flags(stored, planned, finished=True) == ["K", "lr", "new_flag"]
+    assert check_run_args.difference_line(stored, planned, ["K"]) == "args.txt has no --K, the sweep runs --K 4"
+
+
+def test_a_damaged_args_txt_is_refused_with_its_reason(tmp_path, capsys):
+    (tmp_path / "args.txt").write_text("K=4\n")
+    assert check_run_args.main([str(tmp_path), "finished", "--K", "4"]) == 1
+    assert capsys.readouterr().out == "args.txt line 1 is not 'name: value': 'K=4'\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +349,8 @@ DAMAGES = {
     "args.txt K not a number": ("args.txt", "K: 4", "K: four", "args.txt: K is 'four', not an integer"),
     "args.txt num_epochs not a number": ("args.txt", "num_epochs: 5", "num_epochs: 5.5",
                                          "args.txt: num_epochs is '5.5', not an integer"),
+    "args.txt seed not a number": ("args.txt", "num_epochs: 5\n", "num_epochs: 5\nseed: one\n",
+                                   "args.txt: seed is 'one', not an integer"),
     "args.txt cut short": ("args.txt", "num_epochs: 5\n", "num_epochs: ", "args.txt: its last line is cut short"),
     "args.txt empty": ("args.txt", None, "", "args.txt is empty"),
     "args.txt repeats a name": ("args.txt", "K: 4\n", "K: 4\nK: 9\n", "args.txt line 3 repeats K"),
@@ -316,7 +413,7 @@ def test_the_summary_goes_to_its_own_folder_by_default(tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     assert summarize.main([str(run)]) == 0
     assert sorted(os.listdir(run)) == before
-    assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "summary.csv", "summary.md",
+    assert sorted(os.listdir(tmp_path / "summary")) == ["best_top1_vs_K.png", "groups.csv", "summary.csv", "summary.md",
                                                         "top1_vs_epoch.png"]
 
 
