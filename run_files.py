@@ -111,7 +111,8 @@ LOCK_NAME = ".lock"
 # Files that show a directory holds a training run: the checkpoints, and the logs once they hold an epoch.
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
-OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt")
+OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt",
+                            "per_class_accuracy.csv", "confusion_matrix.png")
 
 
 class LockFileError(RuntimeError):
@@ -329,6 +330,16 @@ METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_top1", "train_top5",
     "test_loss", "test_top1", "test_top5", "epoch_seconds", "images_per_second",
 ]
+# Appended to METRIC_COLUMNS when --val_split holds out a validation split, and only then.
+VALIDATION_COLUMNS = ["val_loss", "val_top1", "val_top5"]
+
+
+def metric_columns(validation: bool) -> List[str]:
+    return METRIC_COLUMNS + (VALIDATION_COLUMNS if validation else [])
+
+
+def has_validation(history: List[Dict]) -> bool:
+    return bool(history) and "val_top1" in history[0]
 
 
 def epoch_line(record: Dict) -> str:
@@ -338,6 +349,8 @@ def epoch_line(record: Dict) -> str:
         f"Top5: {record['train_top5']:.4f}% | "
         f"[Test] Loss: {record['test_loss']:.8f} Accuracy: Top1: {record['test_top1']:.4f}%, "
         f"Top5: {record['test_top5']:.4f}%"
+        + (f" | [Validation] Loss: {record['val_loss']:.8f} Accuracy: Top1: {record['val_top1']:.4f}%, "
+           f"Top5: {record['val_top5']:.4f}%" if "val_top1" in record else "")
     )
 
 
@@ -352,12 +365,30 @@ def best_accuracy_line(history: List[Dict]) -> str:
 
 
 def best_record(history: List[Dict]) -> Dict:
-    # The first epoch reaching the maximum wins ties, like the best.pt checkpoint.
+    """The epoch of best test top-1, the seed's "Max Accuracy": chosen on the test split itself, so its
+    accuracy is an optimistic estimate. The first epoch reaching the maximum wins ties."""
     return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
 
 
+def selected_record(history: List[Dict]) -> Dict:
+    """The epoch whose weights best.pt holds: best validation top-1 when a validation split is held out
+    (the test split then plays no part in the choice), else best test top-1. The first epoch wins ties."""
+    if not has_validation(history):
+        return best_record(history)
+    return max(history, key=lambda record: (record["val_top1"], -record["epoch"]))
+
+
+def best_validation_line(history: List[Dict]) -> str:
+    chosen = selected_record(history)
+    return (f"Test Accuracy at best validation epoch: {chosen['test_top1']:.4f}% at epoch {chosen['epoch']} "
+            f"(validation top-1 {chosen['val_top1']:.4f}%)")
+
+
 def summary_lines(history: List[Dict]) -> List[str]:
-    return [average_time_line(history), best_accuracy_line(history)]
+    lines = [average_time_line(history), best_accuracy_line(history)]
+    if has_validation(history):
+        lines.append(best_validation_line(history))
+    return lines
 
 
 def results_text(history: List[Dict]) -> str:
@@ -382,8 +413,9 @@ class RunOutputs:
     one line per epoch as it ends.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, validation: bool = False):
         self.output_dir = output_dir
+        self.columns = metric_columns(validation)
         self.results_path = self.path("train_eval_results.txt")
         self.metrics_path = self.path("metrics.csv")
 
@@ -426,14 +458,14 @@ class RunOutputs:
         of epochs after a resumed checkpoint, and the summary lines of a finished run, go away."""
         atomic_write_text(self.results_path, results_text(history))
         table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(table, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(self.metrics_path, table.getvalue())
 
     def log_epoch(self, record: Dict, history: List[Dict]) -> None:
         append_line(self.results_path, epoch_line(record))
-        append_line(self.metrics_path, ",".join(repr(record[column]) for column in METRIC_COLUMNS))
+        append_line(self.metrics_path, ",".join(repr(record[column]) for column in self.columns))
         write_curves(self.path("curves.png"), history)
 
     def finish(self, history: List[Dict]) -> None:
@@ -452,6 +484,57 @@ class RunOutputs:
         text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"
         atomic_write_text(self.path("test_results.txt"), text)
 
+    def write_per_class_results(self, confusion: torch.Tensor, names: List[str]) -> None:
+        """per_class_accuracy.csv and confusion_matrix.png of a test-split evaluation."""
+        atomic_write_text(self.path("per_class_accuracy.csv"), per_class_table(confusion, names))
+        write_confusion_matrix(self.path("confusion_matrix.png"), confusion, names)
+
+
+PER_CLASS_COLUMNS = ["class_index", "class_name", "images", "correct", "accuracy"]
+
+
+def per_class_table(confusion: torch.Tensor, names: List[str]) -> str:
+    """One row per class of ``confusion`` (rows: true class, columns: predicted class); accuracy in
+    percent, empty for a class without test images."""
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    images, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    for index, name in enumerate(names):
+        accuracy = repr(100.0 * correct[index] / images[index]) if images[index] else ""
+        writer.writerow([index, name, images[index], correct[index], accuracy])
+    return table.getvalue()
+
+
+# Up to this many classes the confusion matrix shows every count and every class name.
+CONFUSION_MATRIX_LABELLED_CLASSES = 20
+
+
+def write_confusion_matrix(path: str, confusion: torch.Tensor, names: List[str]) -> None:
+    """Each true class's row as fractions of its images, so that classes of different sizes compare;
+    counts are written in the cells while the classes are few enough to read them."""
+    from matplotlib.figure import Figure
+
+    count = len(names)
+    images = confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    fractions = (confusion.double() / images).numpy()
+    labelled = count <= CONFUSION_MATRIX_LABELLED_CLASSES
+    side = 7 if labelled else 9
+    figure = Figure(figsize=(side + 1.5, side))
+    axes = figure.subplots()
+    shown = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(shown, ax=axes, label="fraction of the true class's images")
+    axes.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (test split)")
+    if labelled:
+        axes.set_xticks(range(count), names, rotation=45, ha="right")
+        axes.set_yticks(range(count), names)
+        for true, row in enumerate(confusion.tolist()):
+            for predicted, cell in enumerate(row):
+                colour = "white" if fractions[true, predicted] > 0.5 else "black"
+                axes.text(predicted, true, str(cell), ha="center", va="center", fontsize=8, color=colour)
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+
 
 def write_curves(path: str, history: List[Dict]) -> None:
     """Loss and top-1 accuracy against epoch. Uses a bare Figure (no pyplot), so it needs no display."""
@@ -462,7 +545,8 @@ def write_curves(path: str, history: List[Dict]) -> None:
     epochs = [record["epoch"] for record in history]
     figure = Figure(figsize=(10, 4))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for split in ("train", "test"):
+    splits = ("train", "test", "val") if has_validation(history) else ("train", "test")
+    for split in splits:
         loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         accuracy_axes.plot(epochs, [r[f"{split}_top1"] for r in history], marker="o", label=split)
     loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
