@@ -306,3 +306,23 @@ def test_the_confusion_matrix_is_drawn_for_few_and_many_classes(classes, tmp_pat
     axes = figure.axes[0]
     assert len(axes.texts) == (classes * classes if classes <= 20 else 0)
     assert (tmp_path / "matrix.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_per_class_results_of_training_are_evaluated_with_best_pt_weights(validation_run, tmp_path,
+                                                                             small_synthetic):
+    # A model whose own (zeroed) weights would predict class 0 for every image: only best.pt's give best's numbers.
+    args = vit_main.build_parser().parse_args([*TINY_MODEL_FLAGS, *VALIDATION])
+    model, _ = vit_main.build_model(args, 32, 10)
+    for parameter in model.parameters():
+        torch.nn.init.zeros_(parameter)
+    trainer = runs._trainer({**vit_main.trainer_config(args), "model": model, "device": torch.device("cpu"),
+                             "num_classes": 10})
+    _, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=0, augment=False, need_train=False)
+    test_loader = dataset.evaluation_loader(test, batch_size=64, num_workers=0, device=torch.device("cpu"))
+    shutil.copytree(validation_run, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "per_class_accuracy.csv").unlink()
+    history = checkpoints.load_checkpoint(tmp_path / "last.pt")["history"]
+    runs._per_class_results_of_best(trainer, run_files.RunOutputs(str(tmp_path)), test_loader,
+                                    [str(index) for index in range(10)], history)
+    best = run_files.selected_record(history)
+    assert sum(int(row["correct"]) for row in per_class_rows(tmp_path)) == pytest.approx(best["test_top1"])
