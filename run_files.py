@@ -484,10 +484,11 @@ class RunOutputs:
         text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"
         atomic_write_text(self.path("test_results.txt"), text)
 
-    def write_per_class_results(self, confusion: torch.Tensor, names: List[str]) -> None:
-        """per_class_accuracy.csv and confusion_matrix.png of a test-split evaluation."""
+    def write_per_class_results(self, confusion: torch.Tensor, names: List[str], weights: str) -> None:
+        """per_class_accuracy.csv and confusion_matrix.png of a test-split evaluation; the plot's title
+        names ``weights``, the checkpoint evaluated."""
         atomic_write_text(self.path("per_class_accuracy.csv"), per_class_table(confusion, names))
-        write_confusion_matrix(self.path("confusion_matrix.png"), confusion, names)
+        write_confusion_matrix(self.path("confusion_matrix.png"), confusion, names, weights)
 
 
 PER_CLASS_COLUMNS = ["class_index", "class_name", "images", "correct", "accuracy"]
@@ -510,7 +511,7 @@ def per_class_table(confusion: torch.Tensor, names: List[str]) -> str:
 CONFUSION_MATRIX_LABELLED_CLASSES = 20
 
 
-def write_confusion_matrix(path: str, confusion: torch.Tensor, names: List[str]) -> None:
+def write_confusion_matrix(path: str, confusion: torch.Tensor, names: List[str], weights: str) -> None:
     """Each true class's row as fractions of its images, so that classes of different sizes compare;
     counts are written in the cells while the classes are few enough to read them."""
     from matplotlib.figure import Figure
@@ -524,7 +525,7 @@ def write_confusion_matrix(path: str, confusion: torch.Tensor, names: List[str])
     axes = figure.subplots()
     shown = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(shown, ax=axes, label="fraction of the true class's images")
-    axes.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (test split)")
+    axes.set(xlabel="predicted class", ylabel="true class", title=f"Test split, weights of {weights}")
     if labelled:
         axes.set_xticks(range(count), names, rotation=45, ha="right")
         axes.set_yticks(range(count), names)

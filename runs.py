@@ -369,7 +369,7 @@ def _per_class_results_of_best(trainer: train_eval.Trainer, outputs: run_files.R
     trainer.model.load_state_dict(best["model"])
     result = trainer.evaluate(test_loader, "per-class test", confusion=True)
     if distributed.is_main_process():
-        outputs.write_per_class_results(result.confusion, names)
+        outputs.write_per_class_results(result.confusion, names, f"best.pt (epoch {chosen_epoch})")
         distributed.print_main(f"Per-class test accuracy of best.pt (epoch {chosen_epoch}): "
                                f"{outputs.path('per_class_accuracy.csv')}, {outputs.path('confusion_matrix.png')}",
                                flush=True)
@@ -393,7 +393,8 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
     distributed.print_main(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():
         outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
-        outputs.write_per_class_results(result.confusion, dataset.class_names(test_data, num_classes))
+        weights = os.path.basename(checkpoint) if evaluated else "a freshly initialised model"
+        outputs.write_per_class_results(result.confusion, dataset.class_names(test_data, num_classes), weights)
 
 
 def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: run_files.RunOutputs) -> bool:

@@ -15,7 +15,7 @@ import runs
 import train_eval
 import vit_main
 from tests.helpers import (DETERMINISTIC_COLUMNS, TINY_MODEL_FLAGS, assert_resume_repeats_a_straight_run,
-                           read_metrics, results_lines, write_cifar10)
+                           read_metrics, results_lines, texts_outside_or_overlapping, write_cifar10)
 from tests.test_robustness import expect_one_line_error
 
 VALIDATION = ["--val_split", "0.2"]
@@ -301,10 +301,13 @@ def test_a_class_without_test_images_has_no_accuracy():
 @pytest.mark.parametrize("classes", [10, 100])
 def test_the_confusion_matrix_is_drawn_for_few_and_many_classes(classes, tmp_path, saved_figures):
     confusion = torch.randint(0, 5, (classes, classes))
-    run_files.write_confusion_matrix(str(tmp_path / "matrix.png"), confusion, [f"c{i}" for i in range(classes)])
-    figure, _ = saved_figures[0]
+    run_files.write_confusion_matrix(str(tmp_path / "matrix.png"), confusion, [f"c{i}" for i in range(classes)],
+                                     "best.pt (epoch 7)")
+    figure, dpi = saved_figures[0]
     axes = figure.axes[0]
     assert len(axes.texts) == (classes * classes if classes <= 20 else 0)
+    assert axes.get_title() == "Test split, weights of best.pt (epoch 7)"
+    assert texts_outside_or_overlapping(figure, dpi) == ([], [])
     assert (tmp_path / "matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
