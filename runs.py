@@ -327,8 +327,10 @@ def _train(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_f
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
     train_loader, test_loader = dataset.make_loaders(train_data, test_data, **loader_config(args, trainer.device))
-    val_loader = dataset.evaluation_loader(val_data, **loader_config(args, trainer.device)) if val_data else None
-    validation = f", {len(val_data)} validation (held out of training)" if val_data else ""
+    val_loader, validation = None, ""
+    if val_data is not None:
+        val_loader = dataset.evaluation_loader(val_data, **loader_config(args, trainer.device))
+        validation = f", {len(val_data)} validation (held out of training)"
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
                            f"{args.device}; {args.dataset}: {len(train_data)} training{validation} and "
                            f"{len(test_data)} test images of {img_size}x{img_size}", flush=True)

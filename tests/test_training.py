@@ -104,7 +104,8 @@ def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
 def test_no_temporary_files_are_left_behind(two_epoch_run):
     output_dir, _ = two_epoch_run
     assert sorted(path.name for path in output_dir.iterdir()) == sorted(
-        ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt"]
+        ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt",
+         "per_class_accuracy.csv", "confusion_matrix.png"]
     )
 
 
