@@ -104,8 +104,8 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
         raise UsageError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
                          "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
     stored = checkpoint.get("args")
-    if stored is not None:
-        stored = {**FLAGS_OLDER_RUNS_HAD, **stored}
+    if stored is not None:  # added after the stored flags, whose order args.txt keeps
+        stored = {**stored, **{name: value for name, value in FLAGS_OLDER_RUNS_HAD.items() if name not in stored}}
     if stored is None:
         print(f"warning: {path} stores no flags (an older version wrote it); resuming with the command line's",
               file=sys.stderr)

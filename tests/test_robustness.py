@@ -833,8 +833,8 @@ def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(t
 
     evaluate = train_eval.Trainer.evaluate
 
-    def later_epochs_do_not_improve(self, loader, description="test"):
-        result = evaluate(self, loader, description)
+    def later_epochs_do_not_improve(self, loader, description="test", **options):
+        result = evaluate(self, loader, description, **options)
         return result if description.startswith("epoch 1 ") else dataclasses.replace(result, top1=0.0)
 
     monkeypatch.setattr(train_eval.Trainer, "evaluate", later_epochs_do_not_improve)
