@@ -24,7 +24,7 @@ DEFAULTS = {
     "similarity_type": "Col", "aggregation_type": "Col",
     "kernel_size": 9, "branch_ratio": 0.5, "sparse_mode": "all", "sparse_context_window": 128, "local_window": 128,
     "dataset": "cifar10", "data_path": "./Data", "resize": 224, "augment": False, "num_workers": 4,
-    "data_loader": "workers",
+    "data_loader": "workers", "val_split": 0.0, "split_seed": 0,
     "batch_size": 256, "num_epochs": 150, "use_amp": False, "use_compiled": False, "compile_mode": "default",
     "clip_grad_norm": 1.0,
     "criterion": "CrossEntropy", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-6, "momentum": 0.9,
