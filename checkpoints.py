@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 
 import distributed
-from run_files import RunOutputs, atomic_write, best_record, first_line
+from run_files import RunOutputs, atomic_write, first_line, selected_record
 from utils import capture_rng_state
 
 if TYPE_CHECKING:  # annotations only: train_eval saves its checkpoints through this module
@@ -69,12 +69,13 @@ def model_weights(checkpoint: Dict) -> Dict:
 
 # ---------------------------------------------------------------------------------------------
 # The training checkpoints: last.pt after every epoch, best.pt after each that improved test top-1
+# (validation top-1 when --val_split holds out a validation split)
 # ---------------------------------------------------------------------------------------------
 
 
 def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_arguments: Dict,
                       args_changes: List[Dict]) -> Dict:
-    best = best_record(history)
+    best = selected_record(history)
     return {
         **trainer.state_dict(),
         "epoch": epoch,
@@ -105,7 +106,7 @@ def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int
     epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
     just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
     says so, and ``best.pt`` is replaced when an epoch improves on it."""
-    best_epoch = best_record(history)["epoch"]
+    best_epoch = selected_record(history)["epoch"]
     best_history = [record for record in history if record["epoch"] <= best_epoch]
     path = outputs.path("best.pt")
     try:

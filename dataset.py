@@ -1,7 +1,9 @@
 """Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, an in-memory synthetic set)
 and the loaders that batch them."""
 
+import copy
 import functools
+import math
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -179,6 +181,85 @@ def load_datasets(
     else:
         raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     return train, test, num_classes(dataset, data_path, need_train), image_size(dataset, resize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation split (--val_split): a class-stratified hold-out of the training split
+# ---------------------------------------------------------------------------------------------
+
+
+def split_labels(data: Dataset) -> torch.Tensor:
+    """The labels of a split as ``(N,)`` int64, read without decoding a single image."""
+    if isinstance(data, SyntheticImages):
+        return data.labels.long()
+    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
+        return torch.tensor(data.targets, dtype=torch.long)
+    if isinstance(data, datasets.DatasetFolder):
+        return torch.tensor(data.targets, dtype=torch.long)
+    raise ValueError(f"--val_split: cannot read the labels of a {type(data).__name__}")
+
+
+def held_out_count(fraction: float, class_size: int) -> int:
+    """Validation images of a class of ``class_size``: ``fraction`` of it rounded half up, so that every
+    class's share differs from ``fraction`` by at most half an image."""
+    return math.floor(fraction * class_size + 0.5)
+
+
+def validation_split_problem(labels: torch.Tensor, fraction: float) -> Optional[str]:
+    """Why ``fraction`` cannot split these labels, or None: every class must give the validation split
+    at least one image and keep at least one for training."""
+    counts = torch.bincount(labels).tolist()
+    for label, count in enumerate(counts):
+        if count == 0:
+            continue
+        held_out = held_out_count(fraction, count)
+        if count == 1:
+            return (f"--val_split: class {label} has a single training image, which cannot give a validation "
+                    "image and keep one for training; add images or train without --val_split")
+        if held_out < 1:
+            return (f"--val_split: {fraction} holds out no image of class {label} ({count} training images); "
+                    f"every class needs at least one validation image: give at least {0.5 / count:.6g}")
+        if held_out >= count:
+            return (f"--val_split: {fraction} holds out all {count} training images of class {label}; every "
+                    f"class must keep at least one for training: give a smaller --val_split")
+    return None
+
+
+def validation_indices(labels: torch.Tensor, fraction: float, split_seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(training, validation)`` indices into a split with ``labels``, each sorted. Every class gives
+    ``held_out_count(fraction, its size)`` images, drawn by a generator seeded with ``split_seed`` alone,
+    so that runs differing only in --seed or --layer hold out the same images."""
+    generator = torch.Generator().manual_seed(split_seed)
+    held_out = []
+    for label in range(int(labels.max()) + 1 if len(labels) else 0):
+        members = (labels == label).nonzero().view(-1)
+        chosen = torch.randperm(len(members), generator=generator)[: held_out_count(fraction, len(members))]
+        held_out.append(members[chosen])
+    validation = torch.cat(held_out).sort().values if held_out else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[validation] = False
+    return keep.nonzero().view(-1), validation
+
+
+def hold_out_validation(train: Dataset, dataset: str, resize: int, fraction: float,
+                        split_seed: int) -> Tuple[Dataset, Dataset]:
+    """``(training subset, validation subset)`` of the training split. The validation images are read
+    with the evaluation transform (no augmentation), through a copy of the split that shares its
+    images and file list."""
+    labels = split_labels(train)
+    problem = validation_split_problem(labels, fraction)
+    if problem:
+        raise ValueError(problem)
+    training, validation = validation_indices(labels, fraction, split_seed)
+    evaluated = copy.copy(train)
+    evaluated.transform = build_transform(dataset, resize, augment=False)
+    return Subset(train, training.tolist()), Subset(evaluated, validation.tolist())
+
+
+def class_names(data: Dataset, num_classes: int) -> List[str]:
+    """The names of the classes: CIFAR's and the image folders' own, the index for the synthetic set."""
+    names = getattr(data, "classes", None)
+    return list(names) if names else [str(index) for index in range(num_classes)]
 
 
 def synthetic_sizes() -> Tuple[int, int]:
@@ -394,6 +475,10 @@ IN_MEMORY_DATASETS = ("cifar10", "cifar100", "synthetic")
 
 def stored_images(data: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
     """The split's images as one ``(N, 3, H, W)`` uint8 tensor and its labels as ``(N,)`` int64."""
+    if isinstance(data, Subset):  # a validation split and the training images it leaves
+        images, labels = stored_images(data.dataset)
+        chosen = torch.tensor(data.indices, dtype=torch.long)
+        return images[chosen], labels[chosen]
     if isinstance(data, SyntheticImages):
         return data.images, data.labels.long()
     if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
@@ -498,6 +583,15 @@ class DeviceLoader:
 
 # Fixed seed of the test loader's generator: evaluation must not draw from the training generators.
 EVAL_LOADER_SEED = 0
+
+
+def evaluation_loader(data: Dataset, *, batch_size: int, num_workers: int, device: torch.device,
+                      on_device: Optional[Dict] = None):
+    """A loader that evaluates ``data`` as the test split is evaluated: in order, without augmentation,
+    and under torchrun in one contiguous block per rank, so that every image counts once."""
+    _, loader = make_loaders(None, data, batch_size=batch_size, num_workers=num_workers, device=device,
+                             on_device=on_device)
+    return loader
 
 
 def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, batch_size: int,

@@ -109,6 +109,12 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def barrier() -> None:
+    """Waits for every rank (e.g. for rank 0 to finish writing a checkpoint); nothing outside a process group."""
+    if is_distributed():
+        dist.barrier()
+
+
 class ContiguousShards(Sampler):
     """Splits ``range(len(dataset))`` into one contiguous, unpadded block per rank (sizes differ by at
     most one), so that an evaluation over all ranks sees every sample exactly once. The

@@ -111,7 +111,8 @@ LOCK_NAME = ".lock"
 # Files that show a directory holds a training run: the checkpoints, and the logs once they hold an epoch.
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
-OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt")
+OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt",
+                            "per_class_accuracy.csv", "confusion_matrix.png")
 
 
 class LockFileError(RuntimeError):
@@ -329,8 +330,21 @@ METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_top1", "train_top5",
     "test_loss", "test_top1", "test_top5", "epoch_seconds", "images_per_second",
 ]
-# Appended after METRIC_COLUMNS only when --ema_decay is on: the test split with the EMA weights.
+# Appended to METRIC_COLUMNS when --val_split holds out a validation split, and only then.
+VALIDATION_COLUMNS = ["val_loss", "val_top1", "val_top5"]
+# Appended after those only when --ema_decay is on: the test split (and the validation split, when held
+# out) with the EMA weights.
 EMA_COLUMNS = ["ema_test_loss", "ema_test_top1", "ema_test_top5"]
+EMA_VALIDATION_COLUMNS = ["ema_val_loss", "ema_val_top1", "ema_val_top5"]
+
+
+def metric_columns(validation: bool, ema: bool) -> List[str]:
+    return (METRIC_COLUMNS + (VALIDATION_COLUMNS if validation else []) + (EMA_COLUMNS if ema else [])
+            + (EMA_VALIDATION_COLUMNS if validation and ema else []))
+
+
+def has_validation(history: List[Dict]) -> bool:
+    return bool(history) and "val_top1" in history[0]
 
 
 def epoch_line(record: Dict) -> str:
@@ -340,14 +354,20 @@ def epoch_line(record: Dict) -> str:
         f"Top5: {record['train_top5']:.4f}% | "
         f"[Test] Loss: {record['test_loss']:.8f} Accuracy: Top1: {record['test_top1']:.4f}%, "
         f"Top5: {record['test_top5']:.4f}%"
+        + (f" | [Validation] Loss: {record['val_loss']:.8f} Accuracy: Top1: {record['val_top1']:.4f}%, "
+           f"Top5: {record['val_top5']:.4f}%" if "val_top1" in record else "")
     ) + _ema_part(record)
 
 
 def _ema_part(record: Dict) -> str:
     if "ema_test_loss" not in record:
         return ""
-    return (f" | [EMA Test] Loss: {record['ema_test_loss']:.8f} Accuracy: Top1: {record['ema_test_top1']:.4f}%, "
+    part = (f" | [EMA Test] Loss: {record['ema_test_loss']:.8f} Accuracy: Top1: {record['ema_test_top1']:.4f}%, "
             f"Top5: {record['ema_test_top5']:.4f}%")
+    if "ema_val_loss" in record:
+        part += (f" | [EMA Validation] Loss: {record['ema_val_loss']:.8f} Accuracy: Top1: "
+                 f"{record['ema_val_top1']:.4f}%, Top5: {record['ema_val_top5']:.4f}%")
+    return part
 
 
 def average_time_line(history: List[Dict]) -> str:
@@ -361,7 +381,8 @@ def best_accuracy_line(history: List[Dict]) -> str:
 
 
 def best_record(history: List[Dict]) -> Dict:
-    # The first epoch reaching the maximum wins ties, like the best.pt checkpoint.
+    """The epoch of best test top-1, the seed's "Max Accuracy": chosen on the test split itself, so its
+    accuracy is an optimistic estimate. The first epoch reaching the maximum wins ties."""
     return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
 
 
@@ -370,10 +391,27 @@ def best_ema_accuracy_line(history: List[Dict]) -> str:
     return f"Max EMA Accuracy: {best['ema_test_top1']:.4f}% at epoch {best['epoch']}"
 
 
+def selected_record(history: List[Dict]) -> Dict:
+    """The epoch whose weights best.pt holds: best validation top-1 when a validation split is held out
+    (the test split then plays no part in the choice), else best test top-1. The first epoch wins ties."""
+    if not has_validation(history):
+        return best_record(history)
+    return max(history, key=lambda record: (record["val_top1"], -record["epoch"]))
+
+
+def best_validation_line(history: List[Dict]) -> str:
+    chosen = selected_record(history)
+    return (f"Test Accuracy at best validation epoch: {chosen['test_top1']:.4f}% at epoch {chosen['epoch']} "
+            f"(validation top-1 {chosen['val_top1']:.4f}%)")
+
+
 def summary_lines(history: List[Dict]) -> List[str]:
     lines = [average_time_line(history), best_accuracy_line(history)]
     if "ema_test_top1" in history[-1]:
         lines.append(best_ema_accuracy_line(history))
+    # Last, so that the results file ends with the number to report.
+    if has_validation(history):
+        lines.append(best_validation_line(history))
     return lines
 
 
@@ -399,10 +437,9 @@ class RunOutputs:
     one line per epoch as it ends.
     """
 
-    def __init__(self, output_dir: str, extra_columns: Sequence[str] = ()):
+    def __init__(self, output_dir: str, validation: bool = False, ema: bool = False):
         self.output_dir = output_dir
-        # metrics.csv: the seed's columns, then those of the options that are on (EMA_COLUMNS).
-        self.metric_columns = METRIC_COLUMNS + list(extra_columns)
+        self.columns = metric_columns(validation, ema)
         self.results_path = self.path("train_eval_results.txt")
         self.metrics_path = self.path("metrics.csv")
 
@@ -445,14 +482,14 @@ class RunOutputs:
         of epochs after a resumed checkpoint, and the summary lines of a finished run, go away."""
         atomic_write_text(self.results_path, results_text(history))
         table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=self.metric_columns, lineterminator="\n")
+        writer = csv.DictWriter(table, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(self.metrics_path, table.getvalue())
 
     def log_epoch(self, record: Dict, history: List[Dict]) -> None:
         append_line(self.results_path, epoch_line(record))
-        append_line(self.metrics_path, ",".join(repr(record[column]) for column in self.metric_columns))
+        append_line(self.metrics_path, ",".join(repr(record[column]) for column in self.columns))
         write_curves(self.path("curves.png"), history)
 
     def finish(self, history: List[Dict]) -> None:
@@ -471,6 +508,58 @@ class RunOutputs:
         text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"
         atomic_write_text(self.path("test_results.txt"), text)
 
+    def write_per_class_results(self, confusion: torch.Tensor, names: List[str], weights: str) -> None:
+        """per_class_accuracy.csv and confusion_matrix.png of a test-split evaluation; the plot's title
+        names ``weights``, the checkpoint evaluated."""
+        atomic_write_text(self.path("per_class_accuracy.csv"), per_class_table(confusion, names))
+        write_confusion_matrix(self.path("confusion_matrix.png"), confusion, names, weights)
+
+
+PER_CLASS_COLUMNS = ["class_index", "class_name", "images", "correct", "accuracy"]
+
+
+def per_class_table(confusion: torch.Tensor, names: List[str]) -> str:
+    """One row per class of ``confusion`` (rows: true class, columns: predicted class); accuracy in
+    percent, empty for a class without test images."""
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    images, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    for index, name in enumerate(names):
+        accuracy = repr(100.0 * correct[index] / images[index]) if images[index] else ""
+        writer.writerow([index, name, images[index], correct[index], accuracy])
+    return table.getvalue()
+
+
+# Up to this many classes the confusion matrix shows every count and every class name.
+CONFUSION_MATRIX_LABELLED_CLASSES = 20
+
+
+def write_confusion_matrix(path: str, confusion: torch.Tensor, names: List[str], weights: str) -> None:
+    """Each true class's row as fractions of its images, so that classes of different sizes compare;
+    counts are written in the cells while the classes are few enough to read them."""
+    from matplotlib.figure import Figure
+
+    count = len(names)
+    images = confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    fractions = (confusion.double() / images).numpy()
+    labelled = count <= CONFUSION_MATRIX_LABELLED_CLASSES
+    side = 7 if labelled else 9
+    figure = Figure(figsize=(side + 1.5, side))
+    axes = figure.subplots()
+    shown = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(shown, ax=axes, label="fraction of the true class's images")
+    axes.set(xlabel="predicted class", ylabel="true class", title=f"Test split, weights of {weights}")
+    if labelled:
+        axes.set_xticks(range(count), names, rotation=45, ha="right")
+        axes.set_yticks(range(count), names)
+        for true, row in enumerate(confusion.tolist()):
+            for predicted, cell in enumerate(row):
+                colour = "white" if fractions[true, predicted] > 0.5 else "black"
+                axes.text(predicted, true, str(cell), ha="center", va="center", fontsize=8, color=colour)
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+
 
 def write_curves(path: str, history: List[Dict]) -> None:
     """Loss and top-1 accuracy against epoch. Uses a bare Figure (no pyplot), so it needs no display."""
@@ -481,7 +570,8 @@ def write_curves(path: str, history: List[Dict]) -> None:
     epochs = [record["epoch"] for record in history]
     figure = Figure(figsize=(10, 4))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for split in ("train", "test"):
+    splits = ("train", "test", "val") if has_validation(history) else ("train", "test")
+    for split in splits:
         loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
         accuracy_axes.plot(epochs, [r[f"{split}_top1"] for r in history], marker="o", label=split)
     if "ema_test_loss" in history[-1]:

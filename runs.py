@@ -41,6 +41,9 @@ INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "test_weights", "re
 # Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
 # Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
 RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
+# Flags newer than some checkpoints, with the value every run before them had: a resume of such a checkpoint
+# refuses another value, as for any stored flag (the validation split, above all, must stay the one trained with).
+FLAGS_OLDER_RUNS_HAD = {"val_split": 0.0, "split_seed": 0}
 
 
 class UsageError(Exception):
@@ -101,6 +104,8 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
         raise UsageError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
                          "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
     stored = checkpoint.get("args")
+    if stored is not None:  # added after the stored flags, whose order args.txt keeps
+        stored = {**stored, **{name: value for name, value in FLAGS_OLDER_RUNS_HAD.items() if name not in stored}}
     if stored is None:
         print(f"warning: {path} stores no flags (an older version wrote it); resuming with the command line's",
               file=sys.stderr)
@@ -269,7 +274,7 @@ def check_weights_fit(flag: str, path: str, checkpoint: Dict, model: torch.nn.Mo
 def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resumed: Optional[Resumed]) -> None:
     """Trains the run of --output_dir: afresh, or continuing ``resumed``. ``trainer_options`` are the
     keyword arguments of the Trainer that the command line settles (model, device, optimiser, ...)."""
-    outputs = run_files.RunOutputs(args.output_dir, run_files.EMA_COLUMNS if args.ema_decay > 0 else ())
+    outputs = run_files.RunOutputs(args.output_dir, validation=args.val_split > 0, ema=args.ema_decay > 0)
     if resumed and _is_finished(args, resumed, outputs):
         distributed.print_main(f"nothing to do: {args.output_dir} finished all {args.num_epochs} epochs; raise "
                                "--num_epochs to train it further")
@@ -292,8 +297,8 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
 def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optional[Tuple[str, Dict]]) -> None:
     """--test_only: evaluates the test split with the weights of ``evaluated`` (path and checkpoint), or with
     freshly initialised ones when it is None (--checkpoint none). Reads a checkpoint only, so it may run
-    beside a live training run; writes only test_results.txt, so the args.txt and model.txt of the training
-    run stay as they were."""
+    beside a live training run; writes only test_results.txt, per_class_accuracy.csv and confusion_matrix.png,
+    so the args.txt, model.txt and logs of the training run stay as they were."""
     outputs = run_files.RunOutputs(args.output_dir)
     _check_data(args)
     trainer = _trainer(trainer_options)
@@ -320,8 +325,15 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
     # after it, as a warmup's schedule counts the batches of an epoch.
     train_data, test_data, _, _ = _load_data(args, need_train=True)
+    val_data = None
+    if args.val_split > 0:
+        train_data, val_data = _hold_out_validation(args, train_data)
     train_loader, test_loader = dataset.make_loaders(train_data, test_data,
                                                      **loader_config(args, trainer_options["device"]))
+    val_loader, validation = None, ""
+    if val_data is not None:
+        val_loader = dataset.evaluation_loader(val_data, **loader_config(args, trainer_options["device"]))
+        validation = f", {len(val_data)} validation (held out of training)"
     trainer = _trainer({**trainer_options, "steps_per_epoch": len(train_loader)}, stop_signals)
     start_epoch, history, rng_state = 0, [], None
     record, args_changes = vars(args), []
@@ -345,15 +357,49 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
-                           f"{args.device}; {args.dataset}: {len(train_data)} training and {len(test_data)} test "
-                           f"images of {img_size}x{img_size}", flush=True)
+                           f"{args.device}; {args.dataset}: {len(train_data)} training{validation} and "
+                           f"{len(test_data)} test images of {img_size}x{img_size}", flush=True)
     if rng_state is not None:
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
     distributed.decorrelate_ranks(args.seed, start_epoch)
-    train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
-                   seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
-                   args_changes=args_changes)
+    history = train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
+                             seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
+                             args_changes=args_changes, val_loader=val_loader)
+    _per_class_results_of_best(trainer, outputs, test_loader, dataset.class_names(test_data, num_classes), history)
+
+
+def _hold_out_validation(args: argparse.Namespace, train_data):
+    try:
+        return dataset.hold_out_validation(train_data, args.dataset, args.resize, args.val_split, args.split_seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def _per_class_results_of_best(trainer: train_eval.Trainer, outputs: run_files.RunOutputs, test_loader,
+                               names: List[str], history: List[Dict]) -> None:
+    """per_class_accuracy.csv and confusion_matrix.png of the test split, evaluated with best.pt's weights:
+    the model the run reports (chosen by validation top-1 when a validation split is held out)."""
+    distributed.barrier()  # every rank reads the best.pt that rank 0 has just written
+    chosen_epoch = run_files.selected_record(history)["epoch"]
+    path = outputs.path("best.pt")
+    try:
+        best = checkpoints.load_checkpoint(path)
+    except checkpoints.CheckpointError as error:
+        best = {"epoch": None}
+        print(f"warning: {error}", file=sys.stderr)
+    if best.get("epoch") != chosen_epoch:
+        if distributed.is_main_process():
+            print(f"warning: {path} does not hold the best epoch {chosen_epoch}; per_class_accuracy.csv and "
+                  "confusion_matrix.png are not written", file=sys.stderr)
+        return
+    trainer.model.load_state_dict(best["model"])
+    result = trainer.evaluate(test_loader, "per-class test", confusion=True)
+    if distributed.is_main_process():
+        outputs.write_per_class_results(result.confusion, names, f"best.pt (epoch {chosen_epoch})")
+        distributed.print_main(f"Per-class test accuracy of best.pt (epoch {chosen_epoch}): "
+                               f"{outputs.path('per_class_accuracy.csv')}, {outputs.path('confusion_matrix.png')}",
+                               flush=True)
 
 
 def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_files.RunOutputs,
@@ -368,15 +414,17 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
                              f"trained with, see its args.txt): {run_files.first_line(error)}") from error
     else:
         checkpoint = "none (freshly initialised model)"
-    _, test_data, _, _ = _load_data(args, need_train=False)
+    _, test_data, num_classes, _ = _load_data(args, need_train=False)
     _, test_loader = dataset.make_loaders(None, test_data, **loader_config(args, trainer.device))
-    result = trainer.evaluate(test_loader)
+    result = trainer.evaluate(test_loader, confusion=True)
     if args.test_weights == "ema":
         checkpoint += " (EMA weights)"
     distributed.print_main(f"Checkpoint: {checkpoint}")
     distributed.print_main(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():
         outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
+        weights = os.path.basename(checkpoint) if evaluated else "a freshly initialised model"
+        outputs.write_per_class_results(result.confusion, dataset.class_names(test_data, num_classes), weights)
 
 
 def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: run_files.RunOutputs) -> bool:

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -162,16 +162,21 @@ class SplitResult:
     top5: float
     samples: int
     seconds: float
+    # (num_classes, num_classes) counts, true class by row and predicted class by column, when asked for.
+    confusion: Optional[torch.Tensor] = None
 
 
 class _Tally:
     """Running sums of loss and correct predictions, kept on the device to avoid a sync per batch."""
 
-    def __init__(self, device: torch.device, num_classes: int):
+    def __init__(self, device: torch.device, num_classes: int, confusion: bool = False):
         self.top_k = min(5, num_classes)
+        self.num_classes = num_classes
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.top1 = torch.zeros((), dtype=torch.int64, device=device)
         self.top5 = torch.zeros((), dtype=torch.int64, device=device)
+        # Flattened (true, predicted) counts; bincount keeps the whole count on the device.
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
         self.samples = 0
 
     def add(self, losses: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -180,6 +185,9 @@ class _Tally:
         hits = best == targets.unsqueeze(1)
         self.top1 += hits[:, 0].sum()
         self.top5 += hits.any(dim=1).sum()
+        if self.confusion is not None:
+            cells = targets * self.num_classes + best[:, 0]
+            self.confusion += torch.bincount(cells, minlength=self.num_classes * self.num_classes)
         self.samples += targets.shape[0]
 
     def sum_over_processes(self) -> None:
@@ -191,6 +199,14 @@ class _Tally:
         distributed.sum_over_processes(sums)
         self.loss_sum = sums[0]
         self.top1, self.top5, self.samples = sums[1].long(), sums[2].long(), int(sums[3].item())
+        if self.confusion is not None:
+            # Evaluation shards hold every image once (ContiguousShards), so the sum counts each once.
+            distributed.sum_over_processes(self.confusion)
+
+    def confusion_matrix(self) -> Optional[torch.Tensor]:
+        if self.confusion is None:
+            return None
+        return self.confusion.view(self.num_classes, self.num_classes).cpu()
 
     def summary(self) -> Dict[str, float]:
         samples = max(self.samples, 1)
@@ -371,11 +387,13 @@ class Trainer:
         return self._run(loader, description, training=True)
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, description: str = "test", weights: str = "model") -> SplitResult:
-        """The split's metrics with the trained weights (``model``) or their moving average (``ema``)."""
+    def evaluate(self, loader: DataLoader, description: str = "test", weights: str = "model",
+                 confusion: bool = False) -> SplitResult:
+        """The split's metrics with the trained weights (``model``) or their moving average (``ema``);
+        with ``confusion``, also its confusion matrix."""
         network = self.network if weights == "model" else self.ema.module
         network.eval()
-        return self._run(loader, description, training=False, network=network)
+        return self._run(loader, description, training=False, network=network, confusion=confusion)
 
     def seed_batch_mixing(self, seed: int, epoch: int) -> None:
         """Starts the epoch's stream of MixUp / CutMix draws. It is its own stream, seeded per epoch like the
@@ -392,8 +410,8 @@ class Trainer:
         return images, mixed
 
     def _run(self, loader: DataLoader, description: str, training: bool,
-             network: Optional[nn.Module] = None) -> SplitResult:
-        tally = _Tally(self.device, self.num_classes)
+             network: Optional[nn.Module] = None, confusion: bool = False) -> SplitResult:
+        tally = _Tally(self.device, self.num_classes, confusion)
         watch = _NonFiniteWatch(self.device)
         loss_of = self.loss_of if training else self.evaluation_loss_of
         bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
@@ -426,7 +444,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         tally.sum_over_processes()
         summary = tally.summary()
-        return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds)
+        return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds,
+                           tally.confusion_matrix())
 
     def _forward(self, images: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
         """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the
@@ -484,11 +503,13 @@ class Trainer:
     def warming_up(self) -> bool:
         return self.per_step_scheduler is not None and self.per_step_scheduler.last_epoch < self.warmup_steps
 
-    def step_scheduler(self, test_loss: float) -> None:
+    def step_scheduler(self, watched_loss: float) -> None:
+        """``watched_loss``: what the plateau scheduler watches, the validation loss when a validation
+        split is held out, else the test loss (the seed's behaviour)."""
         if self.warming_up():
             return  # plateau, the only per-epoch schedule beside a warmup, starts when the warmup is over
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(test_loss)
+            self.scheduler.step(watched_loss)
         elif self.scheduler is not None:
             self.scheduler.step()
 
@@ -542,9 +563,11 @@ class Trainer:
 
 def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: run_files.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
-        history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None) -> List[Dict]:
+        history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None,
+        val_loader: Optional[DataLoader] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
-    ``last.pt`` (and ``best.pt`` when test top-1 improved). Returns the history of all epochs.
+    ``last.pt`` (and ``best.pt`` when test top-1 improved, or validation top-1 when ``val_loader``
+    holds out a validation split, which is then evaluated every epoch). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
     ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
     history = list(history or [])
@@ -556,7 +579,7 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
                                                  list(args_changes or []))
     for epoch in range(start_epoch + 1, num_epochs + 1):
-        record = _train_epoch(trainer, train_loader, test_loader, epoch, seed)
+        record = _train_epoch(trainer, train_loader, test_loader, val_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
@@ -571,26 +594,42 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     return history
 
 
-def _train_epoch(trainer: Trainer, train_loader, test_loader, epoch: int, seed: int) -> Dict:
+def _train_epoch(trainer: Trainer, train_loader, test_loader, val_loader, epoch: int, seed: int) -> Dict:
     seed_epoch(train_loader, seed, epoch)
     trainer.seed_batch_mixing(seed, epoch)
     learning_rate = trainer.learning_rate()  # with a warmup: the rate of the epoch's first step
     train = trainer.train_one_epoch(train_loader, f"epoch {epoch} train")
     test = trainer.evaluate(test_loader, f"epoch {epoch} test")
-    trainer.step_scheduler(test.loss)
+    validation = trainer.evaluate(val_loader, f"epoch {epoch} validation") if val_loader is not None else None
+    trainer.step_scheduler(validation.loss if validation is not None else test.loss)
     record = {
         "epoch": epoch,
         "lr": learning_rate,
         "train_loss": train.loss, "train_top1": train.top1, "train_top5": train.top5,
         "test_loss": test.loss, "test_top1": test.top1, "test_top5": test.top5,
-        "epoch_seconds": train.seconds + test.seconds,
+        "epoch_seconds": train.seconds + test.seconds + (validation.seconds if validation is not None else 0.0),
         "images_per_second": train.samples / train.seconds if train.seconds > 0 else 0.0,
     }
+    if validation is not None:
+        record.update(val_loss=validation.loss, val_top1=validation.top1, val_top5=validation.top5)
     if trainer.ema is not None:
-        ema = trainer.evaluate(test_loader, f"epoch {epoch} test (EMA)", weights="ema")
-        record["epoch_seconds"] += ema.seconds
-        record.update(ema_test_loss=ema.loss, ema_test_top1=ema.top1, ema_test_top5=ema.top5)
+        metrics, seconds = _ema_metrics(trainer, test_loader, val_loader, epoch)
+        record.update(metrics)
+        record["epoch_seconds"] += seconds
     return record
+
+
+def _ema_metrics(trainer: Trainer, test_loader, val_loader, epoch: int) -> Tuple[Dict, float]:
+    """The EMA weights' test metrics, and validation metrics when a validation split is held out, with
+    the seconds they took."""
+    test = trainer.evaluate(test_loader, f"epoch {epoch} test (EMA)", weights="ema")
+    metrics = dict(ema_test_loss=test.loss, ema_test_top1=test.top1, ema_test_top5=test.top5)
+    seconds = test.seconds
+    if val_loader is not None:
+        validation = trainer.evaluate(val_loader, f"epoch {epoch} validation (EMA)", weights="ema")
+        metrics.update(ema_val_loss=validation.loss, ema_val_top1=validation.top1, ema_val_top5=validation.top5)
+        seconds += validation.seconds
+    return metrics, seconds
 
 
 def epoch_summary(record: Dict) -> str:

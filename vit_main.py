@@ -99,6 +99,12 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     data.add_argument("--data_loader", default="workers", choices=["workers", "device"],
                       help="workers: torchvision loader in worker processes; device: images held on --device "
                            "and transformed there per batch (cifar10, cifar100, synthetic)")
+    data.add_argument("--val_split", type=float, default=0.0, metavar="F",
+                      help="hold out this fraction of each class of the training split for validation, which "
+                           "then chooses best.pt and drives --scheduler plateau; 0 = no validation split")
+    data.add_argument("--split_seed", type=int, default=0,
+                      help="seed of the --val_split hold-out alone (not --seed), so runs of every --seed and "
+                           "--layer hold out the same images")
 
     training = parser.add_argument_group("training")
     training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation, per process under torchrun")
@@ -132,7 +138,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     optimisation.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay")
     optimisation.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optimisation.add_argument("--scheduler", default="none", choices=list(train_eval.SCHEDULERS),
-                              help="learning-rate schedule (plateau watches the test loss)")
+                              help="learning-rate schedule (plateau watches the validation loss with --val_split, "
+                                   "else the test loss)")
     optimisation.add_argument("--lr_step", type=int, default=20, help="step scheduler: epochs between decays")
     optimisation.add_argument("--lr_gamma", type=float, default=0.1, help="step scheduler: decay factor")
 
@@ -273,6 +280,10 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     problems += list(filter(None, (option.problem(getattr(args, name)) for name, option in LAYER_OPTIONS.items())))
     if args.lr <= 0:
         problems.append(f"--lr: must be > 0, got {args.lr}")
+    if not 0 <= args.val_split < 1:
+        problems.append(f"--val_split: must be >= 0 and < 1 (a fraction of each class), got {args.val_split}")
+    if args.split_seed < 0:
+        problems.append(f"--split_seed: must be >= 0, got {args.split_seed}")
     if args.scheduler == "step" and args.lr_step < 1:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:

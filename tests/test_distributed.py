@@ -161,3 +161,50 @@ def test_synthetic_sizes_come_from_the_environment_when_set(monkeypatch):
     monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "30")
     with pytest.raises(dataset.DatasetUnavailableError, match="CONVNN_SYNTHETIC_SIZES"):
         dataset.synthetic_sizes()
+
+
+# ---------------------------------------------------------------------------------------------
+# A validation split under torchrun
+# ---------------------------------------------------------------------------------------------
+
+# 200 training images, 20 of each class: 5 of each are held out, which leaves 150 to train on (2 x 75).
+VALIDATION = ["--val_split", "0.25"]
+VALIDATION_COLUMNS = ["val_loss", "val_top1", "val_top5"]
+
+
+@pytest.fixture(scope="module")
+def validation_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed_validation")
+    torchrun(run_flags(root / "two_processes", 75, 2, *VALIDATION))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVNN_SYNTHETIC_SIZES", SIZES)
+        vit_main.main(run_flags(root / "one_process", 150, 2, *VALIDATION))
+    return root
+
+
+def validation_metrics(output_dir):
+    with open(Path(output_dir) / "metrics.csv", newline="") as handle:
+        return [{column: float(row[column]) for column in COMPARED_COLUMNS + VALIDATION_COLUMNS}
+                for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_a_validation_split_is_the_same_in_two_processes_as_in_one(validation_runs):
+    # The same held-out images in both (else training on 150 others would not give the same metrics),
+    # each validation image counted once.
+    two, one = validation_metrics(validation_runs / "two_processes"), validation_metrics(validation_runs / "one_process")
+    assert_same_metrics(two, one)
+    for row in two:
+        correct = row["val_top1"] * 50 / 100
+        assert correct == pytest.approx(round(correct), abs=1e-9)
+    lines = [(validation_runs / name / "train_eval_results.txt").read_text().splitlines()[-1]
+             for name in ("two_processes", "one_process")]
+    assert lines[0] == lines[1] and lines[0].startswith("Test Accuracy at best validation epoch: ")
+
+
+@pytest.mark.slow
+def test_per_class_counts_are_exact_in_two_processes(validation_runs):
+    # 101 test images: the shards differ in size, so a padded sample would add an image to a class.
+    tables = [(validation_runs / name / "per_class_accuracy.csv").read_text() for name in ("two_processes", "one_process")]
+    assert tables[0] == tables[1]
+    assert sum(int(line.split(",")[2]) for line in tables[0].splitlines()[1:]) == TEST_SIZE

@@ -25,6 +25,7 @@ DEFAULTS = {
     "kernel_size": 9, "branch_ratio": 0.5, "sparse_mode": "all", "sparse_context_window": 128, "local_window": 128,
     "dataset": "cifar10", "data_path": "./Data", "resize": 224, "augment": False, "auto_augment": "none",
     "augment_magnitude": 9, "random_erasing": 0.0, "num_workers": 4, "data_loader": "workers",
+    "val_split": 0.0, "split_seed": 0,
     "batch_size": 256, "num_epochs": 150, "use_amp": False, "use_compiled": False, "compile_mode": "default",
     "clip_grad_norm": 1.0, "amp_dtype": "float16", "accumulation_steps": 1,
     "warmup_epochs": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0,

@@ -330,6 +330,10 @@ def bad_synthetic_sizes(run_dir, tmp_path, monkeypatch):
     return ["--output_dir", tmp_path / "fresh"]
 
 
+def fresh_output_dir(run_dir, tmp_path, monkeypatch):
+    return ["--output_dir", tmp_path / "fresh"]
+
+
 def huge_synthetic_sizes(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(dataset.SYNTHETIC_SIZES_VARIABLE, "100000000,1")
     return ["--output_dir", tmp_path / "fresh"]
@@ -424,11 +428,20 @@ CASES = [
     ("batch-beyond-64-bit", no_setup, ["--batch_size", 2**63], "--batch_size", f"at most {2**63 - 1}"),
     ("window-beyond-64-bit", no_setup, ["--local_window", -2**63 - 1], "--local_window", "64-bit integer"),
     ("seed-negative", no_setup, ["--seed", "-1"], "--seed", "between 0 and 4294967295"),
+    ("val-split-negative", no_setup, ["--val_split", "-0.1"], "--val_split", ">= 0 and < 1"),
+    ("val-split-one", no_setup, ["--val_split", "1"], "--val_split", ">= 0 and < 1"),
+    ("split-seed-negative", no_setup, ["--split_seed", "-1"], "--split_seed", "must be >= 0"),
+    ("resume-other-val-split", resume, ["--val_split", "0.2"], "--val_split", "trained with --val_split 0.0, not 0.2"),
+    ("resume-other-split-seed", resume, ["--split_seed", "3"], "--split_seed", "trained with --split_seed 0, not 3"),
+    ("val-split-empties-a-class", fresh_output_dir, ["--val_split", "0.02"], "--val_split",
+     "0.02 holds out no image of class 0 (20 training images)"),
+    ("val-split-takes-a-class", fresh_output_dir, ["--val_split", "0.99"], "--val_split",
+     "holds out all 20 training images of class 0"),
     ("seed-beyond-numpy", no_setup, ["--seed", 2**32], "--seed", "between 0 and 4294967295"),
     *[(f"{name}-{value}", no_setup, [f"--{name}", value, *more], f"--{name}", f"must be a finite number, got {value}")
       for name, value, more in [("lr", "nan", []), ("lr", "inf", []), ("weight_decay", "nan", []),
                                 ("clip_grad_norm", "nan", []), ("clip_grad_norm", "inf", []), ("momentum", "nan", []),
-                                ("dropout", "nan", []), ("attention_dropout", "nan", []),
+                                ("dropout", "nan", []), ("attention_dropout", "nan", []), ("val_split", "nan", []),
                                 ("lr_gamma", "nan", ["--scheduler", "step"]), ("lr_gamma", "inf", []),
                                 ("branch_ratio", "nan", ["--layer", "BranchConv"])]],
     ("branch-ratio-no-convnn-channel", no_setup, ["--layer", "BranchAttention", "--branch_ratio", "0.02"],
@@ -438,7 +451,8 @@ CASES = [
 ]
 # Data faults found before the run writes anything (args.txt, model.txt) into its fresh output directory.
 FOUND_BEFORE_ANY_OUTPUT = ["missing-image-folder", "no-class-folders", "val-lacks-a-class", "val-has-an-extra-class",
-                           "val-renames-a-class", "damaged-val-image", "synthetic-sizes", "synthetic-too-large"]
+                           "val-renames-a-class", "damaged-val-image", "synthetic-sizes", "synthetic-too-large",
+                           "val-split-empties-a-class", "val-split-takes-a-class"]
 if "cuda" not in utils.available_devices():
     CASES.append(("no-cuda", no_setup, ["--device", "cuda"], "--device", "available: cpu"))
 
@@ -694,7 +708,11 @@ def test_test_only_works_on_a_finished_run_and_beside_a_live_one(run_copy, tiny_
     before = snapshot(run_copy)
     vit_main.main(tiny_argv(run_copy, "--test_only"))
     after = snapshot(run_copy)
-    assert after.pop("test_results.txt").startswith(b"Checkpoint: ") and after == before
+    assert after.pop("test_results.txt").startswith(b"Checkpoint: ")
+    # The per-class results are rewritten, and are those of the same best.pt.
+    assert after.pop("per_class_accuracy.csv") == before.pop("per_class_accuracy.csv")
+    after.pop("confusion_matrix.png"), before.pop("confusion_matrix.png")
+    assert after == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,8 +833,8 @@ def test_best_pt_that_a_full_disk_kept_from_being_written_is_written_on_resume(t
 
     evaluate = train_eval.Trainer.evaluate
 
-    def later_epochs_do_not_improve(self, loader, description="test"):
-        result = evaluate(self, loader, description)
+    def later_epochs_do_not_improve(self, loader, description="test", **options):
+        result = evaluate(self, loader, description, **options)
         return result if description.startswith("epoch 1 ") else dataclasses.replace(result, top1=0.0)
 
     monkeypatch.setattr(train_eval.Trainer, "evaluate", later_epochs_do_not_improve)

@@ -104,7 +104,8 @@ def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
 def test_no_temporary_files_are_left_behind(two_epoch_run):
     output_dir, _ = two_epoch_run
     assert sorted(path.name for path in output_dir.iterdir()) == sorted(
-        ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt"]
+        ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt",
+         "per_class_accuracy.csv", "confusion_matrix.png"]
     )
 
 
@@ -485,12 +486,12 @@ def test_step_and_cosine_schedules():
     rates = []
     for _ in range(4):
         rates.append(step.learning_rate())
-        step.step_scheduler(test_loss=1.0)
+        step.step_scheduler(watched_loss=1.0)
     assert rates == pytest.approx([1.0, 1.0, 0.5, 0.5])
 
     cosine = make_trainer(scheduler="cosine", num_epochs=4)
     for _ in range(4):
-        cosine.step_scheduler(test_loss=1.0)
+        cosine.step_scheduler(watched_loss=1.0)
     assert cosine.learning_rate() == pytest.approx(0.0, abs=1e-12)
     assert make_trainer(scheduler="none").scheduler is None
 
@@ -499,13 +500,13 @@ def test_step_and_cosine_schedules():
 def test_a_cosine_schedule_fitted_to_a_new_length_follows_its_closed_form():
     trainer = make_trainer(scheduler="cosine", num_epochs=2)
     for _ in range(2):
-        trainer.step_scheduler(test_loss=1.0)
+        trainer.step_scheduler(watched_loss=1.0)
     assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)  # a finished cosine run is at rate 0
     trainer.fit_schedule_to(num_epochs=5, completed_epochs=2)
     rates = []
     for _ in range(3):
         rates.append(trainer.learning_rate())
-        trainer.step_scheduler(test_loss=1.0)
+        trainer.step_scheduler(watched_loss=1.0)
     assert rates == pytest.approx([(1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in (2, 3, 4)], rel=1e-12)
     assert trainer.learning_rate() == pytest.approx(0.0, abs=1e-12)
 
@@ -518,17 +519,17 @@ def test_other_schedules_do_not_depend_on_the_length(scheduler):
     for _ in range(14):
         assert short.learning_rate() == long.learning_rate()
         for trainer in (short, long):
-            trainer.step_scheduler(test_loss=1.0)
+            trainer.step_scheduler(watched_loss=1.0)
 
 
 def test_plateau_watches_the_test_loss():
     trainer = make_trainer(scheduler="plateau")
     for _ in range(12):
-        trainer.step_scheduler(test_loss=1.0)  # never improves after the first epoch
+        trainer.step_scheduler(watched_loss=1.0)  # never improves after the first epoch
     assert trainer.learning_rate() < 1.0
     improving = make_trainer(scheduler="plateau")
     for epoch in range(12):
-        improving.step_scheduler(test_loss=1.0 / (epoch + 1))
+        improving.step_scheduler(watched_loss=1.0 / (epoch + 1))
     assert improving.learning_rate() == 1.0
 
 
