@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
            outputs: run_files.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
     # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
     # after it, as a warmup's schedule counts the batches of an epoch.
-    train_data, test_data, _, _ = _load_data(args, need_train=True)
+    train_data, test_data, num_classes, _ = _load_data(args, need_train=True)
     val_data = None
     if args.val_split > 0:
         train_data, val_data = _hold_out_validation(args, train_data)

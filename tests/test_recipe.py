@@ -208,7 +208,7 @@ def rates_of_each_step(trainer, batches, epochs):
     trainer._optimizer_step = recording_step
     for epoch in range(epochs):
         trainer.train_one_epoch(batches, f"epoch {epoch + 1} train")
-        trainer.step_scheduler(test_loss=1.0)
+        trainer.step_scheduler(watched_loss=1.0)
     return rates
 
 
@@ -243,7 +243,7 @@ def test_plateau_waits_for_the_warmup_then_watches_each_epoch():
     assert rates == pytest.approx([1 / 3, 2 / 3])
     assert not trainer.warming_up() and trainer.learning_rate() == pytest.approx(1.0)
     for _ in range(12):  # a loss that never falls: plateau divides by 10 after 10 bad epochs
-        trainer.step_scheduler(test_loss=1.0)
+        trainer.step_scheduler(watched_loss=1.0)
     assert trainer.learning_rate() == pytest.approx(0.1)
 
 
