@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 
 @torch.library.custom_op("convnn::top_scores", mutates_args=())
@@ -43,6 +44,13 @@ def _top_scores_shapes(queries, keys, bias, count, largest):
     dtype = queries.dtype if bias is None else torch.promote_types(queries.dtype, bias.dtype)
     return (queries.new_empty(batch, seq_len, count, dtype=dtype),
             queries.new_empty(batch, seq_len, count, dtype=torch.long))
+
+
+@register_flop_formula(torch.ops.convnn.top_scores)
+def _top_scores_flops(queries_shape, keys_shape, *args, **kwargs) -> int:
+    """The FLOPs of the scores' matrix product, as counted for ``bmm`` (``model.txt`` counts them)."""
+    batch, seq_len, width = queries_shape
+    return 2 * batch * seq_len * keys_shape[1] * width
 
 
 def _bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import models.neighbour_conv as neighbour_conv_module
 from models.layer_options import CONVOLUTION_TYPES
 from models.neighbour_conv import neighbour_conv
 from models.neighbour_selection import top_scores
+import models.vit_layers as vit_layers_module
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts.convnn_reference import reference_convnn
 
@@ -514,3 +515,15 @@ def test_cpu_selection_backward_forms_no_token_by_candidate_matrix(sampling_type
         out.sum().backward()
     assert shapes and all(shape[-2:] != (seq_len, seq_len) for shape in shapes)
     assert x.grad is not None and layer.W_q.weight.grad.abs().sum() > 0
+
+
+def test_layer_flops_count_the_similarity_on_the_cpu_path_as_on_the_dense_one(monkeypatch):
+    layer = make_layer(K=3).float()
+    x = torch.randn(2, SEQ_LEN, WIDTH)
+    counts = []
+    for dense in (False, True):
+        monkeypatch.setattr(vit_layers_module, "takes_gpu_path", lambda source: dense)
+        with FlopCounterMode(display=False) as counted:
+            layer(x)
+        counts.append(counted.get_total_flops())
+    assert counts[0] == counts[1] > 0
