@@ -235,6 +235,11 @@ def _uses_triton(source: Tensor) -> bool:
     return source.is_cuda and _TRITON_INSTALLED and not torch.are_deterministic_algorithms_enabled()
 
 
+def takes_gpu_path(source: Tensor) -> bool:
+    """Whether ConvNN-Attention on ``source`` runs the GPU path (the Triton kernels)."""
+    return _uses_triton(source)
+
+
 def _triton_kernels():
     return importlib.import_module("models.neighbour_conv_triton")
 

@@ -26,7 +26,8 @@ from models.layer_options import (
     check_bounds,
     default,
 )
-from models.neighbour_conv import neighbour_conv
+from models.neighbour_conv import neighbour_conv, takes_gpu_path
+from models.neighbour_selection import top_scores
 
 
 def _choice(flag: str, value, choices: Sequence) -> None:
@@ -231,19 +232,24 @@ class MultiHeadConvNNAttention(nn.Module):
             return torch.randperm(seq_len, device=device)[: self.num_samples]
         return torch.linspace(0, seq_len - 1, self.num_samples, device=device).round().long()
 
+    def _scaled_queries(self, x: Tensor) -> Tensor:
+        # q k^T = x (Wq^T Wk) x^T: one projection instead of two, and autograd keeps x Wq^T Wk and
+        # the input x (which the value path keeps anyway) rather than both q and k.
+        return x @ (self.W_q.weight.t() @ self.W_k.weight * (1.0 / math.sqrt(self.d_hidden)))
+
+    def _coordinate_scores(self, x: Tensor, candidates: Optional[Tensor]) -> Tensor:
+        """``(N, r)``: what the coordinate channel adds to the ``matmul`` similarity."""
+        coords = _coordinates(x.shape[1], x)[0, :, 0]
+        key_coords = coords if candidates is None else coords[candidates]
+        return (coords.view(-1, 1) * (1.0 / math.sqrt(self.d_hidden))) * key_coords.view(1, -1)
+
     def _similarity(self, x: Tensor, candidates: Optional[Tensor]) -> Tensor:
         """``(B, N, r)`` similarity of every token's query to every candidate's key (SPEC 2.2 step 3)."""
-        seq_len = x.shape[1]
         if self.magnitude_type == "matmul":
-            # q k^T = x (Wq^T Wk) x^T: one projection instead of two, and autograd keeps x Wq^T Wk and
-            # the input x (which the value path keeps anyway) rather than both q and k.
             keys = x if candidates is None else x[:, candidates]
-            scale = 1.0 / math.sqrt(self.d_hidden)
-            scores = (x @ (self.W_q.weight.t() @ self.W_k.weight * scale)) @ keys.transpose(-1, -2)
+            scores = self._scaled_queries(x) @ keys.transpose(-1, -2)
             if self.coordinates_in_similarity:
-                coords = _coordinates(seq_len, x)[0, :, 0]
-                key_coords = coords if candidates is None else coords[candidates]
-                scores = scores + (coords.view(-1, 1) * scale) * key_coords.view(1, -1)
+                scores = scores + self._coordinate_scores(x, candidates)
             return scores
         q, k = self.W_q(x), self.W_k(x)
         if self.coordinates_in_similarity:
@@ -254,19 +260,35 @@ class MultiHeadConvNNAttention(nn.Module):
             return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
         return _euclidean(q, k)
 
+    def _best_candidates(self, x: Tensor, candidates: Optional[Tensor], count: int) -> Tuple[Tensor, Tensor]:
+        """Each token's ``count`` best similarity values and their candidate positions, the token itself
+        excluded from sampled candidates."""
+        largest = self.magnitude_type != "euclidean"
+        excluded = None
+        if candidates is not None:
+            excluded = torch.arange(x.shape[1], device=x.device).view(-1, 1) == candidates.view(1, -1)
+        if self.magnitude_type == "matmul" and not takes_gpu_path(x):
+            # The CPU path: a backward over the K chosen pairs per token instead of all N x r.
+            dtype = _compute_dtype(x)
+            bias = self._coordinate_scores(x, candidates) if self.coordinates_in_similarity else None
+            if excluded is not None:
+                bias = x.new_zeros(excluded.shape, dtype=dtype) if bias is None else bias
+                bias = bias.masked_fill(excluded, float("-inf"))
+            keys = x if candidates is None else x[:, candidates]
+            return top_scores(self._scaled_queries(x).to(dtype), keys.to(dtype), bias, count, largest)
+        similarity = self._similarity(x, candidates)
+        if excluded is not None:
+            similarity = similarity.masked_fill(excluded, float("-inf") if largest else float("inf"))
+        return torch.topk(similarity, count, dim=-1, largest=largest)
+
     def _select_by_features(self, x: Tensor, candidates: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Neighbour indices ``(B, N, K)`` and their similarity values, best first (SPEC 2.2 step 4)."""
-        largest = self.magnitude_type != "euclidean"
-        similarity = self._similarity(x, candidates)
         if candidates is None:
-            values, neighbours = torch.topk(similarity, self.K, dim=-1, largest=largest)
+            values, neighbours = self._best_candidates(x, None, self.K)
             return neighbours, values
         batch, seq_len = x.shape[:2]
-        tokens = torch.arange(seq_len, device=x.device)
-        is_self = tokens.view(-1, 1) == candidates.view(1, -1)
-        similarity = similarity.masked_fill(is_self, float("-inf") if largest else float("inf"))
-        values, picked = torch.topk(similarity, self.K - 1, dim=-1, largest=largest)
-        self_index = tokens.view(1, seq_len, 1).expand(batch, seq_len, 1)
+        values, picked = self._best_candidates(x, candidates, self.K - 1)
+        self_index = torch.arange(seq_len, device=x.device).view(1, seq_len, 1).expand(batch, seq_len, 1)
         neighbours = torch.cat([self_index, candidates[picked]], dim=-1)
         values = torch.cat([values.new_ones(batch, seq_len, 1), values], dim=-1)  # values is empty when K = 1
         return neighbours, values

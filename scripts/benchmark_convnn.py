@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit import build_layer  # noqa: E402
-from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
+from models.vit_layers import MultiHeadConvNNAttention, options_from  # noqa: E402
 from scripts.convnn_reference import reference_convnn  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def print_profile(args, top: int = 8):
     print(f"Where one forward+backward goes, B={args.batch} N={args.tokens} D={args.width} K={args.K}, "
           f"depthwise, sampling all, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in ("ConvNNAttention", "Attention"):
-        layer = build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, K=args.K,
-                            num_tokens=args.tokens).train()
+        layer = build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, num_tokens=args.tokens,
+                            **options_from(name, dict(K=args.K))).train()
 
         def step(layer=layer):
             layer(x).sum().backward()

@@ -55,3 +55,13 @@ def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
     benchmark.main(["--device", "cpu", "--json", str(out)])
     written = json.loads(out.read_text())
     assert written["models"] == models and written["operations"] == operations
+
+
+def test_convnn_profile_covers_convnn_and_attention(capsys):
+    # It passed ConvNN-Attention's K to Attention too, which takes no such option.
+    import benchmark_convnn
+
+    benchmark_convnn.main(["--profile", "--batch", "2", "--tokens", "17", "--width", "12", "--K", "3",
+                           "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert "\nConvNNAttention: " in printed and "\nAttention: " in printed

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import models.neighbour_conv as neighbour_conv_module
 from models.layer_options import CONVOLUTION_TYPES
 from models.neighbour_conv import neighbour_conv
+from models.neighbour_selection import top_scores
+import models.vit_layers as vit_layers_module
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts.convnn_reference import reference_convnn
 
@@ -424,3 +427,103 @@ def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpret
     assert convnn["operations"] <= 30
     assert convnn["by_operator"]["convnn::slot_gather"] == convnn["by_operator"]["convnn::slot_gather_backward"] == 1
     assert rows["Attention"]["operations"] > 0
+
+
+def top_scores_inputs(with_bias, count=3):
+    torch.manual_seed(0)
+    batch, seq_len, candidates, width = 2, 7, 5, 4
+    queries = torch.randn(batch, seq_len, width, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(batch, candidates, width, dtype=torch.float64, requires_grad=True)
+    bias = None
+    if with_bias:  # a coordinate-like term, and pairs excluded as a token is from its own sampled candidates
+        bias = torch.randn(seq_len, candidates, dtype=torch.float64).masked_fill(
+            torch.eye(seq_len, candidates, dtype=torch.bool), float("-inf"))
+    return queries, keys, bias, count
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias):
+    queries, keys, bias, count = top_scores_inputs(with_bias)
+    values, indices = top_scores(queries, keys, bias, count, True)
+    scores = queries @ keys.transpose(1, 2) + (0.0 if bias is None else bias)
+    plain_values, plain_indices = torch.topk(scores, count, dim=-1)
+    assert torch.equal(indices, plain_indices)
+    torch.testing.assert_close(values, plain_values, rtol=0, atol=1e-12)
+    grad = torch.randn_like(values)
+    for fast, plain in zip(torch.autograd.grad(values, (queries, keys), grad),
+                           torch.autograd.grad(plain_values, (queries, keys), grad)):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
+def test_gradcheck_top_scores(with_bias, largest):
+    queries, keys, bias, count = top_scores_inputs(with_bias and largest)
+    assert torch.autograd.gradcheck(lambda q, k: top_scores(q, k, bias, count, largest)[0], (queries, keys))
+
+
+def test_top_scores_of_no_candidates_passes_back_zeros():
+    queries, keys, _, _ = top_scores_inputs(False)
+    values, indices = top_scores(queries, keys, None, 0, True)
+    assert values.shape == indices.shape == (2, 7, 0)
+    grad_queries, grad_keys = torch.autograd.grad(values.sum(), (queries, keys), materialize_grads=True)
+    assert not grad_queries.any() and not grad_keys.any()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_top_scores_operators_are_registered_consistently(with_bias):
+    queries, keys, bias, count = top_scores_inputs(with_bias)
+    torch.library.opcheck(torch.ops.convnn.top_scores.default, (queries, keys, bias, count, True))
+    indices = top_scores(queries, keys, bias, count, True)[1]
+    torch.library.opcheck(torch.ops.convnn.top_scores_gradients.default,
+                          (torch.randn(indices.shape, dtype=torch.float64), queries.detach(), keys.detach(), indices))
+
+
+@pytest.mark.slow
+def test_compiled_top_scores_gives_the_eager_result():
+    torch._dynamo.reset()
+    queries, keys, bias, count = top_scores_inputs(True)
+    results = []
+    for function in (top_scores, torch.compile(top_scores, fullgraph=True)):
+        values, indices = function(queries, keys, bias, count, True)
+        results.append((values, indices, torch.autograd.grad(values.square().sum(), (queries, keys))))
+    (values, indices, grads), (compiled_values, compiled_indices, compiled_grads) = results
+    assert torch.equal(compiled_indices, indices)
+    torch.testing.assert_close(compiled_values, values)
+    for grad, compiled_grad in zip(grads, compiled_grads):
+        torch.testing.assert_close(compiled_grad, grad)
+
+
+@pytest.mark.parametrize("sampling_type", ["all", "random"])
+def test_cpu_selection_backward_forms_no_token_by_candidate_matrix(sampling_type):
+    # topk's backward scattered K gradients per row into a zero (B, N, r) matrix that two matrix products then read.
+    seq_len = 65
+    layer = MultiHeadConvNNAttention(d_hidden=WIDTH, K=2, num_tokens=seq_len, sampling_type=sampling_type,
+                                     num_samples=seq_len).train()
+    x = torch.randn(2, seq_len, WIDTH, requires_grad=True)
+    out = layer(x)
+    shapes = []
+
+    class RecordShapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            shapes.extend(tuple(tensor.shape) for tensor in torch.utils._pytree.tree_leaves(result)
+                          if isinstance(tensor, torch.Tensor))
+            return result
+
+    with RecordShapes():
+        out.sum().backward()
+    assert shapes and all(shape[-2:] != (seq_len, seq_len) for shape in shapes)
+    assert x.grad is not None and layer.W_q.weight.grad.abs().sum() > 0
+
+
+def test_layer_flops_count_the_similarity_on_the_cpu_path_as_on_the_dense_one(monkeypatch):
+    layer = make_layer(K=3).float()
+    x = torch.randn(2, SEQ_LEN, WIDTH)
+    counts = []
+    for dense in (False, True):
+        monkeypatch.setattr(vit_layers_module, "takes_gpu_path", lambda source: dense)
+        with FlopCounterMode(display=False) as counted:
+            layer(x)
+        counts.append(counted.get_total_flops())
+    assert counts[0] == counts[1] > 0
