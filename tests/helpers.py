@@ -1,5 +1,6 @@
 """Plain helpers several test modules share: the tiny model's flags, fake CIFAR files, reading a run's
-outputs, crashing a run part-way, and checking saved figures. Fixtures live in conftest.py."""
+outputs, training a small run, one-line errors, crashing a run part-way, and checking saved figures.
+Fixtures live in conftest.py."""
 
 import csv
 import pickle
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+import dataset
 import train_eval
 import vit_main
 
@@ -21,6 +23,31 @@ TINY_MODEL_FLAGS = [
 
 # Columns that must repeat exactly between two runs of the same seed (timings do not).
 DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
+
+
+def expect_one_line_error(capsys, argv, code, starts_with):
+    """Runs main in-process; checks the exit code, that stderr ends with exactly one error line starting
+    with ``starts_with`` after the program name, and that no traceback was printed. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main([str(value) for value in argv])
+    assert exit_info.value.code == code
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    last = stderr.rstrip("\n").splitlines()[-1]
+    assert sum(": error: " in line for line in stderr.splitlines()) <= 1
+    message = last.split(": error: ", 1)[-1] if ": error: " in last else last.split(": ", 1)[-1]
+    assert message.startswith(starts_with), last
+    return last
+
+
+def train_small_run(output_dir, *flags):
+    """Trains the tiny model on the synthetic set shrunk to 200 training and 100 test images into
+    ``output_dir``, for module-scoped fixtures (which cannot take the function-scoped ``tiny_argv``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dataset, "SYNTHETIC_TRAIN_SIZE", 200)
+        patch.setattr(dataset, "SYNTHETIC_TEST_SIZE", 100)
+        vit_main.main([*TINY_MODEL_FLAGS, "--output_dir", str(output_dir), *flags])
+    return output_dir
 
 
 def write_pickle(path, content):

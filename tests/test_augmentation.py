@@ -11,7 +11,7 @@ import dataset
 import runs
 import vit_main
 from tests.helpers import assert_resume_repeats_a_straight_run, read_metrics
-from tests.test_robustness import expect_one_line_error
+from tests.helpers import expect_one_line_error
 
 
 def step_types(transform):

@@ -7,7 +7,7 @@ import pytest
 
 import vit_main
 from tests.helpers import DETERMINISTIC_COLUMNS, read_metrics
-from tests.test_robustness import expect_one_line_error
+from tests.helpers import expect_one_line_error
 
 
 def parsed(*argv):

@@ -15,7 +15,7 @@ import train_eval
 import vit_main
 from models.vit import EncoderBlock, ViT
 from tests.helpers import assert_resume_repeats_a_straight_run, read_metrics, results_lines
-from tests.test_robustness import expect_one_line_error
+from tests.helpers import expect_one_line_error
 
 
 def make_trainer(model=None, **overrides):

@@ -24,7 +24,7 @@ import run_files
 import train_eval
 import utils
 import vit_main
-from tests.helpers import TINY_MODEL_FLAGS
+from tests.helpers import TINY_MODEL_FLAGS, expect_one_line_error, train_small_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(REPO, "vit_main.py")
@@ -38,12 +38,7 @@ PROGRAM = os.path.join(REPO, "vit_main.py")
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished one-epoch Attention run on the small synthetic set, built once; tests work on copies."""
-    output_dir = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dataset, "SYNTHETIC_TRAIN_SIZE", 200)
-        patch.setattr(dataset, "SYNTHETIC_TEST_SIZE", 100)
-        vit_main.main([*TINY_MODEL_FLAGS, "--output_dir", str(output_dir), "--num_epochs", "1"])
-    return output_dir
+    return train_small_run(tmp_path_factory.mktemp("finished"), "--num_epochs", "1")
 
 
 @pytest.fixture
@@ -58,21 +53,6 @@ def snapshot(directory):
     if not directory.exists():
         return {}
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
-
-
-def expect_one_line_error(capsys, argv, code, starts_with):
-    """Runs main in-process; checks the exit code, that stderr ends with exactly one error line starting
-    with ``starts_with`` after the program name, and that no traceback was printed. Returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        vit_main.main([str(value) for value in argv])
-    assert exit_info.value.code == code
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr
-    last = stderr.rstrip("\n").splitlines()[-1]
-    assert sum(": error: " in line for line in stderr.splitlines()) <= 1
-    message = last.split(": error: ", 1)[-1] if ": error: " in last else last.split(": ", 1)[-1]
-    assert message.startswith(starts_with), last
-    return last
 
 
 # Locks taken by the table's setups; each is released after its test.

@@ -15,8 +15,9 @@ import runs
 import train_eval
 import vit_main
 from tests.helpers import (DETERMINISTIC_COLUMNS, TINY_MODEL_FLAGS, assert_resume_repeats_a_straight_run,
-                           read_metrics, results_lines, texts_outside_or_overlapping, write_cifar10)
-from tests.test_robustness import expect_one_line_error
+                           read_metrics, results_lines, texts_outside_or_overlapping, train_small_run,
+                           write_cifar10)
+from tests.helpers import expect_one_line_error
 
 VALIDATION = ["--val_split", "0.2"]
 
@@ -198,12 +199,7 @@ def test_plateau_watches_the_validation_loss_when_a_split_is_held_out(tiny_argv,
 
 @pytest.fixture(scope="module")
 def validation_run(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("validation")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dataset, "SYNTHETIC_TRAIN_SIZE", 200)
-        patch.setattr(dataset, "SYNTHETIC_TEST_SIZE", 100)
-        vit_main.main([*TINY_MODEL_FLAGS, "--output_dir", str(output_dir), *VALIDATION, "--num_epochs", "2"])
-    return output_dir
+    return train_small_run(tmp_path_factory.mktemp("validation"), *VALIDATION, "--num_epochs", "2")
 
 
 def test_a_run_with_a_validation_split_logs_it(validation_run):
