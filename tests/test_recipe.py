@@ -390,14 +390,15 @@ def test_ema_weights_of_a_run_without_them_are_refused(tiny_argv, tmp_path, caps
 
 ALL_OPTIONS = ["--num_epochs", "3", "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--ema_decay", "0.9",
                "--warmup_epochs", "1.5", "--scheduler", "cosine", "--accumulation_steps", "2",
-               "--label_smoothing", "0.1", "--no_decay_norm_bias", "--weight_decay", "0.05"]
+               "--label_smoothing", "0.1", "--no_decay_norm_bias", "--weight_decay", "0.05",
+               "--augment", "--auto_augment", "randaugment", "--random_erasing", "0.25", "--val_split", "0.1"]
 
 
 @pytest.mark.slow
 def test_a_run_with_every_option_resumes_exactly(tiny_argv, tmp_path, monkeypatch):
     straight, resumed = assert_resume_repeats_a_straight_run(tiny_argv, tmp_path, monkeypatch, ALL_OPTIONS, 2)
     for expected, actual in zip(read_metrics(straight), read_metrics(resumed), strict=True):
-        for column in run_files.EMA_COLUMNS:
+        for column in run_files.VALIDATION_COLUMNS + run_files.EMA_COLUMNS + run_files.EMA_VALIDATION_COLUMNS:
             assert float(actual[column]) == pytest.approx(float(expected[column]), rel=0, abs=1e-6), column
     rates = [float(row["lr"]) for row in read_metrics(straight)]
     assert rates[0] < rates[1]  # epoch 1 started the warmup, epoch 2 went on with it
