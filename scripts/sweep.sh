@@ -120,11 +120,18 @@ run() {
         echo "start   $name"
     fi
     mkdir -p "$directory"
-    # A failed run is reported at the end instead of stopping the runs after it.
-    if ! "${launcher[@]}" "$REPOSITORY/vit_main.py" "${flags[@]}" --output_dir "$directory" --resume auto \
-        2>&1 | copy_to_log "$directory/console.log"; then
-        [[ -n $stop_signal ]] || failed_runs+=("$name")
-    fi
+    local status=0
+    "${launcher[@]}" "$REPOSITORY/vit_main.py" "${flags[@]}" --output_dir "$directory" --resume auto \
+        2>&1 | copy_to_log "$directory/console.log" || status=${PIPESTATUS[0]}
+    # A run stopped by a signal (exit code 130 or 143) stops the sweep too, also where the shell could not
+    # trap the signal (bash cannot trap a signal that was ignored when it started). A failed run is
+    # reported at the end instead of stopping the runs after it.
+    case $status in
+        0) ;;
+        130) stop_signal=${stop_signal:-INT} ;;
+        143) stop_signal=${stop_signal:-TERM} ;;
+        *) [[ -n $stop_signal ]] || failed_runs+=("$name") ;;
+    esac
     stop_if_signalled "during $name"
 }
 

@@ -92,13 +92,21 @@ def wait_for(path, process, timeout=180):
         time.sleep(0.2)
 
 
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path):
+@pytest.mark.parametrize("start", [None, ignore_sigint], ids=["trapped", "ignored when the sweep started"])
+def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path, start):
+    """Also where bash cannot trap SIGINT (it was ignored when bash started, as under some launchers):
+    the run still stops on it (exit code 130), and that ends the sweep."""
     root = tmp_path / "sweep"
     first, second = root / "ConvNNAttention_K2_all_s0", root / "ConvNNAttention_K3_all_s0"
     # A new session, so that the test can signal the sweep's process group as a terminal does on Ctrl-C.
     sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, EPOCHS="1000", K_VALUES="2 3"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=start)
     try:
         wait_for(first / "metrics.csv", sweep)  # training has started
         os.killpg(sweep.pid, signal.SIGINT)
