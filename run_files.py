@@ -380,23 +380,28 @@ def best_accuracy_line(history: List[Dict]) -> str:
     return f"Max Accuracy: {best['test_top1']:.4f}% at epoch {best['epoch']}"
 
 
+def first_best(history: List[Dict], column: str) -> Dict:
+    """The epoch with the highest ``column``; the first epoch reaching the maximum wins ties."""
+    return max(history, key=lambda record: (record[column], -record["epoch"]))
+
+
 def best_record(history: List[Dict]) -> Dict:
     """The epoch of best test top-1, the seed's "Max Accuracy": chosen on the test split itself, so its
-    accuracy is an optimistic estimate. The first epoch reaching the maximum wins ties."""
-    return max(history, key=lambda record: (record["test_top1"], -record["epoch"]))
+    accuracy is an optimistic estimate."""
+    return first_best(history, "test_top1")
 
 
 def best_ema_accuracy_line(history: List[Dict]) -> str:
-    best = max(history, key=lambda record: (record["ema_test_top1"], -record["epoch"]))
+    best = first_best(history, "ema_test_top1")
     return f"Max EMA Accuracy: {best['ema_test_top1']:.4f}% at epoch {best['epoch']}"
 
 
 def selected_record(history: List[Dict]) -> Dict:
     """The epoch whose weights best.pt holds: best validation top-1 when a validation split is held out
-    (the test split then plays no part in the choice), else best test top-1. The first epoch wins ties."""
+    (the test split then plays no part in the choice), else best test top-1."""
     if not has_validation(history):
         return best_record(history)
-    return max(history, key=lambda record: (record["val_top1"], -record["epoch"]))
+    return first_best(history, "val_top1")
 
 
 def best_validation_line(history: List[Dict]) -> str:

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from models.layer_options import LAYER_OPTIONS  # noqa: E402
 from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
-from run_files import OutputWriteError, atomic_write, atomic_write_text  # noqa: E402
+from run_files import OutputWriteError, atomic_write, atomic_write_text, first_best  # noqa: E402
 from scripts.run_settings import parsed_values, result_settings  # noqa: E402
 
 # The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
@@ -239,11 +239,6 @@ def sampling_label(arguments: Dict[str, str]) -> str:
     sampling_type = arguments.get("sampling_type", "all")
     num_samples = integer_argument(arguments, "num_samples")
     return sampling_type if sampling_type == "all" or num_samples in (None, -1) else f"{sampling_type}:{num_samples}"
-
-
-def first_best(epochs: List[Dict[str, float]], column: str) -> Dict[str, float]:
-    # The first epoch reaching the maximum wins ties, as vit_main's choice of best.pt.
-    return max(epochs, key=lambda record: (record[column], -record["epoch"]))
 
 
 def selected_epoch(epochs: List[Dict[str, float]]) -> Tuple[Dict[str, float], str]:
