@@ -21,10 +21,11 @@ pass (gather, scale and add, without writing the gathered rows out):
   for all slots); the kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
 
 The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
-own sequence) in buffers reused across those chunks: a chunk stays in the core's cache, and memory
-this size is reused by the allocator, where the 40 MiB of a whole batch would be handed back to the
-system and page-faulted anew at every call (with two threads, freeing and faulting such buffers
-made a training step several times slower).
+own sequence) in buffers allocated once per call and reused across those chunks, and each chunk's
+results are written in place: a chunk stays in the shared cache, and memory this size is reused by
+the allocator, where the 40 MiB of a whole batch would be handed back to the system and page-faulted
+anew at every call (with two threads, freeing and faulting such buffers made a training step several
+times slower).
 
 The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
 compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
@@ -48,9 +49,11 @@ from torch.utils.flop_counter import register_flop_formula
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-# Budget for one chunk's slot table, about half a core's L2 cache: smaller chunks cost more in per-operation
-# overhead, larger ones in cache misses (and from about 4 MiB, with two threads, in page faults).
-CHUNK_BYTES = 1 << 20
+# Budget for one chunk's slot table. Each chunk costs a dozen operations whatever its size, and a chunk of one
+# sequence at N=197 (1.4 MiB) made the layer's step 15 % slower than chunks of four; past about 8 MiB the
+# buffers no longer stay in the shared cache and are handed back to the system between calls
+# (scripts/benchmark_convnn.py --chunks measures this).
+CHUNK_BYTES = 6 << 20
 
 
 def _sequences_per_chunk(seq_len: int, bytes_per_token: int) -> int:
@@ -104,6 +107,17 @@ def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
     return source if value_weight is None else source @ value_weight.t()
 
 
+def _bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor, out: Tensor) -> Tensor:
+    """``out[b] = sum of row_weights[p] * table[rows[p]]`` over the positions ``p`` of bag ``b``, written into
+    ``out`` (a slice of a tensor allocated once per call: a fresh chunk-sized result at every chunk would be
+    handed back to the system and page-faulted anew)."""
+    bookkeeping = [rows.new_empty(0) for _ in range(3)]
+    torch.ops.aten._embedding_bag_forward_only.out(table, rows, bag_starts, False, 0, False, row_weights,
+                                                   out0=out, out1=bookkeeping[0], out2=bookkeeping[1],
+                                                   out3=bookkeeping[2])
+    return out
+
+
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
              value_weight: Optional[Tensor]) -> Tensor:
     batch, seq_len, slots = neighbours.shape
@@ -118,13 +132,12 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     table_buffer = source.new_empty(chunk_tokens * slots * kernel_out)
     bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
     all_values = _values(flat_source, value_weight)
-    pieces = []
+    out = source.new_empty(batch * seq_len, kernel_out)
     for start, stop in _chunks(batch, seq_len, per_chunk):
         table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
-        pieces.append(torch.ops.aten._embedding_bag_forward_only(
-            table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start], False, 0, False,
-            token_weights[start:stop].reshape(-1))[0])
-    return torch.cat(pieces).view(batch, seq_len, kernel_out)
+        _bag_sums(table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start],
+                  token_weights[start:stop].reshape(-1), out[start:stop])
+    return out.view(batch, seq_len, kernel_out)
 
 
 # Named apart from the earlier per-slot operators (``convnn::neighbour_conv`` and its backward, whose outputs
@@ -169,8 +182,8 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     ones = source.new_ones(chunk_tokens)  # sums over a chunk's tokens as one matrix-vector product
 
     all_values = _values(flat_source, value_weight)
-    all_grad_values = torch.zeros_like(all_values)
-    grad_weights = []
+    grad_values = torch.zeros_like(all_values)
+    grad_weights = torch.empty_like(token_weights)
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
@@ -185,10 +198,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         # What each slot passes back to the neighbour it chose; its dot product with that neighbour's value is
         # the weight's gradient, and weighted, its sum over the slots that chose a row is the row's gradient.
         slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, slot_buffer)
-        grad_weights.append(torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            slot_grads, values, rows, bags, bags, 0))
+        torch.ops.aten._embedding_bag_per_sample_weights_backward.out(
+            slot_grads, values, rows, bags, bags, 0, out=grad_weights[start:stop].view(-1))
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
-        all_grad_values[start:stop].index_add_(0, rows, slot_grads)
+        grad_values[start:stop].index_add_(0, rows, slot_grads)
 
         weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
@@ -200,11 +213,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
-    grad_weights = torch.cat(grad_weights).view_as(weights)
+    grad_weights = grad_weights.view_as(weights)
     if value_weight is None:
-        return all_grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
-    return ((all_grad_values @ value_weight).view_as(source), grad_weights, grad_kernel,
-            all_grad_values.t() @ flat_source)
+        return grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
+    return (grad_values @ value_weight).view_as(source), grad_weights, grad_kernel, grad_values.t() @ flat_source
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())

@@ -13,6 +13,10 @@ part of the layer's backward on a CPU. Here the backward touches only the chosen
 - ``dk_j = sum_{(i,k): j(i,k) = j} g_ik q_i``: the pairs sorted by key, then one ``embedding_bag`` whose
   bags are the keys (a key nobody chose gets an empty bag, so zero).
 
+That sort costs about as much as a matrix product over all ``r`` candidates when ``r`` is small, so
+where ``r`` is at most ``DENSE_CANDIDATES_PER_CHOICE`` times ``count`` the backward scatters the
+gradients into the ``(B, N, r)`` matrix after all and takes its two batched products.
+
 Both are ``torch.library`` custom operators, so compiled graphs call them as they are.
 """
 
@@ -21,6 +25,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+# Where the dense backward stops paying: measured on a 2-core CPU at B=32, D=192, K=9 (dense 1.6 ms against
+# sparse 2.8 ms at r=65, 3.3 against 4.4 at r=101, 5.1 against 3.7 at r=129).
+DENSE_CANDIDATES_PER_CHOICE = 12
 
 
 @torch.library.custom_op("convnn::top_scores", mutates_args=())
@@ -65,6 +73,9 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
     """Gradients of ``top_scores``'s queries and keys from those of its values, over the chosen pairs only."""
     batch, seq_len, count = indices.shape
     candidates, width = keys.shape[1], keys.shape[2]
+    if candidates <= DENSE_CANDIDATES_PER_CHOICE * count:
+        score_grads = queries.new_zeros(batch, seq_len, candidates).scatter_(2, indices, grad_values)
+        return torch.bmm(score_grads, keys), torch.bmm(score_grads.transpose(1, 2), queries)
     # 32-bit positions where they fit: the sort of the pairs by key is about twice as fast.
     position = torch.int32 if max(batch * seq_len * count, batch * candidates) < 2**31 else torch.int64
     offsets = torch.arange(batch, device=indices.device, dtype=position).mul_(candidates).view(batch, 1, 1)

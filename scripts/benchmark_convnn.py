@@ -7,7 +7,9 @@ markdown table of both and their ratios.
     python scripts/benchmark_convnn.py --batch 32 --tokens 197 --width 192 --K 9
 
 With ``--profile`` it prints instead where the time of a forward+backward step goes, by operator
-(``torch.profiler``, self CPU time), for ConvNN-Attention and for ``Attention``.
+(``torch.profiler``, self CPU time), for ConvNN-Attention and for ``Attention``; with ``--chunks 2,4,6,8``
+the layer's forward+backward time at each chunk budget of the CPU aggregation (MiB), side by side with
+``Attention``'s.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit import build_layer  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention, options_from  # noqa: E402
@@ -83,6 +86,38 @@ def print_profile(args, top: int = 8):
             print(f"| `{key}` | {share:.0%} | {calls:g} |")
 
 
+def compare_chunk_budgets(args):
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
+    budgets = [float(budget) for budget in args.chunks.split(",")]
+    layers = {name: build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, num_tokens=args.tokens,
+                                **options_from(name, dict(K=args.K))).train()
+              for name in ("Attention", "ConvNNAttention")}
+
+    def step(layer, budget=None):
+        if budget is not None:
+            neighbour_conv_module.CHUNK_BYTES = int(budget * 2**20)
+        layer(x).sum().backward()
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    default = neighbour_conv_module.CHUNK_BYTES
+    steps = [lambda: step(layers["Attention"])]
+    steps += [lambda budget=budget: step(layers["ConvNNAttention"], budget) for budget in budgets]
+    try:
+        times = interleaved_medians(steps, args.repeats, args.warmup, torch.device("cpu"))
+    finally:
+        neighbour_conv_module.CHUNK_BYTES = default
+    print(f"ConvNN-Attention forward+backward by chunk budget, B={args.batch} N={args.tokens} D={args.width} "
+          f"K={args.K}, {torch.get_num_threads()} threads (default budget {default / 2**20:g} MiB)\n")
+    print("| chunk budget MiB | sequences per chunk | ms | x Attention |")
+    print("|---|---|---|---|")
+    bytes_per_token = args.K * args.width * 4
+    for budget, seconds in zip(budgets, times[1:]):
+        per_chunk = max(1, int(budget * 2**20) // (args.tokens * bytes_per_token))
+        print(f"| {budget:g} | {min(per_chunk, args.batch)} | {seconds * 1e3:.1f} | {seconds / times[0]:.2f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -93,9 +128,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", action="store_true",
                         help="print where the time goes by operator instead of comparing with the reference")
+    parser.add_argument("--chunks", help="comma-separated chunk budgets in MiB to compare instead")
     args = parser.parse_args(argv)
     if args.profile:
         print_profile(args)
+    elif args.chunks:
+        compare_chunk_budgets(args)
     else:
         compare_with_reference(args)
 

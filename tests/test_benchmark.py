@@ -65,3 +65,17 @@ def test_convnn_profile_covers_convnn_and_attention(capsys):
                            "--repeats", "1"])
     printed = capsys.readouterr().out
     assert "\nConvNNAttention: " in printed and "\nAttention: " in printed
+
+
+def test_chunk_budget_comparison_rows_and_restores_the_budget(capsys):
+    import benchmark_convnn
+    import models.neighbour_conv as neighbour_conv_module
+
+    default = neighbour_conv_module.CHUNK_BYTES
+    benchmark_convnn.main(["--chunks", "0.001,1", "--batch", "3", "--tokens", "17", "--width", "12", "--K", "3",
+                           "--repeats", "1", "--warmup", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.001 |")
+            or line.startswith("| 1 |")]
+    # 17 tokens x 3 slots x 12 channels x 4 bytes = 2,448 bytes per sequence: a 1 KiB budget still takes one.
+    assert [row.split(" | ")[1] for row in rows] == ["1", "3"]
+    assert neighbour_conv_module.CHUNK_BYTES == default

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import models.neighbour_conv as neighbour_conv_module
+import models.neighbour_selection as neighbour_selection_module
 from models.layer_options import CONVOLUTION_TYPES
 from models.neighbour_conv import neighbour_conv
 from models.neighbour_selection import top_scores
@@ -63,10 +64,14 @@ CPU_PATHS = ["one-chunk", "chunk-per-sequence"]
 
 
 def select_path(path, monkeypatch):
-    """Each way the aggregation can run: the CPU passes over the whole batch at once, and over chunks of one
-    sequence each (the chunks of a large batch); the GPU path's Triton kernels, interpreted."""
+    """Each way the layer can run: on the CPU, the aggregation over the whole batch at once with the selection's
+    dense backward (that of small candidate sets), and over chunks of one sequence each (the chunks of a large
+    batch) with the selection's sparse backward (that of large ones); the GPU path's Triton kernels, interpreted."""
+    if path == "one-chunk":
+        monkeypatch.setattr(neighbour_selection_module, "DENSE_CANDIDATES_PER_CHOICE", 10**9)
     if path == "chunk-per-sequence":
         monkeypatch.setattr(neighbour_conv_module, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(neighbour_selection_module, "DENSE_CANDIDATES_PER_CHOICE", 0)
     if path == "triton":
         use_triton_interpreter(monkeypatch)
 
@@ -429,6 +434,13 @@ def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpret
     assert rows["Attention"]["operations"] > 0
 
 
+@pytest.fixture(params=["dense", "sparse"])
+def selection_backward(request, monkeypatch):
+    """Both forms of top_scores' backward: through the (B, N, r) matrix, and over the chosen pairs only."""
+    threshold = 10**9 if request.param == "dense" else 0
+    monkeypatch.setattr(neighbour_selection_module, "DENSE_CANDIDATES_PER_CHOICE", threshold)
+
+
 def top_scores_inputs(with_bias, count=3):
     torch.manual_seed(0)
     batch, seq_len, candidates, width = 2, 7, 5, 4
@@ -442,7 +454,7 @@ def top_scores_inputs(with_bias, count=3):
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
-def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias):
+def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias, selection_backward):
     queries, keys, bias, count = top_scores_inputs(with_bias)
     values, indices = top_scores(queries, keys, bias, count, True)
     scores = queries @ keys.transpose(1, 2) + (0.0 if bias is None else bias)
@@ -457,12 +469,12 @@ def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias):
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
 @pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
-def test_gradcheck_top_scores(with_bias, largest):
+def test_gradcheck_top_scores(with_bias, largest, selection_backward):
     queries, keys, bias, count = top_scores_inputs(with_bias and largest)
     assert torch.autograd.gradcheck(lambda q, k: top_scores(q, k, bias, count, largest)[0], (queries, keys))
 
 
-def test_top_scores_of_no_candidates_passes_back_zeros():
+def test_top_scores_of_no_candidates_passes_back_zeros(selection_backward):
     queries, keys, _, _ = top_scores_inputs(False)
     values, indices = top_scores(queries, keys, None, 0, True)
     assert values.shape == indices.shape == (2, 7, 0)
@@ -471,7 +483,7 @@ def test_top_scores_of_no_candidates_passes_back_zeros():
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
-def test_top_scores_operators_are_registered_consistently(with_bias):
+def test_top_scores_operators_are_registered_consistently(with_bias, selection_backward):
     queries, keys, bias, count = top_scores_inputs(with_bias)
     torch.library.opcheck(torch.ops.convnn.top_scores.default, (queries, keys, bias, count, True))
     indices = top_scores(queries, keys, bias, count, True)[1]
@@ -480,7 +492,7 @@ def test_top_scores_operators_are_registered_consistently(with_bias):
 
 
 @pytest.mark.slow
-def test_compiled_top_scores_gives_the_eager_result():
+def test_compiled_top_scores_gives_the_eager_result(selection_backward):
     torch._dynamo.reset()
     queries, keys, bias, count = top_scores_inputs(True)
     results = []
@@ -495,8 +507,10 @@ def test_compiled_top_scores_gives_the_eager_result():
 
 
 @pytest.mark.parametrize("sampling_type", ["all", "random"])
-def test_cpu_selection_backward_forms_no_token_by_candidate_matrix(sampling_type):
-    # topk's backward scattered K gradients per row into a zero (B, N, r) matrix that two matrix products then read.
+def test_cpu_selection_sparse_backward_forms_no_token_by_candidate_matrix(sampling_type, monkeypatch):
+    # topk's backward scattered K gradients per row into a zero (B, N, r) matrix that two matrix products then read;
+    # the sparse backward, which large candidate sets take, does not.
+    monkeypatch.setattr(neighbour_selection_module, "DENSE_CANDIDATES_PER_CHOICE", 0)
     seq_len = 65
     layer = MultiHeadConvNNAttention(d_hidden=WIDTH, K=2, num_tokens=seq_len, sampling_type=sampling_type,
                                      num_samples=seq_len).train()
