@@ -187,7 +187,8 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
-    slot_buffer, gather_buffer = source.new_empty(2, chunk_tokens * slots * channels)
+    # One buffer serves both of a chunk's tables: the slot gradients are used up before the neighbours are gathered.
+    chunk_buffer = source.new_empty(chunk_tokens * slots * channels)
     for start, stop in _chunks(batch, seq_len, per_chunk):
         count = stop - start
         chunk_grad, chunk_weights = grad_out[start:stop], token_weights[start:stop]
@@ -197,13 +198,13 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
 
         # What each slot passes back to the neighbour it chose; its dot product with that neighbour's value is
         # the weight's gradient, and weighted, its sum over the slots that chose a row is the row's gradient.
-        slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, slot_buffer)
+        slot_grads = _slot_table(chunk_grad, slot_kernel.backward, slot_kernel.depthwise, slots, chunk_buffer)
         torch.ops.aten._embedding_bag_per_sample_weights_backward.out(
             slot_grads, values, rows, bags, bags, 0, out=grad_weights[start:stop].view(-1))
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
         grad_values[start:stop].index_add_(0, rows, slot_grads)
 
-        weighted = torch.index_select(values, 0, rows, out=gather_buffer[: rows.numel() * channels].view(-1, channels))
+        weighted = torch.index_select(values, 0, rows, out=chunk_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
         if slot_kernel.depthwise:
             grad_kernel.addmv_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).t(), ones[:count])
