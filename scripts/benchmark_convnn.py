@@ -9,10 +9,12 @@ markdown table of both and their ratios.
 With ``--profile`` it prints instead where the time of a forward+backward step goes, by operator
 (``torch.profiler``, self CPU time), for ConvNN-Attention and for ``Attention``; with ``--chunks 2,4,6,8``
 the layer's forward+backward time at each chunk budget of the CPU aggregation (MiB), side by side with
-``Attention``'s.
+``Attention``'s, and with ``--runs 5`` that comparison five times over, since one run on a shared machine
+can be off by more than the difference it measures.
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -104,18 +106,24 @@ def compare_chunk_budgets(args):
     default = neighbour_conv_module.CHUNK_BYTES
     steps = [lambda: step(layers["Attention"])]
     steps += [lambda budget=budget: step(layers["ConvNNAttention"], budget) for budget in budgets]
+    runs = []  # per run, the median seconds of Attention and of every budget
     try:
-        times = interleaved_medians(steps, args.repeats, args.warmup, torch.device("cpu"))
+        for _ in range(args.runs):
+            runs.append(interleaved_medians(steps, args.repeats, args.warmup, torch.device("cpu")))
     finally:
         neighbour_conv_module.CHUNK_BYTES = default
     print(f"ConvNN-Attention forward+backward by chunk budget, B={args.batch} N={args.tokens} D={args.width} "
-          f"K={args.K}, {torch.get_num_threads()} threads (default budget {default / 2**20:g} MiB)\n")
-    print("| chunk budget MiB | sequences per chunk | ms | x Attention |")
-    print("|---|---|---|---|")
+          f"K={args.K}, {torch.get_num_threads()} threads (default budget {default / 2**20:g} MiB), "
+          f"{args.runs} run(s) of {args.repeats} repeats\n")
+    print("| chunk budget MiB | sequences per chunk | ms, median of runs | x Attention, each run | median |")
+    print("|---|---|---|---|---|")
     bytes_per_token = args.K * args.width * 4
-    for budget, seconds in zip(budgets, times[1:]):
+    for column, budget in enumerate(budgets, start=1):
         per_chunk = max(1, int(budget * 2**20) // (args.tokens * bytes_per_token))
-        print(f"| {budget:g} | {min(per_chunk, args.batch)} | {seconds * 1e3:.1f} | {seconds / times[0]:.2f} |")
+        ratios = [times[column] / times[0] for times in runs]
+        milliseconds = statistics.median(times[column] for times in runs) * 1e3
+        print(f"| {budget:g} | {min(per_chunk, args.batch)} | {milliseconds:.1f} "
+              f"| {', '.join(f'{ratio:.2f}' for ratio in ratios)} | {statistics.median(ratios):.2f} |")
 
 
 def main(argv=None):
@@ -129,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print where the time goes by operator instead of comparing with the reference")
     parser.add_argument("--chunks", help="comma-separated chunk budgets in MiB to compare instead")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="with --chunks: repeat the interleaved comparison, printing each run's ratio")
     args = parser.parse_args(argv)
     if args.profile:
         print_profile(args)

@@ -73,9 +73,10 @@ def test_chunk_budget_comparison_rows_and_restores_the_budget(capsys):
 
     default = neighbour_conv_module.CHUNK_BYTES
     benchmark_convnn.main(["--chunks", "0.001,1", "--batch", "3", "--tokens", "17", "--width", "12", "--K", "3",
-                           "--repeats", "1", "--warmup", "0"])
+                           "--repeats", "1", "--warmup", "0", "--runs", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.001 |")
             or line.startswith("| 1 |")]
     # 17 tokens x 3 slots x 12 channels x 4 bytes = 2,448 bytes per sequence: a 1 KiB budget still takes one.
     assert [row.split(" | ")[1] for row in rows] == ["1", "3"]
+    assert all(len(row.split(" | ")[3].split(", ")) == 2 for row in rows)  # one ratio per run
     assert neighbour_conv_module.CHUNK_BYTES == default
