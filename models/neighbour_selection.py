@@ -74,7 +74,8 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
     batch, seq_len, count = indices.shape
     candidates, width = keys.shape[1], keys.shape[2]
     if candidates <= DENSE_CANDIDATES_PER_CHOICE * count:
-        score_grads = queries.new_zeros(batch, seq_len, candidates).scatter_(2, indices, grad_values)
+        score_grads = queries.new_zeros(batch, seq_len, candidates)
+        score_grads.scatter_(2, indices, grad_values.to(queries.dtype))  # float32 where a bias widened the scores
         return torch.bmm(score_grads, keys), torch.bmm(score_grads.transpose(1, 2), queries)
     # 32-bit positions where they fit: the sort of the pairs by key is about twice as fast.
     position = torch.int32 if max(batch * seq_len * count, batch * candidates) < 2**31 else torch.int64

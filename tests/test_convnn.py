@@ -467,6 +467,22 @@ def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias, sel
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
 
 
+def test_top_scores_backward_with_scores_wider_than_its_inputs(selection_backward):
+    # Under CPU autocast the queries and keys are bfloat16 and a coordinate bias float32, so the scores and their
+    # gradients are float32: the dense backward scattered them into a bfloat16 matrix and stopped with an error.
+    queries, keys, bias, count = top_scores_inputs(True)
+    queries, keys = (tensor.detach().to(torch.bfloat16).requires_grad_() for tensor in (queries, keys))
+    bias = bias.float()
+    values, indices = top_scores(queries, keys, bias, count, True)
+    plain_values, plain_indices = torch.topk(queries @ keys.transpose(1, 2) + bias, count, dim=-1)
+    assert values.dtype == torch.float32 and torch.equal(indices, plain_indices)
+    grad = torch.randn_like(values)
+    for fast, plain in zip(torch.autograd.grad(values, (queries, keys), grad),
+                           torch.autograd.grad(plain_values, (queries, keys), grad)):
+        assert fast.dtype == torch.bfloat16
+        torch.testing.assert_close(fast, plain, rtol=0.02, atol=0.05)
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
 @pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
 def test_gradcheck_top_scores(with_bias, largest, selection_backward):
