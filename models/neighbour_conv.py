@@ -183,7 +183,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
 
     all_values = _values(flat_source, value_weight)
     grad_values = torch.zeros_like(all_values)
-    grad_weights = torch.empty_like(token_weights)
+    grad_weights = source.new_empty(batch * seq_len, slots)  # contiguous, whatever the layout of weights
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)

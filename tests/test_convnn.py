@@ -196,6 +196,20 @@ def neighbour_conv_inputs(kernel_shape, projected, dtype=torch.float64):
     return source, neighbours, weights, kernel, value_weight
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+def test_neighbour_conv_takes_weights_of_any_layout(kernel_shape, path, monkeypatch):
+    # Weights whose (B, N) axes merge but whose slots are strided: the gradient buffer copied that layout and the
+    # per-chunk writes into it could not be viewed flat (a direct caller's input; the layer's are contiguous).
+    select_path(path, monkeypatch)
+    source, neighbours, weights, kernel, _ = neighbour_conv_inputs(kernel_shape, projected=False)
+    strided = weights.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0).requires_grad_()
+    grads = [torch.autograd.grad(neighbour_conv(source, neighbours, given, kernel).square().sum(),
+                                 (source, given, kernel)) for given in (weights, strided)]
+    for contiguous_grad, strided_grad in zip(*grads):
+        torch.testing.assert_close(strided_grad, contiguous_grad, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
