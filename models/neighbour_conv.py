@@ -107,10 +107,15 @@ def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
     return source if value_weight is None else source @ value_weight.t()
 
 
-def _bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor, out: Tensor) -> Tensor:
-    """``out[b] = sum of row_weights[p] * table[rows[p]]`` over the positions ``p`` of bag ``b``, written into
-    ``out`` (a slice of a tensor allocated once per call: a fresh chunk-sized result at every chunk would be
-    handed back to the system and page-faulted anew)."""
+def weighted_bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor,
+                      out: Optional[Tensor] = None) -> Tensor:
+    """``out[b] = sum of row_weights[p] * table[rows[p]]`` over the positions ``p`` of bag ``b``: one
+    ``embedding_bag`` pass (gather, weight and add, without writing the gathered rows out). Given ``out`` (a slice
+    of a tensor allocated once per call) it writes there: a fresh chunk-sized result at every chunk would be
+    handed back to the system and page-faulted anew."""
+    row_weights = row_weights.to(table.dtype)
+    if out is None:
+        return torch.ops.aten._embedding_bag_forward_only(table, rows, bag_starts, False, 0, False, row_weights)[0]
     bookkeeping = [rows.new_empty(0) for _ in range(3)]
     torch.ops.aten._embedding_bag_forward_only.out(table, rows, bag_starts, False, 0, False, row_weights,
                                                    out0=out, out1=bookkeeping[0], out2=bookkeeping[1],
@@ -135,8 +140,8 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     out = source.new_empty(batch * seq_len, kernel_out)
     for start, stop in _chunks(batch, seq_len, per_chunk):
         table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
-        _bag_sums(table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start],
-                  token_weights[start:stop].reshape(-1), out[start:stop])
+        weighted_bag_sums(table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start],
+                          token_weights[start:stop].reshape(-1), out[start:stop])
     return out.view(batch, seq_len, kernel_out)
 
 

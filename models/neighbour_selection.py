@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from models.neighbour_conv import weighted_bag_sums
+
 # Where the dense backward stops paying: measured on a 2-core CPU at B=32, D=192, K=9 (dense 1.6 ms against
 # sparse 2.8 ms at r=65, 3.3 against 4.4 at r=101, 5.1 against 3.7 at r=129).
 DENSE_CANDIDATES_PER_CHOICE = 12
@@ -61,12 +63,6 @@ def _top_scores_flops(queries_shape, keys_shape, *args, **kwargs) -> int:
     return 2 * batch * seq_len * keys_shape[1] * width
 
 
-def _bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor) -> Tensor:
-    """``out[b] = sum of row_weights[p] * table[rows[p]]`` over the positions ``p`` of bag ``b``."""
-    return torch.ops.aten._embedding_bag_forward_only(
-        table, rows, bag_starts, False, 0, False, row_weights.to(table.dtype))[0]
-
-
 @torch.library.custom_op("convnn::top_scores_gradients", mutates_args=())
 def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
                          indices: Tensor) -> Tuple[Tensor, Tensor]:
@@ -84,13 +80,13 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
     pair_grads = grad_values.reshape(-1)
 
     query_bags = torch.arange(batch * seq_len, device=indices.device, dtype=position).mul_(count)
-    grad_queries = _bag_sums(keys.reshape(batch * candidates, width), key_rows, query_bags, pair_grads)
+    grad_queries = weighted_bag_sums(keys.reshape(batch * candidates, width), key_rows, query_bags, pair_grads)
 
     sorted_rows, by_key = torch.sort(key_rows, stable=True)
     key_bags = torch.searchsorted(sorted_rows, torch.arange(batch * candidates, device=indices.device, dtype=position),
                                   out_int32=position == torch.int32)
     query_rows = by_key.div(max(count, 1), rounding_mode="floor").to(position)
-    grad_keys = _bag_sums(queries.reshape(batch * seq_len, width), query_rows, key_bags, pair_grads[by_key])
+    grad_keys = weighted_bag_sums(queries.reshape(batch * seq_len, width), query_rows, key_bags, pair_grads[by_key])
     return grad_queries.view_as(queries), grad_keys.view_as(keys)
 
 
