@@ -21,11 +21,13 @@ pass (gather, scale and add, without writing the gathered rows out):
   for all slots); the kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
 
 The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
-own sequence) in buffers allocated once per call and reused across those chunks, and each chunk's
-results are written in place: a chunk stays in the shared cache, and memory this size is reused by
-the allocator, where the 40 MiB of a whole batch would be handed back to the system and page-faulted
-anew at every call (with two threads, freeing and faulting such buffers made a training step several
-times slower).
+own sequence), and so are the values ``v`` (recomputed per chunk from ``x``) and their gradient, which
+leaves the chunk as ``x``'s and ``W_v``'s gradients: each chunk's results are written in place into the
+outputs, and everything else lives in a per-thread scratch block of about 7 MiB kept from call to call
+(``_Workspace``). A chunk stays in the shared cache, and the block stays mapped: memory freed and
+allocated anew at every call is handed back to the system and page-faulted in again (with two threads,
+freeing and faulting the 40 MiB of a whole batch made a training step several times slower; a fresh
+6 MiB table still cost 1,400 faults per layer step).
 
 The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
 compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
@@ -41,6 +43,8 @@ GPUs take the CPU's passes, whose operations all have GPU kernels.
 
 import importlib
 import importlib.util
+import itertools
+import threading
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -103,8 +107,43 @@ def _slot_table(rows: Tensor, per_slot: Tensor, depthwise: bool, slots: int, buf
     return table.view(count * slots, width)
 
 
-def _values(source: Tensor, value_weight: Optional[Tensor]) -> Tensor:
-    return source if value_weight is None else source @ value_weight.t()
+def _values(source: Tensor, value_weight: Optional[Tensor], buffer: Optional[Tensor] = None) -> Tensor:
+    """``v = source W^T`` (``source`` itself without ``W``), written into ``buffer`` where one is given."""
+    if value_weight is None:
+        return source
+    if buffer is None:
+        return source @ value_weight.t()
+    return torch.mm(source, value_weight.t(), out=buffer[: source.shape[0] * value_weight.shape[0]].view(
+        source.shape[0], value_weight.shape[0]))
+
+
+class _Workspace(threading.local):
+    """Scratch memory for the CPU passes' chunks, one block per thread and dtype, kept from call to call.
+
+    A chunk's tables, values and value gradients live only inside one call of one pass and never leave it, so
+    the block can outlive the call; reused, it is already mapped and mostly still in cache, where a fresh table
+    cost three times its later writes in page faults. Per thread, because eager calls from several threads (and
+    the autograd engine's) may run at once."""
+
+    def __init__(self):
+        self.blocks = {}
+
+    def take(self, like: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
+        """Flat buffers of ``sizes`` elements of ``like``'s dtype, side by side in this thread's block."""
+        total = sum(sizes)
+        if like.device.type != "cpu":  # other devices' allocators cache freed memory themselves
+            block = like.new_empty(total)
+        else:
+            block = self.blocks.get(like.dtype)
+            if block is None or block.numel() < total:
+                # A block made under inference_mode could not be written outside it by a later training step.
+                with torch.inference_mode(False):
+                    block = self.blocks[like.dtype] = torch.empty(total, dtype=like.dtype)
+        starts = [0, *itertools.accumulate(sizes)]
+        return tuple(block[start:stop] for start, stop in zip(starts, starts[1:]))
+
+
+_workspace = _Workspace()
 
 
 def weighted_bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor,
@@ -127,6 +166,7 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
              value_weight: Optional[Tensor]) -> Tensor:
     batch, seq_len, slots = neighbours.shape
     kernel_out = kernel.shape[0]
+    channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
     per_chunk = _sequences_per_chunk(seq_len, slots * kernel_out * source.element_size())
     table_rows = _chunk_rows(neighbours, per_chunk) * slots + torch.arange(slots, device=neighbours.device)
     flat_source = source.reshape(batch * seq_len, -1)
@@ -134,12 +174,12 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     slot_kernel = _slot_kernel(kernel)
 
     chunk_tokens = min(batch, per_chunk) * seq_len
-    table_buffer = source.new_empty(chunk_tokens * slots * kernel_out)
+    table_buffer, values_buffer = _workspace.take(source, (chunk_tokens * slots * kernel_out, chunk_tokens * channels))
     bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
-    all_values = _values(flat_source, value_weight)
     out = source.new_empty(batch * seq_len, kernel_out)
     for start, stop in _chunks(batch, seq_len, per_chunk):
-        table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
+        values = _values(flat_source[start:stop], value_weight, values_buffer)
+        table = _slot_table(values, slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
         weighted_bag_sums(table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start],
                           token_weights[start:stop].reshape(-1), out[start:stop])
     return out.view(batch, seq_len, kernel_out)
@@ -184,20 +224,22 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     slot_kernel = _slot_kernel(kernel)
     chunk_tokens = min(batch, per_chunk) * seq_len
     one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
-    ones = source.new_ones(chunk_tokens)  # sums over a chunk's tokens as one matrix-vector product
 
-    all_values = _values(flat_source, value_weight)
-    grad_values = torch.zeros_like(all_values)
+    grad_source = flat_source.new_empty(flat_source.shape)
     grad_weights = source.new_empty(batch * seq_len, slots)  # contiguous, whatever the layout of weights
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
-    # One buffer serves both of a chunk's tables: the slot gradients are used up before the neighbours are gathered.
-    chunk_buffer = source.new_empty(chunk_tokens * slots * channels)
+    grad_value_weight = source.new_zeros(0) if value_weight is None else torch.zeros_like(value_weight)
+    # One table serves both of a chunk's passes: the slot gradients are used up before the neighbours are gathered.
+    chunk_buffer, values_buffer, grad_values_buffer = _workspace.take(
+        source, (chunk_tokens * slots * channels, chunk_tokens * channels, chunk_tokens * channels))
     for start, stop in _chunks(batch, seq_len, per_chunk):
         count = stop - start
         chunk_grad, chunk_weights = grad_out[start:stop], token_weights[start:stop]
-        values = all_values[start:stop]
+        values = _values(flat_source[start:stop], value_weight, values_buffer)
+        grad_values = grad_source[start:stop] if value_weight is None else grad_values_buffer[
+            : count * channels].view(count, channels)
         rows = chunk_rows[start:stop].reshape(-1)
         bags = one_per_bag[: rows.numel()]
 
@@ -207,22 +249,23 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         torch.ops.aten._embedding_bag_per_sample_weights_backward.out(
             slot_grads, values, rows, bags, bags, 0, out=grad_weights[start:stop].view(-1))
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
-        grad_values[start:stop].index_add_(0, rows, slot_grads)
+        grad_values.zero_().index_add_(0, rows, slot_grads)
+        if value_weight is not None:
+            torch.mm(grad_values, value_weight, out=grad_source[start:stop])
+            grad_value_weight.addmm_(grad_values.t(), flat_source[start:stop])
 
         weighted = torch.index_select(values, 0, rows, out=chunk_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
         if slot_kernel.depthwise:
-            grad_kernel.addmv_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).t(), ones[:count])
+            # A sum over the tokens, not a matrix-vector product with ones: the CPU's addmv runs on one thread.
+            grad_kernel.add_(weighted.mul_(chunk_grad.unsqueeze(1)).view(count, -1).sum(0))
         else:
             grad_kernel.addmm_(chunk_grad.t(), weighted.view(count, -1))
     if slot_kernel.depthwise:
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
-    grad_weights = grad_weights.view_as(weights)
-    if value_weight is None:
-        return grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
-    return (grad_values @ value_weight).view_as(source), grad_weights, grad_kernel, grad_values.t() @ flat_source
+    return grad_source.view_as(source), grad_weights.view_as(weights), grad_kernel, grad_value_weight
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())

@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import math
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -437,6 +438,66 @@ def test_aggregation_keeps_only_its_inputs_for_backward(kernel_shape, aggregatio
     inputs = neighbour_conv_inputs(kernel_shape, projected=True, dtype=torch.float32)
     kept = benchmark.saved_bytes(lambda: neighbour_conv(*inputs))
     assert kept == sum(tensor.untyped_storage().nbytes() for tensor in inputs)
+
+
+def aggregation_results(inputs):
+    out = neighbour_conv(*inputs)
+    learnable = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
+    return (out, *torch.autograd.grad(out.square().sum(), learnable))
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
+@pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
+def test_aggregation_scratch_block_is_reused_and_never_reaches_the_results(kernel_shape, projected, path,
+                                                                           monkeypatch):
+    # The chunks' tables, values and value gradients live in a per-thread block kept between calls: what it holds
+    # from an earlier call must not leak into a result, and no result may be a view of it.
+    select_path(path, monkeypatch)
+    inputs = neighbour_conv_inputs(kernel_shape, projected)
+    first = aggregation_results(inputs)
+    block = neighbour_conv_module._workspace.blocks[torch.float64]
+    block.fill_(float("nan"))
+    second = aggregation_results(inputs)
+    assert neighbour_conv_module._workspace.blocks[torch.float64] is block
+    for earlier, later in zip(first, second):
+        torch.testing.assert_close(later, earlier, rtol=0, atol=0)
+        assert later.untyped_storage().data_ptr() != block.untyped_storage().data_ptr()
+
+
+def test_aggregation_scratch_blocks_belong_to_one_thread_each():
+    # Calls from two threads at once (the operators release the GIL) would overwrite each other's chunks in a
+    # shared block.
+    inputs = [neighbour_conv_inputs((5, 3), projected) for projected in (False, True)]
+    expected = [aggregation_results(given) for given in inputs]
+    blocks, mismatches = [], []
+
+    def repeat(given, wanted):
+        for _ in range(20):
+            got = aggregation_results(given)
+            mismatches.extend(not torch.equal(a, b) for a, b in zip(got, wanted))
+        blocks.append(neighbour_conv_module._workspace.blocks[torch.float64])
+
+    threads = [threading.Thread(target=repeat, args=pair) for pair in zip(inputs, expected)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(mismatches) == 20 * sum(len(wanted) for wanted in expected) and not any(mismatches)
+    assert len({id(block) for block in blocks}) == 2
+    assert all(block is not neighbour_conv_module._workspace.blocks[torch.float64] for block in blocks)
+
+
+def test_aggregation_made_under_inference_mode_then_trained_on(monkeypatch):
+    # The scratch block is created on the first call; made as an inference tensor it could not be written by a
+    # training step afterwards.
+    monkeypatch.setattr(neighbour_conv_module._workspace, "blocks", {})
+    inputs = neighbour_conv_inputs((5, 3), projected=True)
+    with torch.inference_mode():
+        evaluated = neighbour_conv(*[tensor.detach() for tensor in inputs])
+    assert not neighbour_conv_module._workspace.blocks[torch.float64].is_inference()
+    trained = aggregation_results(inputs)
+    torch.testing.assert_close(trained[0], evaluated, rtol=0, atol=0)
 
 
 def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpreter):
