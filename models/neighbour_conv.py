@@ -24,7 +24,7 @@ The ``K``-times-larger tables are built a few sequences at a time (a token's nei
 own sequence), and so are the values ``v`` (recomputed per chunk from ``x``) and their gradient, which
 leaves the chunk as ``x``'s and ``W_v``'s gradients: each chunk's results are written in place into the
 outputs, and everything else lives in a per-thread scratch block of about 7 MiB kept from call to call
-(``_Workspace``). A chunk stays in the shared cache, and the block stays mapped: memory freed and
+(``scratch_buffers``). A chunk stays in the shared cache, and the block stays mapped: memory freed and
 allocated anew at every call is handed back to the system and page-faulted in again (with two threads,
 freeing and faulting the 40 MiB of a whole batch made a training step several times slower; a fresh
 6 MiB table still cost 1,400 faults per layer step).
@@ -58,6 +58,9 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # buffers no longer stay in the shared cache and are handed back to the system between calls
 # (scripts/benchmark_convnn.py --chunks measures this).
 CHUNK_BYTES = 6 << 20
+# The most memory a thread's scratch block holds for one dtype between calls: a chunk's buffers (about 7 MiB at
+# the budget above), or the selection's (B, N, r) scores up to (32, 512, 512).
+SCRATCH_BYTES = 32 << 20
 
 
 def _sequences_per_chunk(seq_len: int, bytes_per_token: int) -> int:
@@ -117,33 +120,36 @@ def _values(source: Tensor, value_weight: Optional[Tensor], buffer: Optional[Ten
         source.shape[0], value_weight.shape[0]))
 
 
-class _Workspace(threading.local):
-    """Scratch memory for the CPU passes' chunks, one block per thread and dtype, kept from call to call.
-
-    A chunk's tables, values and value gradients live only inside one call of one pass and never leave it, so
-    the block can outlive the call; reused, it is already mapped and mostly still in cache, where a fresh table
-    cost three times its later writes in page faults. Per thread, because eager calls from several threads (and
-    the autograd engine's) may run at once."""
+class _ScratchBlocks(threading.local):
+    """One block of scratch memory per thread and dtype, kept from call to call (see ``scratch_buffers``)."""
 
     def __init__(self):
-        self.blocks = {}
-
-    def take(self, like: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
-        """Flat buffers of ``sizes`` elements of ``like``'s dtype, side by side in this thread's block."""
-        total = sum(sizes)
-        if like.device.type != "cpu":  # other devices' allocators cache freed memory themselves
-            block = like.new_empty(total)
-        else:
-            block = self.blocks.get(like.dtype)
-            if block is None or block.numel() < total:
-                # A block made under inference_mode could not be written outside it by a later training step.
-                with torch.inference_mode(False):
-                    block = self.blocks[like.dtype] = torch.empty(total, dtype=like.dtype)
-        starts = [0, *itertools.accumulate(sizes)]
-        return tuple(block[start:stop] for start, stop in zip(starts, starts[1:]))
+        self.by_dtype = {}
 
 
-_workspace = _Workspace()
+_scratch_blocks = _ScratchBlocks()
+
+
+def scratch_buffers(like: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
+    """Flat buffers of ``sizes`` elements of ``like``'s dtype, side by side, for what lives only inside one call of
+    a CPU operator and never leaves it: the chunks' tables, values and value gradients, the selection's scores.
+
+    On the CPU they are views of this thread's block, which outlives the call: reused, it is already mapped and
+    mostly still in cache, where a fresh 6 MiB table was page-faulted in at every call and cost three times its
+    later writes. Per thread, because eager calls from several threads (and the autograd engine's) may run at
+    once. On other devices, whose allocators cache freed memory themselves, and for requests over
+    ``SCRATCH_BYTES`` (the scores of a large batch), a fresh tensor."""
+    total = sum(sizes)
+    if like.device.type != "cpu" or total * like.element_size() > SCRATCH_BYTES:
+        block = like.new_empty(total)
+    else:
+        block = _scratch_blocks.by_dtype.get(like.dtype)
+        if block is None or block.numel() < total:
+            # A block made under inference_mode could not be written outside it by a later training step.
+            with torch.inference_mode(False):
+                block = _scratch_blocks.by_dtype[like.dtype] = torch.empty(total, dtype=like.dtype)
+    starts = [0, *itertools.accumulate(sizes)]
+    return tuple(block[start:stop] for start, stop in zip(starts, starts[1:]))
 
 
 def weighted_bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weights: Tensor,
@@ -174,7 +180,7 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     slot_kernel = _slot_kernel(kernel)
 
     chunk_tokens = min(batch, per_chunk) * seq_len
-    table_buffer, values_buffer = _workspace.take(source, (chunk_tokens * slots * kernel_out, chunk_tokens * channels))
+    table_buffer, values_buffer = scratch_buffers(source, (chunk_tokens * slots * kernel_out, chunk_tokens * channels))
     bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
     out = source.new_empty(batch * seq_len, kernel_out)
     for start, stop in _chunks(batch, seq_len, per_chunk):
@@ -232,7 +238,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         kernel.shape[0], slots * channels)
     grad_value_weight = source.new_zeros(0) if value_weight is None else torch.zeros_like(value_weight)
     # One table serves both of a chunk's passes: the slot gradients are used up before the neighbours are gathered.
-    chunk_buffer, values_buffer, grad_values_buffer = _workspace.take(
+    chunk_buffer, values_buffer, grad_values_buffer = scratch_buffers(
         source, (chunk_tokens * slots * channels, chunk_tokens * channels, chunk_tokens * channels))
     for start, stop in _chunks(batch, seq_len, per_chunk):
         count = stop - start

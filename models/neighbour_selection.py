@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from models.neighbour_conv import weighted_bag_sums
+from models.neighbour_conv import scratch_buffers, weighted_bag_sums
 
 # Where the dense backward stops paying: measured on a 2-core CPU at B=32, D=192, K=9 (dense 1.6 ms against
 # sparse 2.8 ms at r=65, 3.3 against 4.4 at r=101, 5.1 against 3.7 at r=129).
@@ -41,9 +41,11 @@ def top_scores(queries: Tensor, keys: Tensor, bias: Optional[Tensor], count: int
       queries  ``(B, N, D)``;  keys ``(B, r, D)``;  bias ``None`` or ``(N, r)``, added to every sequence's scores
       (``-inf`` / ``inf`` excludes a pair); it gets no gradient.
     """
-    scores = torch.bmm(queries, keys.transpose(1, 2))
+    batch, seq_len, _ = queries.shape
+    (buffer,) = scratch_buffers(queries, (batch * seq_len * keys.shape[1],))
+    scores = torch.bmm(queries, keys.transpose(1, 2), out=buffer.view(batch, seq_len, keys.shape[1]))
     if bias is not None:
-        scores = scores + bias
+        scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
     values, indices = torch.topk(scores, count, dim=-1, largest=largest)
     return values, indices
 
@@ -70,7 +72,8 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
     batch, seq_len, count = indices.shape
     candidates, width = keys.shape[1], keys.shape[2]
     if candidates <= DENSE_CANDIDATES_PER_CHOICE * count:
-        score_grads = queries.new_zeros(batch, seq_len, candidates)
+        (buffer,) = scratch_buffers(queries, (batch * seq_len * candidates,))
+        score_grads = buffer.view(batch, seq_len, candidates).zero_()
         score_grads.scatter_(2, indices, grad_values.to(queries.dtype))  # float32 where a bias widened the scores
         return torch.bmm(score_grads, keys), torch.bmm(score_grads.transpose(1, 2), queries)
     # 32-bit positions where they fit: the sort of the pairs by key is about twice as fast.

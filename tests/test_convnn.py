@@ -456,10 +456,10 @@ def test_aggregation_scratch_block_is_reused_and_never_reaches_the_results(kerne
     select_path(path, monkeypatch)
     inputs = neighbour_conv_inputs(kernel_shape, projected)
     first = aggregation_results(inputs)
-    block = neighbour_conv_module._workspace.blocks[torch.float64]
+    block = neighbour_conv_module._scratch_blocks.by_dtype[torch.float64]
     block.fill_(float("nan"))
     second = aggregation_results(inputs)
-    assert neighbour_conv_module._workspace.blocks[torch.float64] is block
+    assert neighbour_conv_module._scratch_blocks.by_dtype[torch.float64] is block
     for earlier, later in zip(first, second):
         torch.testing.assert_close(later, earlier, rtol=0, atol=0)
         assert later.untyped_storage().data_ptr() != block.untyped_storage().data_ptr()
@@ -476,7 +476,7 @@ def test_aggregation_scratch_blocks_belong_to_one_thread_each():
         for _ in range(20):
             got = aggregation_results(given)
             mismatches.extend(not torch.equal(a, b) for a, b in zip(got, wanted))
-        blocks.append(neighbour_conv_module._workspace.blocks[torch.float64])
+        blocks.append(neighbour_conv_module._scratch_blocks.by_dtype[torch.float64])
 
     threads = [threading.Thread(target=repeat, args=pair) for pair in zip(inputs, expected)]
     for thread in threads:
@@ -485,17 +485,17 @@ def test_aggregation_scratch_blocks_belong_to_one_thread_each():
         thread.join()
     assert len(mismatches) == 20 * sum(len(wanted) for wanted in expected) and not any(mismatches)
     assert len({id(block) for block in blocks}) == 2
-    assert all(block is not neighbour_conv_module._workspace.blocks[torch.float64] for block in blocks)
+    assert all(block is not neighbour_conv_module._scratch_blocks.by_dtype[torch.float64] for block in blocks)
 
 
 def test_aggregation_made_under_inference_mode_then_trained_on(monkeypatch):
     # The scratch block is created on the first call; made as an inference tensor it could not be written by a
     # training step afterwards.
-    monkeypatch.setattr(neighbour_conv_module._workspace, "blocks", {})
+    monkeypatch.setattr(neighbour_conv_module._scratch_blocks, "by_dtype", {})
     inputs = neighbour_conv_inputs((5, 3), projected=True)
     with torch.inference_mode():
         evaluated = neighbour_conv(*[tensor.detach() for tensor in inputs])
-    assert not neighbour_conv_module._workspace.blocks[torch.float64].is_inference()
+    assert not neighbour_conv_module._scratch_blocks.by_dtype[torch.float64].is_inference()
     trained = aggregation_results(inputs)
     torch.testing.assert_close(trained[0], evaluated, rtol=0, atol=0)
 
@@ -540,6 +540,34 @@ def test_top_scores_is_topk_of_the_scores_with_the_same_gradients(with_bias, sel
     for fast, plain in zip(torch.autograd.grad(values, (queries, keys), grad),
                            torch.autograd.grad(plain_values, (queries, keys), grad)):
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_top_scores_do_not_depend_on_what_the_scratch_block_holds(with_bias, selection_backward):
+    # The scores (and the dense backward's score gradients) are written into the thread's scratch block.
+    queries, keys, bias, count = top_scores_inputs(with_bias)
+
+    def results():
+        values, indices = top_scores(queries, keys, bias, count, True)
+        return (values, indices, *torch.autograd.grad(values, (queries, keys), torch.ones_like(values)))
+
+    first = results()
+    neighbour_conv_module._scratch_blocks.by_dtype[torch.float64].fill_(float("nan"))
+    for earlier, later in zip(first, results()):
+        assert torch.equal(later, earlier)
+
+
+def test_scratch_requests_over_the_cap_get_fresh_memory(monkeypatch):
+    # The block a thread keeps is bounded: larger requests (the scores of a large batch) are not kept.
+    monkeypatch.setattr(neighbour_conv_module._scratch_blocks, "by_dtype", {})
+    monkeypatch.setattr(neighbour_conv_module, "SCRATCH_BYTES", 64)
+    like = torch.zeros(1)
+    (small,) = neighbour_conv_module.scratch_buffers(like, (16,))
+    first, second = neighbour_conv_module.scratch_buffers(like, (4, 12))
+    assert first.data_ptr() == small.data_ptr() and second.data_ptr() == small.data_ptr() + 16
+    (large,) = neighbour_conv_module.scratch_buffers(like, (17,))
+    assert large.numel() == 17 and large.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+    assert neighbour_conv_module._scratch_blocks.by_dtype[torch.float32].numel() == 16
 
 
 def test_top_scores_backward_with_scores_wider_than_its_inputs(selection_backward):
