@@ -21,13 +21,12 @@ pass (gather, scale and add, without writing the gathered rows out):
   for all slots); the kernel's gradient sums ``g_i (w_ik v_{n(i,k)})^T`` over tokens.
 
 The ``K``-times-larger tables are built a few sequences at a time (a token's neighbours lie in its
-own sequence), and so are the values ``v`` (recomputed per chunk from ``x``) and their gradient, which
-leaves the chunk as ``x``'s and ``W_v``'s gradients: each chunk's results are written in place into the
-outputs, and everything else lives in a per-thread scratch block of about 7 MiB kept from call to call
-(``scratch_buffers``). A chunk stays in the shared cache, and the block stays mapped: memory freed and
-allocated anew at every call is handed back to the system and page-faulted in again (with two threads,
-freeing and faulting the 40 MiB of a whole batch made a training step several times slower; a fresh
-6 MiB table still cost 1,400 faults per layer step).
+own sequence), and each chunk's results are written in place into the outputs. The tables, the values
+``v`` and their gradient (whole-batch, so that the projections stay one matrix product each) live in a
+per-thread scratch block kept from call to call (``scratch_buffers``): a chunk stays in the shared cache,
+and the block stays mapped. Memory freed and allocated anew at every call is handed back to the system
+and page-faulted in again: with two threads, freeing and faulting the 40 MiB of a whole batch's tables
+made a training step several times slower, and a fresh 6 MiB table still cost 1,400 faults per layer step.
 
 The two passes are ``torch.library`` custom operators (with a FLOP formula), which eager code and
 compiled graphs call as they are: traced, Inductor's CPU code would turn a scatter into a scalar
@@ -58,8 +57,9 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # buffers no longer stay in the shared cache and are handed back to the system between calls
 # (scripts/benchmark_convnn.py --chunks measures this).
 CHUNK_BYTES = 6 << 20
-# The most memory a thread's scratch block holds for one dtype between calls: a chunk's buffers (about 7 MiB at
-# the budget above), or the selection's (B, N, r) scores up to (32, 512, 512).
+# The most memory a thread's scratch block holds for one dtype between calls: a chunk's table and the whole batch's
+# values and their gradient (15 MB at B=32, N=197, C=192), or the selection's (B, N, r) scores up to (32, 512, 512).
+# Larger calls take fresh memory, as before there was a block.
 SCRATCH_BYTES = 32 << 20
 
 
@@ -180,12 +180,13 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     slot_kernel = _slot_kernel(kernel)
 
     chunk_tokens = min(batch, per_chunk) * seq_len
-    table_buffer, values_buffer = scratch_buffers(source, (chunk_tokens * slots * kernel_out, chunk_tokens * channels))
+    projected = 0 if value_weight is None else batch * seq_len * channels
+    table_buffer, values_buffer = scratch_buffers(source, (chunk_tokens * slots * kernel_out, projected))
+    all_values = _values(flat_source, value_weight, values_buffer)
     bag_starts = torch.arange(0, chunk_tokens * slots, slots, device=source.device)
     out = source.new_empty(batch * seq_len, kernel_out)
     for start, stop in _chunks(batch, seq_len, per_chunk):
-        values = _values(flat_source[start:stop], value_weight, values_buffer)
-        table = _slot_table(values, slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
+        table = _slot_table(all_values[start:stop], slot_kernel.forward, slot_kernel.depthwise, slots, table_buffer)
         weighted_bag_sums(table, table_rows[start:stop].reshape(-1), bag_starts[: stop - start],
                           token_weights[start:stop].reshape(-1), out[start:stop])
     return out.view(batch, seq_len, kernel_out)
@@ -231,21 +232,23 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     chunk_tokens = min(batch, per_chunk) * seq_len
     one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)
 
-    grad_source = flat_source.new_empty(flat_source.shape)
     grad_weights = source.new_empty(batch * seq_len, slots)  # contiguous, whatever the layout of weights
     # Depthwise: sum_i g_i * (w_ik v_{n(i,k)}) as (K*C,); standard: sum_i g_i (w_ik v_{n(i,k)})^T as (C_out, K*C_in).
     grad_kernel = source.new_zeros(slots * channels) if slot_kernel.depthwise else source.new_zeros(
         kernel.shape[0], slots * channels)
-    grad_value_weight = source.new_zeros(0) if value_weight is None else torch.zeros_like(value_weight)
     # One table serves both of a chunk's passes: the slot gradients are used up before the neighbours are gathered.
+    projected = 0 if value_weight is None else batch * seq_len * channels
     chunk_buffer, values_buffer, grad_values_buffer = scratch_buffers(
-        source, (chunk_tokens * slots * channels, chunk_tokens * channels, chunk_tokens * channels))
+        source, (chunk_tokens * slots * channels, projected, projected))
+    all_values = _values(flat_source, value_weight, values_buffer)
+    if value_weight is None:
+        grad_values = flat_source.new_zeros(flat_source.shape)
+    else:
+        grad_values = grad_values_buffer.view(batch * seq_len, channels).zero_()
     for start, stop in _chunks(batch, seq_len, per_chunk):
         count = stop - start
         chunk_grad, chunk_weights = grad_out[start:stop], token_weights[start:stop]
-        values = _values(flat_source[start:stop], value_weight, values_buffer)
-        grad_values = grad_source[start:stop] if value_weight is None else grad_values_buffer[
-            : count * channels].view(count, channels)
+        values = all_values[start:stop]
         rows = chunk_rows[start:stop].reshape(-1)
         bags = one_per_bag[: rows.numel()]
 
@@ -255,10 +258,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         torch.ops.aten._embedding_bag_per_sample_weights_backward.out(
             slot_grads, values, rows, bags, bags, 0, out=grad_weights[start:stop].view(-1))
         slot_grads.view(count, slots, -1).mul_(chunk_weights.unsqueeze(-1))
-        grad_values.zero_().index_add_(0, rows, slot_grads)
-        if value_weight is not None:
-            torch.mm(grad_values, value_weight, out=grad_source[start:stop])
-            grad_value_weight.addmm_(grad_values.t(), flat_source[start:stop])
+        grad_values[start:stop].index_add_(0, rows, slot_grads)
 
         weighted = torch.index_select(values, 0, rows, out=chunk_buffer[: rows.numel() * channels].view(-1, channels))
         weighted = weighted.view(count, slots, channels).mul_(chunk_weights.unsqueeze(-1))
@@ -271,7 +271,10 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_kernel = grad_kernel.view(slots, channels).t().contiguous()
     else:
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
-    return grad_source.view_as(source), grad_weights.view_as(weights), grad_kernel, grad_value_weight
+    grad_weights = grad_weights.view_as(weights)
+    if value_weight is None:
+        return grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
+    return (grad_values @ value_weight).view_as(source), grad_weights, grad_kernel, grad_values.t() @ flat_source
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())
