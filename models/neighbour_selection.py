@@ -14,8 +14,10 @@ part of the layer's backward on a CPU. Here the backward touches only the chosen
   bags are the keys (a key nobody chose gets an empty bag, so zero).
 
 That sort costs about as much as a matrix product over all ``r`` candidates when ``r`` is small, so
-where ``r`` is at most ``DENSE_CANDIDATES_PER_CHOICE`` times ``count`` the backward scatters the
-gradients into the ``(B, N, r)`` matrix after all and takes its two batched products.
+where ``r`` is at most ``DENSE_CANDIDATES_PER_CHOICE`` times ``count`` the keys' gradient scatters the
+pair gradients into the ``(B, N, r)`` matrix after all and takes one batched product with the queries
+(the queries' gradient is the ``embedding_bag`` either way: it needs no sort, and it took half the time
+of the matching product at r=65).
 
 Both are ``torch.library`` custom operators, so compiled graphs call them as they are.
 """
@@ -28,8 +30,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from models.neighbour_conv import scratch_buffers, weighted_bag_sums
 
-# Where the dense backward stops paying: measured on a 2-core CPU at B=32, D=192, K=9 (dense 1.6 ms against
-# sparse 2.8 ms at r=65, 3.3 against 4.4 at r=101, 5.1 against 3.7 at r=129).
+# Where the dense keys' gradient stops paying: measured on a 2-core CPU at B=32, D=192, K=9, the whole backward
+# took 1.1-1.6 ms dense against 2.2-2.8 sparse at r=65, 2.2-2.6 against 4.5 at r=101, 3.8-6.4 against 3.4-4.1 at
+# r=129 and 6.2-6.3 against 3.3-4.1 at r=197 (two runs).
 DENSE_CANDIDATES_PER_CHOICE = 12
 
 
@@ -71,11 +74,6 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
     """Gradients of ``top_scores``'s queries and keys from those of its values, over the chosen pairs only."""
     batch, seq_len, count = indices.shape
     candidates, width = keys.shape[1], keys.shape[2]
-    if candidates <= DENSE_CANDIDATES_PER_CHOICE * count:
-        (buffer,) = scratch_buffers(queries, (batch * seq_len * candidates,))
-        score_grads = buffer.view(batch, seq_len, candidates).zero_()
-        score_grads.scatter_(2, indices, grad_values.to(queries.dtype))  # float32 where a bias widened the scores
-        return torch.bmm(score_grads, keys), torch.bmm(score_grads.transpose(1, 2), queries)
     # 32-bit positions where they fit: the sort of the pairs by key is about twice as fast.
     position = torch.int32 if max(batch * seq_len * count, batch * candidates) < 2**31 else torch.int64
     offsets = torch.arange(batch, device=indices.device, dtype=position).mul_(candidates).view(batch, 1, 1)
@@ -84,6 +82,11 @@ def top_scores_gradients(grad_values: Tensor, queries: Tensor, keys: Tensor,
 
     query_bags = torch.arange(batch * seq_len, device=indices.device, dtype=position).mul_(count)
     grad_queries = weighted_bag_sums(keys.reshape(batch * candidates, width), key_rows, query_bags, pair_grads)
+    if candidates <= DENSE_CANDIDATES_PER_CHOICE * count:
+        (buffer,) = scratch_buffers(queries, (batch * seq_len * candidates,))
+        score_grads = buffer.view(batch, seq_len, candidates).zero_()
+        score_grads.scatter_(2, indices, grad_values.to(queries.dtype))  # float32 where a bias widened the scores
+        return grad_queries.view_as(queries), torch.bmm(score_grads.transpose(1, 2), queries)
 
     sorted_rows, by_key = torch.sort(key_rows, stable=True)
     key_bags = torch.searchsorted(sorted_rows, torch.arange(batch * candidates, device=indices.device, dtype=position),
