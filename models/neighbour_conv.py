@@ -63,9 +63,9 @@ CHUNK_BYTES = 6 << 20
 SCRATCH_BYTES = 32 << 20
 
 
-def _sequences_per_chunk(seq_len: int, bytes_per_token: int) -> int:
-    """As many whole sequences as keep a chunk's per-slot rows within ``CHUNK_BYTES``, and at least one."""
-    return max(1, CHUNK_BYTES // (seq_len * bytes_per_token))
+def sequences_per_chunk(seq_len: int, bytes_per_token: int, budget: int) -> int:
+    """As many whole sequences as keep a chunk's per-slot rows within ``budget`` bytes, and at least one."""
+    return max(1, budget // (seq_len * bytes_per_token))
 
 
 def _chunks(batch: int, seq_len: int, per_chunk: int) -> List[Tuple[int, int]]:
@@ -173,7 +173,7 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     batch, seq_len, slots = neighbours.shape
     kernel_out = kernel.shape[0]
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
-    per_chunk = _sequences_per_chunk(seq_len, slots * kernel_out * source.element_size())
+    per_chunk = sequences_per_chunk(seq_len, slots * kernel_out * source.element_size(), CHUNK_BYTES)
     table_rows = _chunk_rows(neighbours, per_chunk) * slots + torch.arange(slots, device=neighbours.device)
     flat_source = source.reshape(batch * seq_len, -1)
     token_weights = weights.reshape(batch * seq_len, slots)
@@ -223,7 +223,7 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     tensor when there is none)."""
     batch, seq_len, slots = neighbours.shape
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
-    per_chunk = _sequences_per_chunk(seq_len, slots * channels * source.element_size())
+    per_chunk = sequences_per_chunk(seq_len, slots * channels * source.element_size(), CHUNK_BYTES)
     chunk_rows = _chunk_rows(neighbours, per_chunk)
     flat_source = source.reshape(batch * seq_len, -1)
     token_weights = weights.reshape(batch * seq_len, slots)

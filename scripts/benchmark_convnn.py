@@ -119,7 +119,7 @@ def compare_chunk_budgets(args):
     print("|---|---|---|---|---|")
     bytes_per_token = args.K * args.width * 4
     for column, budget in enumerate(budgets, start=1):
-        per_chunk = max(1, int(budget * 2**20) // (args.tokens * bytes_per_token))
+        per_chunk = neighbour_conv_module.sequences_per_chunk(args.tokens, bytes_per_token, int(budget * 2**20))
         ratios = [times[column] / times[0] for times in runs]
         milliseconds = statistics.median(times[column] for times in runs) * 1e3
         print(f"| {budget:g} | {min(per_chunk, args.batch)} | {milliseconds:.1f} "
