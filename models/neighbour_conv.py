@@ -74,10 +74,11 @@ def _chunks(batch: int, seq_len: int, per_chunk: int) -> List[Tuple[int, int]]:
 
 
 def _chunk_rows(neighbours: Tensor, per_chunk: int) -> Tensor:
-    """Each token's neighbour rows, counted from the first row of its chunk: ``(B*N, K)``."""
+    """Each token's neighbour rows, counted from the first row of its chunk: ``(B*N, K)``, row-major (the chunks
+    are row ranges of it, whatever the layout of ``neighbours``)."""
     batch, seq_len, slots = neighbours.shape
     offsets = torch.arange(batch, device=neighbours.device).remainder_(per_chunk).mul_(seq_len).view(batch, 1, 1)
-    return (neighbours + offsets).view(batch * seq_len, slots)
+    return (neighbours + offsets).reshape(batch * seq_len, slots).contiguous()
 
 
 class _SlotKernel(NamedTuple):

@@ -211,6 +211,28 @@ def test_neighbour_conv_takes_weights_of_any_layout(kernel_shape, path, monkeypa
         torch.testing.assert_close(strided_grad, contiguous_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("batch,seq_len", [(2, 6), (7, 1)])
+def test_neighbour_conv_takes_neighbours_of_any_layout(batch, seq_len, path, monkeypatch):
+    # Neighbours laid out batch-innermost gave silently wrong results with several chunks (the embedding_bag
+    # kernels read their indices' memory as if row-major) or failed to be viewed flat; found by a hostile review.
+    select_path(path, monkeypatch)
+    torch.manual_seed(0)
+    source = torch.randn(batch, seq_len, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(batch, seq_len, 3, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    neighbours = torch.randint(0, seq_len, (batch, seq_len, 3))
+    batch_innermost = neighbours.transpose(0, 2).contiguous().transpose(0, 2)
+    results = []
+    for given in (neighbours, batch_innermost, neighbours[:1].expand(batch, -1, -1)):
+        out = neighbour_conv(source, given, weights, kernel)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (source, weights, kernel))))
+    for contiguous_result, strided_result in zip(results[0], results[1]):
+        torch.testing.assert_close(strided_result, contiguous_result, rtol=0, atol=1e-12)
+    expanded = neighbour_conv(source, neighbours[:1].expand(batch, -1, -1).contiguous(), weights, kernel)
+    torch.testing.assert_close(results[2][0], expanded, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
