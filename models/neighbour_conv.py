@@ -53,9 +53,8 @@ from torch.utils.flop_counter import register_flop_formula
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 # Budget for one chunk's slot table. Each chunk costs a dozen operations whatever its size, and a chunk of one
-# sequence at N=197 (1.4 MiB) made the layer's step 15 % slower than chunks of four; past about 8 MiB the
-# buffers no longer stay in the shared cache and are handed back to the system between calls
-# (scripts/benchmark_convnn.py --chunks measures this).
+# sequence at N=197 (1.4 MiB) made the layer's step 15 % slower than chunks of four; past about 8 MiB a chunk's
+# table no longer stays in the shared cache between its passes (scripts/benchmark_convnn.py --chunks measures this).
 CHUNK_BYTES = 6 << 20
 # The most memory a thread's scratch block holds for one dtype between calls: a chunk's table and the whole batch's
 # values and their gradient (15 MB at B=32, N=197, C=192), or the selection's (B, N, r) scores up to (32, 512, 512).
