@@ -175,7 +175,7 @@ def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
     per_chunk = sequences_per_chunk(seq_len, slots * kernel_out * source.element_size(), CHUNK_BYTES)
     table_rows = _chunk_rows(neighbours, per_chunk) * slots + torch.arange(slots, device=neighbours.device)
-    flat_source = source.reshape(batch * seq_len, -1)
+    flat_source = source.reshape(batch * seq_len, source.shape[-1])
     token_weights = weights.reshape(batch * seq_len, slots)
     slot_kernel = _slot_kernel(kernel)
 
@@ -225,9 +225,9 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
     per_chunk = sequences_per_chunk(seq_len, slots * channels * source.element_size(), CHUNK_BYTES)
     chunk_rows = _chunk_rows(neighbours, per_chunk)
-    flat_source = source.reshape(batch * seq_len, -1)
+    flat_source = source.reshape(batch * seq_len, source.shape[-1])
     token_weights = weights.reshape(batch * seq_len, slots)
-    grad_out = grad_out.reshape(batch * seq_len, -1)
+    grad_out = grad_out.reshape(batch * seq_len, grad_out.shape[-1])
     slot_kernel = _slot_kernel(kernel)
     chunk_tokens = min(batch, per_chunk) * seq_len
     one_per_bag = torch.arange(chunk_tokens * slots, device=source.device)

@@ -76,10 +76,14 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(_merge_heads(out))
 
 
+def _token_coordinates(seq_len: int, like: Tensor) -> Tensor:
+    """``(N,)``: each token's coordinate, ``linspace(-1, 1, N)``."""
+    return torch.linspace(-1.0, 1.0, seq_len, device=like.device, dtype=like.dtype)
+
+
 def _coordinates(seq_len: int, like: Tensor) -> Tensor:
-    """The coordinate channel ``linspace(-1, 1, N)`` broadcast to ``(B, N, 1)``."""
-    coords = torch.linspace(-1.0, 1.0, seq_len, device=like.device, dtype=like.dtype)
-    return coords.view(1, seq_len, 1).expand(like.shape[0], seq_len, 1)
+    """The coordinate channel broadcast to ``(B, N, 1)``."""
+    return _token_coordinates(seq_len, like).view(1, seq_len, 1).expand(like.shape[0], seq_len, 1)
 
 
 def _with_coordinates(x: Tensor) -> Tensor:
@@ -239,7 +243,7 @@ class MultiHeadConvNNAttention(nn.Module):
 
     def _coordinate_scores(self, x: Tensor, candidates: Optional[Tensor]) -> Tensor:
         """``(N, r)``: what the coordinate channel adds to the ``matmul`` similarity."""
-        coords = _coordinates(x.shape[1], x)[0, :, 0]
+        coords = _token_coordinates(x.shape[1], x)
         key_coords = coords if candidates is None else coords[candidates]
         return (coords.view(-1, 1) * (1.0 / math.sqrt(self.d_hidden))) * key_coords.view(1, -1)
 
@@ -492,8 +496,9 @@ class MultiHeadConv1dAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, seq_len, width = x.shape
         heads = _split_heads(self.W_x(x), self.num_heads)
-        per_head = heads.reshape(batch * self.num_heads, seq_len, -1).transpose(1, 2)
-        mixed = self.conv(per_head).transpose(1, 2).reshape(batch, self.num_heads, seq_len, -1)
+        head_width = width // self.num_heads
+        per_head = heads.reshape(batch * self.num_heads, seq_len, head_width).transpose(1, 2)
+        mixed = self.conv(per_head).transpose(1, 2).reshape(batch, self.num_heads, seq_len, head_width)
         return self.W_o(_merge_heads(mixed))
 
 

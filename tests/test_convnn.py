@@ -234,6 +234,25 @@ def test_neighbour_conv_takes_neighbours_of_any_layout(batch, seq_len, path, mon
 
 
 @pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kernel_shape", [(4, 3), (5, 4, 3)], ids=["depthwise", "standard"])
+@pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
+def test_neighbour_conv_of_an_empty_batch_is_empty_with_zero_parameter_gradients(kernel_shape, projected, path,
+                                                                                monkeypatch):
+    select_path(path, monkeypatch)
+    source = torch.randn(0, 6, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(0, 6, 3, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(kernel_shape, dtype=torch.float64, requires_grad=True)
+    value_weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True) if projected else None
+    out = neighbour_conv(source, torch.zeros(0, 6, 3, dtype=torch.long), weights, kernel, value_weight)
+    assert out.shape == (0, 6, kernel_shape[0])
+    wanted = [source, weights, kernel] + ([value_weight] if projected else [])
+    gradients = torch.autograd.grad(out.sum(), wanted)
+    for tensor, gradient in zip(wanted, gradients):
+        assert gradient.shape == tensor.shape
+        assert not gradient.any()
+
+
+@pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(5, 3), (4, 5, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
 def test_gradcheck_neighbour_conv(kernel_shape, projected, path, monkeypatch):

@@ -1,13 +1,20 @@
 """The other token mixers against plain attention, branching extremes, batch behaviour and constraints."""
 
 import inspect
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layer_options import LAYER_OPTIONS
+from models.layer_options import (
+    CONVOLUTION_TYPES,
+    LAYER_OPTIONS,
+    MAGNITUDE_TYPES,
+    SAMPLING_TYPES,
+    SIMILARITY_TYPES,
+)
 from models.vit_layers import (
     LAYER_REGISTRY,
     MultiHeadAttention,
@@ -217,6 +224,27 @@ def test_every_layer_is_deterministic_in_evaluation_and_independent_of_batch(seq
         odd = torch.cat([layer(x[:3]), layer(x[3:])])
         torch.testing.assert_close(singles, full, rtol=0, atol=1e-12, msg=name)
         torch.testing.assert_close(odd, full, rtol=0, atol=1e-12, msg=name)
+
+
+def convnn_modes(seq_len, width=WIDTH):
+    """ConvNN-Attention in every similarity, sampling, selection and convolution mode."""
+    grid_side = math.isqrt(seq_len - 1)
+    for magnitude, sampling, similarity, convolution in itertools.product(
+            MAGNITUDE_TYPES, SAMPLING_TYPES, SIMILARITY_TYPES, CONVOLUTION_TYPES):
+        name = f"ConvNNAttention-{magnitude}-{sampling}-{similarity}-{convolution}"
+        yield name, build_layer("ConvNNAttention", d_hidden=width, num_heads=HEADS, num_tokens=seq_len,
+                                grid_size=(grid_side, grid_side), K=3, magnitude_type=magnitude,
+                                sampling_type=sampling, num_samples=2 if sampling == "spatial" else 5,
+                                similarity_type=similarity, convolution_type=convolution).double()
+
+
+def test_every_layer_passes_an_empty_batch_through_forward_and_backward():
+    seq_len = 17
+    for name, layer in itertools.chain(every_layer(seq_len), convnn_modes(seq_len)):
+        x = inputs(batch=0, seq_len=seq_len).requires_grad_()
+        out = layer.train()(x)
+        out.sum().backward()
+        assert out.shape == x.shape and x.grad.shape == x.shape, name
 
 
 @pytest.mark.parametrize("build,flag", [
