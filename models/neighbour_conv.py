@@ -168,8 +168,22 @@ def weighted_bag_sums(table: Tensor, rows: Tensor, bag_starts: Tensor, row_weigh
     return out
 
 
+def _check_neighbours(neighbours: Tensor) -> None:
+    """Refuses positions outside their sequence: the CPU passes index the batch's rows flat, where position ``N``
+    of one sequence is token 0 of the next. Checked on the CPU only, where reading two numbers back costs no
+    synchronisation with a device."""
+    if neighbours.device.type != "cpu" or neighbours.numel() == 0:
+        return
+    seq_len = neighbours.shape[1]
+    lowest, highest = (int(bound) for bound in torch.aminmax(neighbours))
+    if lowest < 0 or highest >= seq_len:
+        raise IndexError(f"neighbour_conv: neighbours must be positions 0..{seq_len - 1} within their sequence, "
+                         f"got {lowest}..{highest}")
+
+
 def _forward(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
              value_weight: Optional[Tensor]) -> Tensor:
+    _check_neighbours(neighbours)
     batch, seq_len, slots = neighbours.shape
     kernel_out = kernel.shape[0]
     channels = source.shape[-1] if value_weight is None else value_weight.shape[0]
@@ -413,7 +427,8 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
     """``out = conv_K(w * v[neighbours])``, recomputing gathered neighbours instead of saving them.
 
       source        ``(B, N, C_in)``: the values ``v``, or with ``value_weight`` the input ``x`` of ``v = x W^T``
-      neighbours    ``(B, N, K)`` integer positions into the ``N`` axis of the values
+      neighbours    ``(B, N, K)`` integer positions ``0..N-1`` into the ``N`` axis of the values (the CPU passes
+                    refuse others with an ``IndexError``)
       weights       ``(B, N, K)``
       kernel        depthwise: ``(C_in, K)``; standard: ``(C_out, C_in, K)`` (a ``Conv1d`` weight)
       value_weight  ``None`` or ``(C_in, D)``: then ``v = source @ value_weight.T`` is computed here and

@@ -233,6 +233,20 @@ def test_neighbour_conv_takes_neighbours_of_any_layout(batch, seq_len, path, mon
     torch.testing.assert_close(results[2][0], expanded, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("position", [-1, 3])
+def test_neighbour_conv_refuses_positions_outside_the_sequence(position, path, monkeypatch):
+    # Found by a hostile review: with several sequences in a chunk, position N read the next sequence's first
+    # token and -1 the previous sequence's last, silently.
+    select_path(path, monkeypatch)
+    source = torch.arange(12.0, dtype=torch.float64).view(2, 3, 2)
+    neighbours = torch.zeros(2, 3, 1, dtype=torch.long)
+    neighbours[int(position < 0), 0, 0] = position  # -1 in the second sequence, 3 in the first
+    with pytest.raises(IndexError, match="positions 0..2"):
+        neighbour_conv(source, neighbours, torch.ones(2, 3, 1, dtype=torch.float64),
+                       torch.ones(2, 1, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("path", [*CPU_PATHS, pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kernel_shape", [(4, 3), (5, 4, 3)], ids=["depthwise", "standard"])
 @pytest.mark.parametrize("projected", [False, True], ids=["values", "projected-source"])
