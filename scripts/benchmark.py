@@ -48,8 +48,9 @@ import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
 from models.vit_layers import options_from  # noqa: E402
 from train_eval import AMP_DTYPE, compile_network  # noqa: E402
-from utils import synchronize  # noqa: E402
+from utils import device_problem, synchronize  # noqa: E402
 
+PARTS = ("layers", "models", "data", "operations")
 SHAPES = ((32, 65), (32, 197), (8, 1025))
 WIDTH = 192
 LAYER_CASES = (
@@ -274,21 +275,49 @@ def print_tables(layers, models, data, operations, header):
             print(f"| {r['layer']} | {r['operations']} | {largest} |")
 
 
+def argument_problems(args, parts) -> list:
+    """One line per flag the run could not use, found before anything is measured."""
+    problems = []
+    if device_problem(args.device):
+        problems.append(f"--device: {device_problem(args.device)}")
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        problems.append(f"--parts: {', '.join(unknown)} is not a part; choose from {', '.join(PARTS)}")
+    least_repeats = 2 if "data" in parts else 1
+    if args.repeats < least_repeats:
+        problems.append(f"--repeats: must be >= {least_repeats}"
+                        f"{' (the data part times the batches after the first)' if least_repeats == 2 else ''}, "
+                        f"got {args.repeats}")
+    if args.warmup < 0:
+        problems.append(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.model_batch < 1:
+        problems.append(f"--model_batch: must be >= 1, got {args.model_batch}")
+    folder = Path(args.json).parent
+    if Path(args.json).is_dir():
+        problems.append(f"--json: {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'benchmark.json'}")
+    elif not folder.is_dir():
+        problems.append(f"--json: the folder {folder} does not exist; create it or write elsewhere")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
-    parser.add_argument("--parts", default="layers,models,data,operations", help="comma-separated subset to run")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed steps per row (the data part: batches timed after the first, at least 2)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model_batch", type=int, default=32)
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled whole-model rows")
     parser.add_argument("--json", default="benchmark.json")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    for problem in argument_problems(args, parts):
+        parser.error(problem)
 
     device = torch.device(args.device)
     dtype = AMP_DTYPE[device.type] if args.amp else None
-    parts = set(args.parts.split(","))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"{time.strftime('%Y-%m-%d')}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
               f"torch {torch.__version__}, {'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'}")

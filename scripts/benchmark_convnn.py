@@ -91,7 +91,7 @@ def print_profile(args, top: int = 8):
 def compare_chunk_budgets(args):
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
-    budgets = [float(budget) for budget in args.chunks.split(",")]
+    budgets = args.chunks
     layers = {name: build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, num_tokens=args.tokens,
                                 **options_from(name, dict(K=args.K))).train()
               for name in ("Attention", "ConvNNAttention")}
@@ -126,6 +126,15 @@ def compare_chunk_budgets(args):
               f"| {', '.join(f'{ratio:.2f}' for ratio in ratios)} | {statistics.median(ratios):.2f} |")
 
 
+def chunk_budgets(text: str):
+    """The budgets in MiB of ``--chunks``, or None where one is not a positive number."""
+    try:
+        budgets = [float(budget) for budget in text.split(",")]
+    except ValueError:
+        return None
+    return budgets if all(budget > 0 for budget in budgets) else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -140,6 +149,19 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=1,
                         help="with --chunks: repeat the interleaved comparison, printing each run's ratio")
     args = parser.parse_args(argv)
+    for flag in ("batch", "tokens", "width", "K", "repeats", "runs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.K > args.tokens:
+        parser.error(f"--K: {args.K} neighbours out of {args.tokens} tokens; use at most --tokens")
+    if (args.profile or args.chunks) and args.width % 3:
+        parser.error(f"--width: Attention's 3 heads need a multiple of 3, got {args.width}")
+    if args.chunks is not None:
+        args.chunks = chunk_budgets(args.chunks)
+        if args.chunks is None:
+            parser.error("--chunks: comma-separated chunk budgets in MiB, each > 0, e.g. 2,4,6,8")
     if args.profile:
         print_profile(args)
     elif args.chunks:

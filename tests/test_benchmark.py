@@ -80,3 +80,48 @@ def test_chunk_budget_comparison_rows_and_restores_the_budget(capsys):
     assert [row.split(" | ")[1] for row in rows] == ["1", "3"]
     assert all(len(row.split(" | ")[3].split(", ")) == 2 for row in rows)  # one ratio per run
     assert neighbour_conv_module.CHUNK_BYTES == default
+
+
+@pytest.mark.parametrize("arguments,flag", [
+    (["--repeats", "0", "--parts", "layers"], "--repeats"),
+    (["--repeats", "1"], "--repeats"),  # the data part needs a batch after the first
+    (["--warmup", "-1"], "--warmup"),
+    (["--model_batch", "0"], "--model_batch"),
+    (["--parts", "layers,bogus"], "--parts"),
+    (["--device", "cuda"], "--device"),
+    (["--json", "{missing}/out.json"], "--json"),
+    (["--json", "{folder}"], "--json"),
+])
+def test_benchmark_refuses_bad_flags_before_measuring(arguments, flag, tmp_path, monkeypatch, capsys):
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for table in ("layer_table", "model_table", "data_table", "operation_table"):
+        monkeypatch.setattr(benchmark, table, lambda *args, **kwargs: pytest.fail("measured before refusing"))
+    arguments = [argument.format(missing=tmp_path / "missing", folder=tmp_path) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(arguments)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f": error: {flag}: " in error
+
+
+@pytest.mark.parametrize("arguments,flag", [
+    (["--batch", "0"], "--batch"),
+    (["--repeats", "0"], "--repeats"),
+    (["--runs", "0", "--chunks", "1"], "--runs"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--K", "0"], "--K"),
+    (["--K", "18", "--tokens", "17"], "--K"),
+    (["--chunks", "2,abc"], "--chunks"),
+    (["--chunks", "0,2"], "--chunks"),
+    (["--profile", "--width", "10"], "--width"),
+])
+def test_convnn_benchmark_refuses_bad_flags_before_measuring(arguments, flag, monkeypatch, capsys):
+    import benchmark_convnn
+
+    for mode in ("compare_with_reference", "print_profile", "compare_chunk_budgets"):
+        monkeypatch.setattr(benchmark_convnn, mode, lambda *args: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_convnn.main(arguments)
+    assert exit_info.value.code == 2
+    assert f": error: {flag}: " in capsys.readouterr().err.strip().splitlines()[-1]
