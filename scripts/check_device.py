@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
 from train_eval import AMP_DTYPE  # noqa: E402
+from utils import device_problem  # noqa: E402
 
 GRID = (6, 6)
 SEQ_LEN = GRID[0] * GRID[1] + 1
@@ -45,6 +46,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "mps", "cpu"])
     args = parser.parse_args(argv)
+    if device_problem(args.device):
+        parser.error(f"--device: {device_problem(args.device)}")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "mps" else torch.float64
     tolerance = 1e-4 if dtype == torch.float32 else 1e-9

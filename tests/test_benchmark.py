@@ -1,4 +1,5 @@
-"""scripts/benchmark.py runs end to end on small sizes and reports ratios to Attention from the same run."""
+"""scripts/benchmark.py runs end to end on small sizes and reports ratios to Attention from the same run; the
+measuring scripts refuse flags they could not use before they measure."""
 
 import json
 import sys
@@ -125,3 +126,14 @@ def test_convnn_benchmark_refuses_bad_flags_before_measuring(arguments, flag, mo
         benchmark_convnn.main(arguments)
     assert exit_info.value.code == 2
     assert f": error: {flag}: " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_device_check_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
+    import check_device
+
+    monkeypatch.setattr(check_device, "device_problem", lambda name: f"{name} is not available on this machine")
+    monkeypatch.setattr(check_device, "combinations", lambda: pytest.fail("checked before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        check_device.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert ": error: --device: cuda is not available" in capsys.readouterr().err
