@@ -428,7 +428,8 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
 
       source        ``(B, N, C_in)``: the values ``v``, or with ``value_weight`` the input ``x`` of ``v = x W^T``
       neighbours    ``(B, N, K)`` integer positions ``0..N-1`` into the ``N`` axis of the values (the CPU passes
-                    refuse others with an ``IndexError``)
+                    refuse others with an ``IndexError``; the GPU path does not check them, which would make it
+                    wait for the device)
       weights       ``(B, N, K)``
       kernel        depthwise: ``(C_in, K)``; standard: ``(C_out, C_in, K)`` (a ``Conv1d`` weight)
       value_weight  ``None`` or ``(C_in, D)``: then ``v = source @ value_weight.T`` is computed here and
