@@ -278,8 +278,9 @@ def print_tables(layers, models, data, operations, header):
 def argument_problems(args, parts) -> list:
     """One line per flag the run could not use, found before anything is measured."""
     problems = []
-    if device_problem(args.device):
-        problems.append(f"--device: {device_problem(args.device)}")
+    unusable_device = device_problem(args.device)
+    if unusable_device:
+        problems.append(f"--device: {unusable_device}")
     unknown = sorted(parts - set(PARTS))
     if unknown:
         problems.append(f"--parts: {', '.join(unknown)} is not a part; choose from {', '.join(PARTS)}")
@@ -313,8 +314,9 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmark.json")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    for problem in argument_problems(args, parts):
-        parser.error(problem)
+    problems = argument_problems(args, parts)
+    if problems:
+        parser.error(problems[0])
 
     device = torch.device(args.device)
     dtype = AMP_DTYPE[device.type] if args.amp else None

@@ -46,8 +46,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "mps", "cpu"])
     args = parser.parse_args(argv)
-    if device_problem(args.device):
-        parser.error(f"--device: {device_problem(args.device)}")
+    unusable_device = device_problem(args.device)
+    if unusable_device:
+        parser.error(f"--device: {unusable_device}")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "mps" else torch.float64
     tolerance = 1e-4 if dtype == torch.float32 else 1e-9
