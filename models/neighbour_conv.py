@@ -256,7 +256,8 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         source, (chunk_tokens * slots * channels, projected, projected))
     all_values = _values(flat_source, value_weight, values_buffer)
     if value_weight is None:
-        grad_values = flat_source.new_zeros(flat_source.shape)
+        grad_source = source.new_zeros(source.shape)
+        grad_values = grad_source.view(batch * seq_len, channels)
     else:
         grad_values = grad_values_buffer.view(batch * seq_len, channels).zero_()
     for start, stop in _chunks(batch, seq_len, per_chunk):
@@ -287,8 +288,12 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
         grad_kernel = grad_kernel.view(kernel.shape[0], slots, channels).transpose(1, 2).contiguous()
     grad_weights = grad_weights.view_as(weights)
     if value_weight is None:
-        return grad_values.view_as(source), grad_weights, grad_kernel, source.new_zeros(0)
-    return (grad_values @ value_weight).view_as(source), grad_weights, grad_kernel, grad_values.t() @ flat_source
+        return grad_source, grad_weights, grad_kernel, source.new_zeros(0)
+    # The source's gradient is returned as a tensor of its own, not as a view of a flat one: autograd then adds the
+    # query path's gradient of the same input into it, where into a view it would allocate a fresh sum.
+    grad_source = source.new_empty(source.shape)
+    torch.mm(grad_values, value_weight, out=grad_source.view(batch * seq_len, value_weight.shape[1]))
+    return grad_source, grad_weights, grad_kernel, grad_values.t() @ flat_source
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())

@@ -555,6 +555,23 @@ def test_aggregation_made_under_inference_mode_then_trained_on(monkeypatch):
     torch.testing.assert_close(trained[0], evaluated, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("convolution_type", CONVOLUTION_TYPES)
+def test_layer_input_gradients_are_summed_in_place(convolution_type):
+    # The layer's input reaches the selection (as queries and as keys) and the aggregation (which projects it to
+    # values itself); autograd sums their gradients in place only when one of them is a tensor of its own. A view
+    # returned by the aggregation made it allocate a fresh (B, N, D) sum at every step, page-faulted in at large
+    # sizes.
+    from torch.profiler import profile
+
+    layer = make_layer(convolution_type=convolution_type).float().train()
+    source = torch.randn(2, SEQ_LEN, WIDTH, requires_grad=True)
+    with profile(record_shapes=True) as profiled:
+        layer(source * 1.0).sum().backward()
+    sums = [event.name for event in profiled.events() if event.name in ("aten::add", "aten::add_")
+            and event.input_shapes and event.input_shapes[0] == list(source.shape)]
+    assert sums and "aten::add" not in sums
+
+
 def test_layer_on_the_gpu_path_dispatches_at_most_30_operations(triton_interpreter):
     # Walking the slots, the aggregation alone dispatched about 90 for K = 9; attention dispatches 16.
     rows = {row["layer"]: row for row in benchmark.operation_table(torch.device("cpu"))}
