@@ -30,10 +30,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, NamedTuple, Optional
 from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 # Without a GPU, Triton's interpreter runs the GPU path's kernels on CPU tensors, for the operation count. It is
 # chosen when triton.language is first imported, which importing the models does, hence before that.
@@ -136,20 +142,44 @@ def operation_table(device, batch: int = 2, seq_len: int = 65):
     return rows
 
 
-def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device):
-    """Median seconds of each step; the steps alternate inside every repeat."""
+def page_faults() -> Optional[int]:
+    """Minor page faults of this process so far (memory it touched for the first time since the system handed it
+    over); ``None`` where the system does not count them (no ``resource`` module, as on Windows)."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Timing(NamedTuple):
+    seconds: float  # median of the repeats
+    page_faults: Optional[float]  # median per repeat, or None where they are not counted
+
+
+def interleaved_timings(steps, repeats: int, warmup: int, device: torch.device) -> List[Timing]:
+    """Median seconds and page faults of each step; the steps alternate inside every repeat. The faults tell
+    runs apart whose ratios differ only because one step's freshly allocated memory was handed back to the
+    system and faulted in again: on a small VM that cost varies from run to run and from step to step."""
     for step in steps:
         for _ in range(warmup):
             step()
     synchronize(device)
-    times = [[] for _ in steps]
+    times, faults = [[] for _ in steps], [[] for _ in steps]
     for _ in range(repeats):
-        for step, record in zip(steps, times):
+        for step, record, faulted in zip(steps, times, faults):
+            faults_before = page_faults()
             start = time.perf_counter()
             step()
             synchronize(device)
             record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
+            if faults_before is not None:
+                faulted.append(page_faults() - faults_before)
+    return [Timing(statistics.median(record), statistics.median(faulted) if faulted else None)
+            for record, faulted in zip(times, faults)]
+
+
+def interleaved_medians(steps, repeats: int, warmup: int, device: torch.device) -> List[float]:
+    """Median seconds of each step; the steps alternate inside every repeat."""
+    return [timing.seconds for timing in interleaved_timings(steps, repeats, warmup, device)]
 
 
 def layer_table(device, dtype, repeats, warmup, shapes=SHAPES):
@@ -172,10 +202,11 @@ def layer_table(device, dtype, repeats, warmup, shapes=SHAPES):
             names.append(name)
             forwards.append(forward)
             steps.append(lambda forward=forward: forward().float().sum().backward())
-        times = interleaved_medians(steps, repeats, warmup, device)
+        timings = interleaved_timings(steps, repeats, warmup, device)
         memory = [saved_bytes(forward) for forward in forwards]
-        for name, seconds, saved in zip(names, times, memory):
-            rows.append(dict(batch=batch, tokens=seq_len, layer=name, ms=seconds * 1e3, time_ratio=seconds / times[0],
+        for name, timing, saved in zip(names, timings, memory):
+            rows.append(dict(batch=batch, tokens=seq_len, layer=name, ms=timing.seconds * 1e3,
+                             time_ratio=timing.seconds / timings[0].seconds, page_faults=timing.page_faults,
                              saved_mib=saved / 2**20, memory_ratio=saved / memory[0]))
     return rows
 
@@ -248,10 +279,11 @@ def data_table(device, batches, batch_size):
 def print_tables(layers, models, data, operations, header):
     print(header + "\n")
     if layers:
-        print("| B | N | layer | fwd+bwd ms | x Attention | saved MiB | x Attention |")
-        print("|---|---|---|---|---|---|---|")
+        print("| B | N | layer | fwd+bwd ms | x Attention | page faults per step | saved MiB | x Attention |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in layers:
-            print(f"| {r['batch']} | {r['tokens']} | {r['layer']} | {r['ms']:.1f} | {r['time_ratio']:.2f} "
+            faults = "-" if r["page_faults"] is None else f"{r['page_faults']:.0f}"
+            print(f"| {r['batch']} | {r['tokens']} | {r['layer']} | {r['ms']:.1f} | {r['time_ratio']:.2f} | {faults} "
                   f"| {r['saved_mib']:.1f} | {r['memory_ratio']:.2f} |")
         print()
     if models:

@@ -24,6 +24,35 @@ def test_layer_table_covers_every_case_with_ratios_to_attention():
         assert row["ms"] > 0 and row["saved_mib"] > 0
         assert row["time_ratio"] == pytest.approx(row["ms"] / attention["ms"])
         assert row["memory_ratio"] == pytest.approx(row["saved_mib"] / attention["saved_mib"])
+        assert row["page_faults"] is None or row["page_faults"] >= 0
+
+
+def test_interleaved_timings_count_the_page_faults_of_each_step():
+    # A step that writes into memory freshly mapped at every call faults once per page; one that allocates nothing
+    # does not. The counts let a reader tell a ratio that comes from one layer's page faults.
+    mmap = pytest.importorskip("mmap")
+    if benchmark.page_faults() is None:
+        pytest.skip("this system does not count page faults")
+    pages = 64
+
+    def touch_fresh_pages():
+        mapped = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for page in range(pages):
+            mapped[page * mmap.PAGESIZE] = 1
+        mapped.close()
+
+    faulting, quiet = benchmark.interleaved_timings([touch_fresh_pages, lambda: None], repeats=5, warmup=1,
+                                                    device=CPU)
+    assert faulting.page_faults >= pages and quiet.page_faults < pages
+    assert faulting.seconds > 0 and quiet.seconds >= 0
+
+
+def test_layer_table_prints_page_faults_or_a_dash_where_they_are_not_counted(capsys):
+    row = dict(batch=2, tokens=65, layer="Attention", ms=1.0, time_ratio=1.0, saved_mib=1.0, memory_ratio=1.0)
+    benchmark.print_tables([dict(row, page_faults=1398.0), dict(row, page_faults=None)], [], [], [], "header")
+    lines = capsys.readouterr().out.splitlines()
+    assert "page faults per step" in lines[2]
+    assert "| 1.00 | 1398 | 1.0 |" in lines[4] and "| 1.00 | - | 1.0 |" in lines[5]
 
 
 def test_saved_bytes_counts_each_storage_once():
