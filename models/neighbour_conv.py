@@ -231,6 +231,15 @@ def _forward_flops(source_shape, neighbours_shape, weights_shape, kernel_shape, 
     return flops
 
 
+def _projected_source_gradient(grad_values: Tensor, value_weight: Tensor, source: Tensor) -> Tensor:
+    """``dv W`` in the source's shape, as a tensor of its own rather than a view of a flat product: the layer's
+    input also reaches the selection, and autograd adds that path's gradient into this one in place only if it
+    is not a view (otherwise it allocates a fresh ``(B, N, D)`` sum at every step)."""
+    grad_source = source.new_empty(source.shape)
+    torch.mm(grad_values.reshape(-1, grad_values.shape[-1]), value_weight,
+             out=grad_source.view(-1, value_weight.shape[1]))
+    return grad_source
+
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                      value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients with respect to the source, the weights, the kernel and the value projection (an empty
@@ -289,11 +298,8 @@ def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weigh
     grad_weights = grad_weights.view_as(weights)
     if value_weight is None:
         return grad_source, grad_weights, grad_kernel, source.new_zeros(0)
-    # The source's gradient is returned as a tensor of its own, not as a view of a flat one: autograd then adds the
-    # query path's gradient of the same input into it, where into a view it would allocate a fresh sum.
-    grad_source = source.new_empty(source.shape)
-    torch.mm(grad_values, value_weight, out=grad_source.view(batch * seq_len, value_weight.shape[1]))
-    return grad_source, grad_weights, grad_kernel, grad_values.t() @ flat_source
+    return (_projected_source_gradient(grad_values, value_weight, source), grad_weights, grad_kernel,
+            grad_values.t() @ flat_source)
 
 
 _backward_operator = torch.library.custom_op("convnn::neighbour_bags_gradients", _backward_kernel, mutates_args=())
@@ -420,7 +426,7 @@ class _TritonNeighbourConv(torch.autograd.Function):
             grad_kernel = grad_scale.to(kernel.dtype)
         if value_weight is None:
             return grad_values.view_as(source), None, grad_weights, grad_kernel, None
-        grad_source = (grad_values @ value_weight).view_as(source) if ctx.needs_input_grad[0] else None
+        grad_source = _projected_source_gradient(grad_values, value_weight, source) if ctx.needs_input_grad[0] else None
         grad_value_weight = None
         if ctx.needs_input_grad[4]:
             grad_value_weight = grad_values.t() @ source.reshape(-1, source.shape[-1])

@@ -555,14 +555,16 @@ def test_aggregation_made_under_inference_mode_then_trained_on(monkeypatch):
     torch.testing.assert_close(trained[0], evaluated, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["cpu", pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("convolution_type", CONVOLUTION_TYPES)
-def test_layer_input_gradients_are_summed_in_place(convolution_type):
+def test_layer_input_gradients_are_summed_in_place(convolution_type, path, monkeypatch):
     # The layer's input reaches the selection (as queries and as keys) and the aggregation (which projects it to
     # values itself); autograd sums their gradients in place only when one of them is a tensor of its own. A view
     # returned by the aggregation made it allocate a fresh (B, N, D) sum at every step, page-faulted in at large
     # sizes.
     from torch.profiler import profile
 
+    select_path(path, monkeypatch)
     layer = make_layer(convolution_type=convolution_type).float().train()
     source = torch.randn(2, SEQ_LEN, WIDTH, requires_grad=True)
     with profile(record_shapes=True) as profiled:
