@@ -240,6 +240,7 @@ def _projected_source_gradient(grad_values: Tensor, value_weight: Tensor, source
              out=grad_source.view(-1, value_weight.shape[1]))
     return grad_source
 
+
 def _backward_kernel(grad_out: Tensor, source: Tensor, neighbours: Tensor, weights: Tensor, kernel: Tensor,
                      value_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients with respect to the source, the weights, the kernel and the value projection (an empty
