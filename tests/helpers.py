@@ -25,11 +25,12 @@ TINY_MODEL_FLAGS = [
 DETERMINISTIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5"]
 
 
-def expect_one_line_error(capsys, argv, code, starts_with):
-    """Runs main in-process; checks the exit code, that stderr ends with exactly one error line starting
-    with ``starts_with`` after the program name, and that no traceback was printed. Returns that line."""
+def expect_one_line_error(capsys, argv, code, starts_with, main=vit_main.main):
+    """Runs ``main`` (vit_main's, or a script's) in-process; checks the exit code, that stderr ends with exactly one
+    error line starting with ``starts_with`` after the program name, and that no traceback was printed. Returns
+    that line."""
     with pytest.raises(SystemExit) as exit_info:
-        vit_main.main([str(value) for value in argv])
+        main([str(value) for value in argv])
     assert exit_info.value.code == code
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr

@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import benchmark  # noqa: E402
 
+from tests.helpers import expect_one_line_error  # noqa: E402
+
 CPU = torch.device("cpu")
 
 
@@ -128,11 +130,7 @@ def test_benchmark_refuses_bad_flags_before_measuring(arguments, flag, tmp_path,
     for table in ("layer_table", "model_table", "data_table", "operation_table"):
         monkeypatch.setattr(benchmark, table, lambda *args, **kwargs: pytest.fail("measured before refusing"))
     arguments = [argument.format(missing=tmp_path / "missing", folder=tmp_path) for argument in arguments]
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(arguments)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f": error: {flag}: " in error
+    expect_one_line_error(capsys, arguments, 2, f"{flag}: ", main=benchmark.main)
 
 
 @pytest.mark.parametrize("arguments,flag", [
@@ -151,10 +149,7 @@ def test_convnn_benchmark_refuses_bad_flags_before_measuring(arguments, flag, mo
 
     for mode in ("compare_with_reference", "print_profile", "compare_chunk_budgets"):
         monkeypatch.setattr(benchmark_convnn, mode, lambda *args: pytest.fail("measured before refusing"))
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark_convnn.main(arguments)
-    assert exit_info.value.code == 2
-    assert f": error: {flag}: " in capsys.readouterr().err.strip().splitlines()[-1]
+    expect_one_line_error(capsys, arguments, 2, f"{flag}: ", main=benchmark_convnn.main)
 
 
 def test_device_check_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
@@ -162,7 +157,4 @@ def test_device_check_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
 
     monkeypatch.setattr(check_device, "device_problem", lambda name: f"{name} is not available on this machine")
     monkeypatch.setattr(check_device, "combinations", lambda: pytest.fail("checked before refusing"))
-    with pytest.raises(SystemExit) as exit_info:
-        check_device.main(["--device", "cuda"])
-    assert exit_info.value.code == 2
-    assert ": error: --device: cuda is not available" in capsys.readouterr().err
+    expect_one_line_error(capsys, ["--device", "cuda"], 2, "--device: cuda is not available", main=check_device.main)
