@@ -1,7 +1,8 @@
 """Speed and memory of every token mixer and of whole-model training, as ratios to ``Attention``.
 
 Three tables, each measured side by side in one run (the candidates alternate within every
-repeat, so drift on a shared machine hits all of them alike):
+repeat, so drift on a shared machine hits all of them alike; each ratio to Attention comes with the
+middle half, first to third quartile, of the ratios within single repeats):
 
 1. every layer, forward+backward time and bytes saved for backward, at (B, N) = (32, 65),
    (32, 197), (8, 1025) with D = 192; ConvNN-Attention with ``all``, ``random`` (64 candidates)
@@ -30,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -153,6 +154,18 @@ def page_faults() -> Optional[int]:
 class Timing(NamedTuple):
     seconds: float  # median of the repeats
     page_faults: Optional[float]  # median per repeat, or None where they are not counted
+    repeats: Tuple[float, ...]  # each repeat's seconds, in order
+
+
+def ratio_quartiles(times: Sequence[float], baseline: Sequence[float]) -> Tuple[float, float]:
+    """First and third quartiles of ``times[r] / baseline[r]`` over the repeats ``r``: the steps alternate inside a
+    repeat, so each repeat's ratio compares them under the same conditions, and the middle half of those ratios
+    shows how far a run's ratio of medians can be trusted (on a shared VM, a few per cent either way)."""
+    ratios = [time / base for time, base in zip(times, baseline)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return first, third
 
 
 def interleaved_timings(steps, repeats: int, warmup: int, device: torch.device) -> List[Timing]:
@@ -173,7 +186,7 @@ def interleaved_timings(steps, repeats: int, warmup: int, device: torch.device) 
             record.append(time.perf_counter() - start)
             if faults_before is not None:
                 faulted.append(page_faults() - faults_before)
-    return [Timing(statistics.median(record), statistics.median(faulted) if faulted else None)
+    return [Timing(statistics.median(record), statistics.median(faulted) if faulted else None, tuple(record))
             for record, faulted in zip(times, faults)]
 
 
@@ -206,7 +219,9 @@ def layer_table(device, dtype, repeats, warmup, shapes=SHAPES):
         memory = [saved_bytes(forward) for forward in forwards]
         for name, timing, saved in zip(names, timings, memory):
             rows.append(dict(batch=batch, tokens=seq_len, layer=name, ms=timing.seconds * 1e3,
-                             time_ratio=timing.seconds / timings[0].seconds, page_faults=timing.page_faults,
+                             time_ratio=timing.seconds / timings[0].seconds,
+                             time_ratio_quartiles=list(ratio_quartiles(timing.repeats, timings[0].repeats)),
+                             page_faults=timing.page_faults,
                              saved_mib=saved / 2**20, memory_ratio=saved / memory[0]))
     return rows
 
@@ -242,12 +257,16 @@ def model_table(device, dtype, repeats, warmup, batch, compile_modes, cases=MODE
                 runnable = compile_network(model, "default", device) if compiled else model
                 names.append((layer, "compiled" if compiled else "eager"))
                 steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
-        measured = dict(zip(names, interleaved_medians(steps, repeats, warmup, device)))
-        for (layer, mode), seconds in measured.items():
+        measured = dict(zip(names, interleaved_timings(steps, repeats, warmup, device)))
+        for (layer, mode), timing in measured.items():
+            attention = measured[("Attention", mode)]
+            # Images per second compare as the inverse of the times: Attention's time over this layer's.
+            attention_over_layer = ratio_quartiles(attention.repeats, timing.repeats)
             rows.append(dict(image=img_size, patch=patch, dropout=dropout, layer=layer, mode=mode, batch=batch,
-                             images_per_second=batch / seconds,
-                             ratio_to_attention=measured[("Attention", mode)] / seconds,
-                             ratio_to_eager=measured[(layer, "eager")] / seconds))
+                             images_per_second=batch / timing.seconds,
+                             ratio_to_attention=attention.seconds / timing.seconds,
+                             ratio_to_attention_quartiles=list(attention_over_layer),
+                             ratio_to_eager=measured[(layer, "eager")].seconds / timing.seconds))
     return rows
 
 
@@ -276,22 +295,29 @@ def data_table(device, batches, batch_size):
     return rows
 
 
+def _quartiles(quartiles: Sequence[float]) -> str:
+    return f"{quartiles[0]:.2f}-{quartiles[1]:.2f}"
+
+
 def print_tables(layers, models, data, operations, header):
     print(header + "\n")
     if layers:
-        print("| B | N | layer | fwd+bwd ms | x Attention | page faults per step | saved MiB | x Attention |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| B | N | layer | fwd+bwd ms | x Attention | middle half of repeats | page faults per step "
+              "| saved MiB | x Attention |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in layers:
             faults = "-" if r["page_faults"] is None else f"{r['page_faults']:.0f}"
-            print(f"| {r['batch']} | {r['tokens']} | {r['layer']} | {r['ms']:.1f} | {r['time_ratio']:.2f} | {faults} "
-                  f"| {r['saved_mib']:.1f} | {r['memory_ratio']:.2f} |")
+            print(f"| {r['batch']} | {r['tokens']} | {r['layer']} | {r['ms']:.1f} | {r['time_ratio']:.2f} "
+                  f"| {_quartiles(r['time_ratio_quartiles'])} | {faults} | {r['saved_mib']:.1f} "
+                  f"| {r['memory_ratio']:.2f} |")
         print()
     if models:
-        print("| image / patch | dropout | layer | mode | images/s | x Attention | x eager |")
-        print("|---|---|---|---|---|---|---|")
+        print("| image / patch | dropout | layer | mode | images/s | x Attention | middle half of repeats | x eager |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in models:
             print(f"| {r['image']} / {r['patch']} | {r['dropout']:g} | {r['layer']} | {r['mode']} "
-                  f"| {r['images_per_second']:.1f} | {r['ratio_to_attention']:.2f} | {r['ratio_to_eager']:.2f} |")
+                  f"| {r['images_per_second']:.1f} | {r['ratio_to_attention']:.2f} "
+                  f"| {_quartiles(r['ratio_to_attention_quartiles'])} | {r['ratio_to_eager']:.2f} |")
         print()
     if data:
         print("| data path | images/s at 224 px |")

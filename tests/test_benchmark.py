@@ -27,6 +27,17 @@ def test_layer_table_covers_every_case_with_ratios_to_attention():
         assert row["time_ratio"] == pytest.approx(row["ms"] / attention["ms"])
         assert row["memory_ratio"] == pytest.approx(row["saved_mib"] / attention["saved_mib"])
         assert row["page_faults"] is None or row["page_faults"] >= 0
+        # One repeat: its ratio is the ratio of medians, and the middle half of the repeats' ratios is that one.
+        assert row["time_ratio_quartiles"] == pytest.approx((row["time_ratio"], row["time_ratio"]))
+
+
+def test_ratio_quartiles_pair_each_repeat_with_the_baselines_same_repeat():
+    # Ratios 2, 4, 6, 8, 10: quartiles 4 and 8 (the inclusive method, which interpolates between the ratios seen).
+    assert benchmark.ratio_quartiles([2, 4, 6, 8, 10], [1, 1, 1, 1, 1]) == pytest.approx((4, 8))
+    # Both steps slow in the same repeat: that repeat's ratio is still 1, where unpaired medians would not tell.
+    assert benchmark.ratio_quartiles([1, 3, 1], [1, 3, 1]) == pytest.approx((1, 1))
+    assert benchmark.ratio_quartiles([2, 1], [1, 2]) == pytest.approx((0.875, 1.625))
+    assert benchmark.ratio_quartiles([3], [2]) == pytest.approx((1.5, 1.5))
 
 
 def test_interleaved_timings_count_the_page_faults_of_each_step():
@@ -50,11 +61,21 @@ def test_interleaved_timings_count_the_page_faults_of_each_step():
 
 
 def test_layer_table_prints_page_faults_or_a_dash_where_they_are_not_counted(capsys):
-    row = dict(batch=2, tokens=65, layer="Attention", ms=1.0, time_ratio=1.0, saved_mib=1.0, memory_ratio=1.0)
+    row = dict(batch=2, tokens=65, layer="Attention", ms=1.0, time_ratio=1.0, time_ratio_quartiles=(0.97, 1.04),
+               saved_mib=1.0, memory_ratio=1.0)
     benchmark.print_tables([dict(row, page_faults=1398.0), dict(row, page_faults=None)], [], [], [], "header")
     lines = capsys.readouterr().out.splitlines()
-    assert "page faults per step" in lines[2]
-    assert "| 1.00 | 1398 | 1.0 |" in lines[4] and "| 1.00 | - | 1.0 |" in lines[5]
+    assert "middle half of repeats | page faults per step" in lines[2]
+    assert "| 1.00 | 0.97-1.04 | 1398 | 1.0 |" in lines[4] and "| 1.00 | 0.97-1.04 | - | 1.0 |" in lines[5]
+
+
+def test_model_table_prints_the_middle_half_of_the_repeats_ratios(capsys):
+    row = dict(image=32, patch=4, dropout=0.1, layer="ConvNNAttention", mode="eager", images_per_second=28.9,
+               ratio_to_attention=1.07, ratio_to_attention_quartiles=(1.02, 1.1), ratio_to_eager=1.0)
+    benchmark.print_tables([], [row], [], [], "header")
+    lines = capsys.readouterr().out.splitlines()
+    assert "| x Attention | middle half of repeats | x eager |" in lines[2]
+    assert lines[4].endswith("| 28.9 | 1.07 | 1.02-1.10 | 1.00 |")
 
 
 def test_saved_bytes_counts_each_storage_once():
@@ -72,6 +93,7 @@ def test_model_and_data_tables_and_json(tmp_path, monkeypatch):
         for layer in ("Attention", "ConvNNAttention")}
     for row in models:
         assert row["images_per_second"] > 0 and row["ratio_to_eager"] == 1.0
+        assert row["ratio_to_attention_quartiles"] == pytest.approx((row["ratio_to_attention"],) * 2)
         if row["layer"] == "Attention":
             assert row["ratio_to_attention"] == 1.0
     data = benchmark.data_table(CPU, batches=3, batch_size=4)
