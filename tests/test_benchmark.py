@@ -34,8 +34,9 @@ def test_layer_table_covers_every_case_with_ratios_to_attention():
 def test_ratio_quartiles_pair_each_repeat_with_the_baselines_same_repeat():
     # Ratios 2, 4, 6, 8, 10: quartiles 4 and 8 (the inclusive method, which interpolates between the ratios seen).
     assert benchmark.ratio_quartiles([2, 4, 6, 8, 10], [1, 1, 1, 1, 1]) == pytest.approx((4, 8))
-    # Both steps slow in the same repeat: that repeat's ratio is still 1, where unpaired medians would not tell.
+    # Both steps slower in the same repeat: that repeat's ratio stays 1.
     assert benchmark.ratio_quartiles([1, 3, 1], [1, 3, 1]) == pytest.approx((1, 1))
+    # The same times in the other order: ratios 2 and 0.5, a wide middle half, though the medians are equal.
     assert benchmark.ratio_quartiles([2, 1], [1, 2]) == pytest.approx((0.875, 1.625))
     assert benchmark.ratio_quartiles([3], [2]) == pytest.approx((1.5, 1.5))
 
