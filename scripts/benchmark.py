@@ -170,9 +170,9 @@ def ratio_quartiles(times: Sequence[float], baseline: Sequence[float]) -> Tuple[
 
 def interleaved_timings(steps, repeats: int, warmup: int, device: torch.device) -> List[Timing]:
     """Median seconds and page faults of each step, and each repeat's seconds (for per-repeat ratios); the steps
-    alternate inside every repeat. The faults tell
-    runs apart whose ratios differ only because one step's freshly allocated memory was handed back to the
-    system and faulted in again: on a small VM that cost varies from run to run and from step to step."""
+    alternate inside every repeat. The faults tell runs apart whose ratios differ only because one step's freshly
+    allocated memory was handed back to the system and faulted in again: on a small VM that cost varies from run
+    to run and from step to step."""
     for step in steps:
         for _ in range(warmup):
             step()
