@@ -513,26 +513,33 @@ class RunOutputs:
         text = f"Checkpoint: {checkpoint}\n{test_line(loss, top1, top5)}\n"
         atomic_write_text(self.path("test_results.txt"), text)
 
-    def write_per_class_results(self, confusion: torch.Tensor, names: List[str], weights: str) -> None:
-        """per_class_accuracy.csv and confusion_matrix.png of a test-split evaluation; the plot's title
-        names ``weights``, the checkpoint evaluated."""
-        atomic_write_text(self.path("per_class_accuracy.csv"), per_class_table(confusion, names))
-        write_confusion_matrix(self.path("confusion_matrix.png"), confusion, names, weights)
+    def write_per_class_results(self, confusion: torch.Tensor, names: List[str], weights: str,
+                                evaluation: bool = False) -> List[str]:
+        """The per-class accuracy table and confusion matrix of a test-split evaluation, each naming ``weights``
+        (the checkpoint, its epoch and which weights): per_class_accuracy.csv and confusion_matrix.png for the
+        training's own record, test_per_class_accuracy.csv and test_confusion_matrix.png for an ``evaluation``
+        (--test_only), which so never rewrites the training's. Returns the paths written."""
+        prefix = "test_" if evaluation else ""
+        table, matrix = self.path(f"{prefix}per_class_accuracy.csv"), self.path(f"{prefix}confusion_matrix.png")
+        atomic_write_text(table, per_class_table(confusion, names, weights))
+        write_confusion_matrix(matrix, confusion, names, weights)
+        return [table, matrix]
 
 
-PER_CLASS_COLUMNS = ["class_index", "class_name", "images", "correct", "accuracy"]
+PER_CLASS_COLUMNS = ["class_index", "class_name", "images", "correct", "accuracy", "weights"]
 
 
-def per_class_table(confusion: torch.Tensor, names: List[str]) -> str:
+def per_class_table(confusion: torch.Tensor, names: List[str], weights: str) -> str:
     """One row per class of ``confusion`` (rows: true class, columns: predicted class); accuracy in
-    percent, empty for a class without test images."""
+    percent, empty for a class without test images; ``weights`` names the weights evaluated, on every row so
+    that any row read alone says what it measures."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(PER_CLASS_COLUMNS)
     images, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
     for index, name in enumerate(names):
         accuracy = repr(100.0 * correct[index] / images[index]) if images[index] else ""
-        writer.writerow([index, name, images[index], correct[index], accuracy])
+        writer.writerow([index, name, images[index], correct[index], accuracy, weights])
     return table.getvalue()
 
 

@@ -21,29 +21,13 @@ import checkpoints
 import dataset
 import distributed
 import run_files
+import settings
 import train_eval
 import utils
-from models.layer_options import LAYER_OPTIONS
+from settings import FRESH_MODEL
 
 # Exit code of faults found while running (bad input is 2; signals give 128 + their number).
 RUNTIME_FAULT = 1
-# --checkpoint none: evaluate a freshly initialised model, which is never done unasked.
-FRESH_MODEL = "none"
-
-# The flags that build the model: ViT's own keywords and every layer option (of any layer: a checkpoint's
-# args hold them all, and one that the layer ignores is still refused when changed, which costs nothing).
-MODEL_FLAGS = ("layer", "patch_size", "num_layers", "num_heads", "d_hidden", "d_mlp", "dropout",
-               "attention_dropout", "drop_path", *LAYER_OPTIONS)
-# What a checkpoint's weights mean: --test_only takes these from the checkpoint and refuses other values.
-EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
-# Flags of one invocation rather than settings of a run: never taken from a checkpoint.
-INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "test_weights", "resume", "overwrite", "config")
-# Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
-# Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
-RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
-# Flags newer than some checkpoints, with the value every run before them had: a resume of such a checkpoint
-# refuses another value, as for any stored flag (the validation split, above all, must stay the one trained with).
-FLAGS_OLDER_RUNS_HAD = {"val_split": 0.0, "split_seed": 0}
 
 
 class UsageError(Exception):
@@ -104,8 +88,10 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
         raise UsageError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
                          "resume from a last.pt or best.pt, or evaluate it with --test_only --checkpoint")
     stored = checkpoint.get("args")
-    if stored is not None:  # added after the stored flags, whose order args.txt keeps
-        stored = {**stored, **{name: value for name, value in FLAGS_OLDER_RUNS_HAD.items() if name not in stored}}
+    if stored is not None:  # a flag newer than the checkpoint has the value its run had; after the stored flags,
+        # whose order args.txt keeps. A flag saying where it runs is the command line's (with a warning).
+        stored = {**stored, **{name: flag.value_of_older_runs for name, flag in settings.FLAGS.items()
+                               if name not in stored and flag.role.stored and not flag.role.resumable}}
     if stored is None:
         print(f"warning: {path} stores no flags (an older version wrote it); resuming with the command line's",
               file=sys.stderr)
@@ -113,12 +99,12 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
     else:
         _warn_unstored(path, args, stored)
         processes_known = "processes" in checkpoint
-        may_change = set(RESUMABLE_FLAGS) | ({"batch_size"} if processes_known else set())
+        may_change = set(settings.RESUMABLE) | ({"batch_size"} if processes_known else set())
         _refuse_other_values(args, given, stored, set(_settings(args)) - may_change, path,
                              lambda flag: f"a resumed run keeps its settings: leave {flag} out, or start a new "
                                           "run in another --output_dir")
         merged = _with_stored_values(args, given, stored)
-        values = {name: [stored[name], getattr(merged, name)] for name in RESUMABLE_FLAGS
+        values = {name: [stored[name], getattr(merged, name)] for name in settings.RESUMABLE
                   if name in stored and stored[name] != getattr(merged, name)}
         if processes_known:
             values.update(_batch_changes(merged, stored, checkpoint["processes"], path))
@@ -148,7 +134,7 @@ def resume_settings(args: argparse.Namespace, given: Set[str], path: str) -> Tup
 def _batch_changes(merged: argparse.Namespace, stored: Dict, stored_processes: int, path: str) -> Dict[str, List]:
     """--batch_size is per process: it may change with the number of processes, so that the global
     batch of every optimiser step stays the one the run was trained with."""
-    processes = _processes()
+    processes = processes_now()
     global_batch = stored["batch_size"] * stored_processes
     if merged.batch_size * processes != global_batch:
         fix = (f"give --batch_size {global_batch // processes} for {processes} process(es)"
@@ -163,7 +149,7 @@ def _batch_changes(merged: argparse.Namespace, stored: Dict, stored_processes: i
     return changes
 
 
-def _processes() -> int:
+def processes_now() -> int:
     # Known before the process group is joined: torchrun's environment, or a single process.
     environment = distributed.torchrun_environment()
     return environment["world_size"] if environment else 1
@@ -183,7 +169,7 @@ def evaluation_settings(args: argparse.Namespace,
     stored = checkpoint.get("args")
     if stored is None:  # a bare state dict: the command line describes its model
         return args, (path, checkpoint)
-    _refuse_other_values(args, given, stored, EVALUATED_FLAGS, path,
+    _refuse_other_values(args, given, stored, settings.EVALUATED, path,
                          lambda flag: f"leave {flag} out to evaluate it as trained")
     return _with_stored_values(args, given, stored), (path, checkpoint)
 
@@ -222,7 +208,7 @@ def evaluated_checkpoint_path(args: argparse.Namespace) -> Optional[str]:
 
 def _settings(args: argparse.Namespace) -> List[str]:
     """The names of the flags that are settings of a run, in the parser's order."""
-    return [name for name in vars(args) if name not in INVOCATION_FLAGS]
+    return [name for name in vars(args) if settings.FLAGS[name].role.stored]
 
 
 def _with_stored_values(args: argparse.Namespace, given: Set[str], stored: Dict) -> argparse.Namespace:
@@ -297,8 +283,9 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
 def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optional[Tuple[str, Dict]]) -> None:
     """--test_only: evaluates the test split with the weights of ``evaluated`` (path and checkpoint), or with
     freshly initialised ones when it is None (--checkpoint none). Reads a checkpoint only, so it may run
-    beside a live training run; writes only test_results.txt, per_class_accuracy.csv and confusion_matrix.png,
-    so the args.txt, model.txt and logs of the training run stay as they were."""
+    beside a live training run; writes only test_results.txt, test_per_class_accuracy.csv and
+    test_confusion_matrix.png, so the args.txt, model.txt, logs and per-class record of the training run stay as
+    they were."""
     outputs = run_files.RunOutputs(args.output_dir)
     _check_data(args)
     trainer = _trainer(trainer_options)
@@ -348,6 +335,11 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
         distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
+    facts = settings.run_facts(args.batch_size, distributed.world_size(), None)
+    if resumed:
+        _check_same_data(resumed, facts)
+    # The facts follow the flags, refreshed: a resume may change the processes, never the global batch or data.
+    record = {**{name: value for name, value in record.items() if name not in settings.FACTS}, **facts}
 
     if distributed.is_main_process():
         if args.overwrite:
@@ -367,6 +359,15 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
                              seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
                              args_changes=args_changes, val_loader=val_loader)
     _per_class_results_of_best(trainer, outputs, test_loader, dataset.class_names(test_data, num_classes), history)
+
+
+def _check_same_data(resumed: Resumed, facts: Dict) -> None:
+    """--data_path may move with the data, but a resumed run must go on with the data it was trained on."""
+    trained_on = resumed.record.get("data")
+    if trained_on is not None and facts.get("data") is not None and trained_on != facts["data"]:
+        raise UsageError(f"--data_path: {resumed.path} was trained on other data ({trained_on}) than "
+                         f"{resumed.record.get('data_path')} holds now ({facts['data']}); give the folder it was "
+                         "trained on")
 
 
 def _hold_out_validation(args: argparse.Namespace, train_data):
@@ -396,7 +397,8 @@ def _per_class_results_of_best(trainer: train_eval.Trainer, outputs: run_files.R
     trainer.model.load_state_dict(best["model"])
     result = trainer.evaluate(test_loader, "per-class test", confusion=True)
     if distributed.is_main_process():
-        outputs.write_per_class_results(result.confusion, names, f"best.pt (epoch {chosen_epoch})")
+        outputs.write_per_class_results(result.confusion, names,
+                                        f"{path} (epoch {chosen_epoch}, trained weights)")
         distributed.print_main(f"Per-class test accuracy of best.pt (epoch {chosen_epoch}): "
                                f"{outputs.path('per_class_accuracy.csv')}, {outputs.path('confusion_matrix.png')}",
                                flush=True)
@@ -405,7 +407,7 @@ def _per_class_results_of_best(trainer: train_eval.Trainer, outputs: run_files.R
 def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: run_files.RunOutputs,
               evaluated: Optional[Tuple[str, Dict]]) -> None:
     if evaluated:
-        checkpoint = evaluated[0]
+        checkpoint, epoch = evaluated[0], evaluated[1].get("epoch")
         weights = ema_weights(evaluated[1]) if args.test_weights == "ema" else checkpoints.model_weights(evaluated[1])
         try:
             trainer.model.load_state_dict(weights)
@@ -413,7 +415,7 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
             raise UsageError(f"--checkpoint: {checkpoint} does not fit this model (pass the model flags it was "
                              f"trained with, see its args.txt): {run_files.first_line(error)}") from error
     else:
-        checkpoint = "none (freshly initialised model)"
+        checkpoint, epoch = "none (freshly initialised model)", None
     _, test_data, num_classes, _ = _load_data(args, need_train=False)
     _, test_loader = dataset.make_loaders(None, test_data, **loader_config(args, trainer.device))
     result = trainer.evaluate(test_loader, confusion=True)
@@ -423,8 +425,16 @@ def _evaluate(args: argparse.Namespace, trainer: train_eval.Trainer, outputs: ru
     distributed.print_main(run_files.test_line(result.loss, result.top1, result.top5), flush=True)
     if distributed.is_main_process():
         outputs.write_test_results(checkpoint, result.loss, result.top1, result.top5)
-        weights = os.path.basename(checkpoint) if evaluated else "a freshly initialised model"
-        outputs.write_per_class_results(result.confusion, dataset.class_names(test_data, num_classes), weights)
+        written = outputs.write_per_class_results(result.confusion, dataset.class_names(test_data, num_classes),
+                                                  _weights_label(evaluated, epoch, args.test_weights), evaluation=True)
+        distributed.print_main(f"Per-class test accuracy: {', '.join(written)}", flush=True)
+
+
+def _weights_label(evaluated: Optional[Tuple[str, Dict]], epoch: Optional[int], test_weights: str) -> str:
+    if not evaluated:
+        return "a freshly initialised model"
+    which = "EMA weights" if test_weights == "ema" else "trained weights"
+    return f"{evaluated[0]} ({f'epoch {epoch}, ' if epoch is not None else ''}{which})"
 
 
 def _is_finished(args: argparse.Namespace, resumed: Resumed, outputs: run_files.RunOutputs) -> bool:

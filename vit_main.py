@@ -7,7 +7,6 @@ and each problem ends the program with one line naming the flag (exit code 2).
 """
 
 import argparse
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Set, Tuple
@@ -18,161 +17,22 @@ import run_files
 import runs
 import train_eval
 import utils
+import settings
 from models.vit import ViT
-from models.layer_options import LAYER_OPTIONS
-from models.vit_layers import LAYER_REGISTRY, options_from
-from runs import FRESH_MODEL, MODEL_FLAGS, UsageError, continues_in_place, resume_path
+from models.vit_layers import options_from
+from runs import UsageError, continues_in_place, resume_path
+from settings import FRESH_MODEL, str2bool
 
-COMPILE_MODES = ["default", "reduce-overhead", "reduce-memory", "max-autotune"]
-# Integer flags must fit the 64-bit sizes of torch and Python's slicing.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-_TRUE_WORDS = {"true", "t", "yes", "y", "1"}
-_FALSE_WORDS = {"false", "f", "no", "n", "0"}
-
-
-def str2bool(value) -> bool:
-    """Reads a boolean written as a word, so both ``--flag False`` and ``--flag true`` work."""
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def _boolean(parser_group, flag: str, default: bool, help_text: str) -> None:
-    # nargs="?" with const=True: a bare ``--flag`` means True, ``--flag False`` is read as a word.
-    parser_group.add_argument(flag, type=str2bool, nargs="?", const=True, default=default,
-                              metavar="{True,False}", help=help_text)
-
-
-def _add_layer_options(parser_group, names: List[str]) -> None:
-    for option in map(LAYER_OPTIONS.get, names):
-        if option.type is bool:
-            _boolean(parser_group, f"--{option.name}", option.default, option.help)
-        else:
-            parser_group.add_argument(f"--{option.name}", type=option.type, default=option.default,
-                                      choices=option.choices, help=option.help)
-
+DESCRIPTION = "Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers."
 
 def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser = parser_class(
-        description="Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    model = parser.add_argument_group("model and layer")
-    model.add_argument("--layer", default="Attention", choices=list(LAYER_REGISTRY), help="token-mixing layer of every block")
-    model.add_argument("--patch_size", type=int, default=16, help="side of the square patches")
-    model.add_argument("--num_layers", type=int, default=12, help="number of encoder blocks")
-    model.add_argument("--num_heads", type=int, default=3, help="attention heads (ConvNNAttention uses one)")
-    model.add_argument("--d_hidden", type=int, default=192, help="token width")
-    model.add_argument("--d_mlp", type=int, default=768, help="hidden width of the MLP")
-    model.add_argument("--dropout", type=float, default=0.1, help="dropout of the residual branches and MLP")
-    model.add_argument("--attention_dropout", type=float, default=0.1, help="dropout inside the token mixer")
-    model.add_argument("--drop_path", type=float, default=0.0,
-                       help="stochastic depth of the residual branches, rising linearly over the blocks to this "
-                            "rate; 0 disables")
-
-    convnn_options = LAYER_REGISTRY["ConvNNAttention"].options
-    _add_layer_options(parser.add_argument_group("ConvNN-Attention"),
-                       [name for name in LAYER_OPTIONS if name in convnn_options])
-    _add_layer_options(parser.add_argument_group("other layers"),
-                       [name for name in LAYER_OPTIONS if name not in convnn_options])
-
-    data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", default="cifar10", choices=list(dataset.DATASETS), help="dataset")
-    data.add_argument("--data_path", default="./Data", help="dataset directory")
-    data.add_argument("--resize", type=int, default=224, help="resize images to N x N; 0 keeps the native size")
-    data.add_argument("--augment", action="store_true",
-                      help="random crop (padding 4) and horizontal flip; imagenet: random resized crop and flip")
-    data.add_argument("--auto_augment", default="none", choices=list(dataset.AUTO_AUGMENTS),
-                      help="automatic augmentation policy of the training images (autoaugment: the dataset's policy)")
-    data.add_argument("--augment_magnitude", type=int, default=dataset.DEFAULT_AUGMENT_MAGNITUDE,
-                      help=f"RandAugment's magnitude, 0 to {dataset.RANDAUGMENT_BINS - 1}")
-    data.add_argument("--random_erasing", type=float, default=0.0,
-                      help="probability of erasing a random rectangle of a normalised training image")
-    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
-    data.add_argument("--data_loader", default="workers", choices=["workers", "device"],
-                      help="workers: torchvision loader in worker processes; device: images held on --device "
-                           "and transformed there per batch (cifar10, cifar100, synthetic)")
-    data.add_argument("--val_split", type=float, default=0.0, metavar="F",
-                      help="hold out this fraction of each class of the training split for validation, which "
-                           "then chooses best.pt and drives --scheduler plateau; 0 = no validation split")
-    data.add_argument("--split_seed", type=int, default=0,
-                      help="seed of the --val_split hold-out alone (not --seed), so runs of every --seed and "
-                           "--layer hold out the same images")
-
-    training = parser.add_argument_group("training")
-    training.add_argument("--batch_size", type=int, default=256, help="batch size of training and evaluation, per process under torchrun")
-    training.add_argument("--num_epochs", type=int, default=150, help="number of epochs")
-    training.add_argument("--use_amp", action="store_true", help="mixed precision")
-    training.add_argument("--use_compiled", action="store_true", help="compile the model with torch.compile")
-    training.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
-                          help="torch.compile mode; reduce-memory = default mode + activation checkpointing")
-    training.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient-norm limit; 0 disables")
-    training.add_argument("--amp_dtype", default="float16", choices=list(train_eval.AMP_DTYPES),
-                          help="--use_amp on CUDA: float16 (with gradient scaling) or bfloat16 (without)")
-    training.add_argument("--accumulation_steps", type=int, default=1,
-                          help="batches whose gradients are summed into one optimiser step (one large batch's)")
-
-    recipe = parser.add_argument_group("training recipe (all off by default)")
-    recipe.add_argument("--warmup_epochs", type=float, default=0.0,
-                        help="linear warmup of the learning rate over this many epochs, moved every step")
-    recipe.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    recipe.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha; 0 disables")
-    recipe.add_argument("--cutmix", type=float, default=0.0,
-                        help="CutMix alpha; 0 disables (with --mixup, each batch uses one of them)")
-    recipe.add_argument("--ema_decay", type=float, default=0.0,
-                        help="decay of an exponential moving average of the weights, also evaluated; 0 disables")
-    _boolean(recipe, "--no_decay_norm_bias", False,
-             "no weight decay on biases, normalisation weights and the class token")
-
-    optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--criterion", default="CrossEntropy", choices=list(train_eval.LOSSES), help="loss")
-    optimisation.add_argument("--optimizer", default="adamw", choices=list(train_eval.OPTIMIZERS), help="optimiser")
-    optimisation.add_argument("--lr", type=float, default=1e-4, help="initial learning rate")
-    optimisation.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay")
-    optimisation.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optimisation.add_argument("--scheduler", default="none", choices=list(train_eval.SCHEDULERS),
-                              help="learning-rate schedule (plateau watches the validation loss with --val_split, "
-                                   "else the test loss)")
-    optimisation.add_argument("--lr_step", type=int, default=20, help="step scheduler: epochs between decays")
-    optimisation.add_argument("--lr_gamma", type=float, default=0.1, help="step scheduler: decay factor")
-
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="cuda", choices=["cpu", "cuda", "mps"], help="device")
-    system.add_argument("--seed", type=int, default=0, help="seed of every random generator")
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="./Output/VGG/ConvNN", help="directory of results and checkpoints")
-    output.add_argument("--test_only", action="store_true", help="only evaluate the test split")
-    output.add_argument("--checkpoint", default=None, metavar="PATH|none",
-                        help="weights for --test_only (default: <output_dir>/best.pt); none = a freshly "
-                             "initialised model")
-    output.add_argument("--test_weights", default="model", choices=["model", "ema"],
-                        help="--test_only: evaluate the trained weights or their moving average (--ema_decay)")
-    output.add_argument("--resume", default=None, metavar="PATH|auto",
-                        help="continue training from a last.pt; auto = <output_dir>/last.pt if present")
-    output.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --output_dir (otherwise such a directory is refused)")
-    output.add_argument("--config", default=None, metavar="FILE",
-                        help="read flags from FILE, 'name: value' lines as in a run's args.txt; flags on the "
-                             "command line win")
-    return parser
+    """The command line, built from the flags' one declaration (``settings.FLAGS``)."""
+    return settings.build_parser(parser_class, DESCRIPTION)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config files (--config)
 # ---------------------------------------------------------------------------------------------
-
-# Keys of a config file that act on one command rather than set up a run: a run's args.txt holds them
-# (--overwrite, --resume auto), and applying them again would replace or continue a run unasked.
-CONFIG_IGNORED_KEYS = ("test_only", "checkpoint", "resume", "overwrite", "config")
-
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message is one line naming --config, the file and the line."""
@@ -195,28 +55,52 @@ def parse_arguments(parser: argparse.ArgumentParser,
     if args.config is None:
         return args, given, {}
     try:
-        values, lines = read_config(args.config)
+        values, lines, facts = read_config(args.config)
     except ConfigError as error:
         parser.error(str(error))
     parser.set_defaults(**values)
     places = {name: f"{args.config} line {lines[name]}" for name in values if name not in given}
-    return parser.parse_args(argv), given | set(values), places
+    args = parser.parse_args(argv)
+    if "batch_size" not in given:
+        problem = _global_batch_problem(args.batch_size, facts, args.config, lines)
+        if problem:
+            parser.error(problem)
+    return args, given | set(values), places
 
 
-def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int]]:
-    """The values of a config file, and the line of each. The file holds ``name: value`` lines (a run's
-    args.txt is one), ``#`` comment lines and blank lines. Each value is read by the parser, with the command
-    line's types, choices and checks; ``None`` is accepted where it is the default. CONFIG_IGNORED_KEYS are
-    skipped, with a warning when set."""
+def _global_batch_problem(batch_size: int, facts: Dict[str, str], path: str, lines: Dict[str, int]) -> Optional[str]:
+    """A run's args.txt used as a config file must train with the global batch that run had: --batch_size is
+    per process, so the same file read by another number of processes would change it unseen."""
+    if "global_batch" not in facts:
+        return None
     try:
-        with open(path, encoding="utf-8") as handle:
+        recorded = int(facts["global_batch"])
+    except ValueError:
+        return f"--config: {path} line {lines['global_batch']}: global_batch must be a whole number of images"
+    processes = runs.processes_now()
+    if batch_size * processes == recorded:
+        return None
+    fix = (f"give --batch_size {recorded // processes} for {processes} process(es)" if recorded % processes == 0
+           else f"run it in {facts.get('processes', 'its number of')} processes")
+    return (f"--batch_size: {path} records a global batch of {recorded} images (line {lines['global_batch']}), "
+            f"--batch_size {batch_size} in {processes} process(es) makes {batch_size * processes}; {fix}")
+
+
+def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int], Dict[str, str]]:
+    """The values of a config file, the line of each, and the facts of a run it records. The file holds
+    ``name: value`` lines (a run's args.txt is one), ``#`` comment lines and blank lines, in UTF-8 with or
+    without a byte-order mark. Each value is read by the parser, with the command line's types, choices and
+    checks; ``None`` is accepted where it is the default. Flags that act on one command are skipped, with a
+    warning when set; a run's facts (settings.FACTS) are returned as written, for the caller to check."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
             lines = handle.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a UTF-8 text file"
         raise ConfigError(f"--config: cannot read {path} ({reason}); give a file of 'name: value' lines") from error
     value_parser = build_parser(_RaisingParser)
     defaults = vars(value_parser.parse_args([]))
-    values, first_line = {}, {}
+    values, first_line, facts = {}, {}, {}
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):
@@ -225,17 +109,19 @@ def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int]]:
         name, colon, value = (part.strip() for part in text.partition(":"))
         if not colon or not name:
             raise ConfigError(f"{place}: expected 'name: value', got {text!r}")
-        if name not in defaults:
+        if name not in defaults and name not in settings.FACTS:
             raise ConfigError(f"{place}: unknown flag {name!r} (python vit_main.py --help lists the flags, "
                               "written here without their --)")
         if name in first_line:
             raise ConfigError(f"{place}: {name} is set twice (first on line {first_line[name]}); keep one")
         first_line[name] = number
-        if name in CONFIG_IGNORED_KEYS:
+        if name in settings.FACTS:
+            facts[name] = value
+        elif not settings.FLAGS[name].role.read_from_config:
             _warn_ignored(place, name, value, defaults[name])
-            continue
-        values[name] = _config_value(value_parser, name, value, defaults[name], place)
-    return values, first_line
+        else:
+            values[name] = _config_value(value_parser, name, value, defaults[name], place)
+    return values, first_line, facts
 
 
 def _config_value(value_parser: argparse.ArgumentParser, name: str, value: str, default, place: str):
@@ -268,22 +154,10 @@ def _warn_ignored(place: str, name: str, value: str, default) -> None:
 
 
 def argument_problems(args: argparse.Namespace) -> List[str]:
-    """Every value or combination that cannot work, as one-line messages starting with the flag.
-    The model's flags are checked where the model is built (``ViT`` and its layers), before any data."""
-    problems = _number_problems(args)
-    problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in ("num_epochs", "batch_size")
-                 if getattr(args, name) < 1]
-    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum"]
-    problems += [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in not_negative
-                 if getattr(args, name) < 0]
-    # Bounds of the layer options, refused whatever --layer is; the layer checks the rest when it is built.
-    problems += list(filter(None, (option.problem(getattr(args, name)) for name, option in LAYER_OPTIONS.items())))
-    if args.lr <= 0:
-        problems.append(f"--lr: must be > 0, got {args.lr}")
-    if not 0 <= args.val_split < 1:
-        problems.append(f"--val_split: must be >= 0 and < 1 (a fraction of each class), got {args.val_split}")
-    if args.split_seed < 0:
-        problems.append(f"--split_seed: must be >= 0, got {args.split_seed}")
+    """Every value or combination that cannot work, as one-line messages starting with the flag: first each
+    flag's declared bounds (``settings.FLAGS``), then the combinations. The model's flags are checked further
+    where the model is built (``ViT`` and its layers), before any data."""
+    problems = settings.bound_problems(vars(args))
     if args.scheduler == "step" and args.lr_step < 1:
         problems.append(f"--lr_step: must be >= 1 with --scheduler step, got {args.lr_step}")
     if args.scheduler == "step" and args.lr_gamma <= 0:
@@ -300,33 +174,11 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     return problems
 
 
-def _number_problems(args: argparse.Namespace) -> List[str]:
-    """Numbers no flag can mean: NaN or infinity (NaN passes every comparison, so a range check lets it
-    through to the optimiser, or makes --clip_grad_norm nan mean "off"), integers that overflow the 64-bit
-    sizes of torch and Python's slicing, and seeds outside numpy's range."""
-    problems = []
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"--{name}: must be a finite number, got {value}")
-        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
-            bound = f"at most {INT64_MAX}" if value > 0 else f"at least {INT64_MIN}"
-            problems.append(f"--{name}: {value} does not fit a 64-bit integer; must be {bound}")
-    if not 0 <= args.seed <= utils.SEED_MAX:
-        problems.append(f"--seed: must be between 0 and {utils.SEED_MAX} (the seeds numpy takes), got {args.seed}")
-    return problems
-
-
 def _augmentation_problems(args: argparse.Namespace) -> List[str]:
     problems = []
-    highest_magnitude = dataset.RANDAUGMENT_BINS - 1
-    if not 0 <= args.augment_magnitude <= highest_magnitude:
-        problems.append(f"--augment_magnitude: must be between 0 and {highest_magnitude} (RandAugment's "
-                        f"{dataset.RANDAUGMENT_BINS} magnitude bins), got {args.augment_magnitude}")
-    elif args.augment_magnitude != dataset.DEFAULT_AUGMENT_MAGNITUDE and args.auto_augment != "randaugment":
+    if args.augment_magnitude != dataset.DEFAULT_AUGMENT_MAGNITUDE and args.auto_augment != "randaugment":
         problems.append("--augment_magnitude: only --auto_augment randaugment takes a magnitude (trivialaugment "
                         "draws its own, autoaugment's policy fixes them); leave it out or use randaugment")
-    if not 0 <= args.random_erasing <= 1:
-        problems.append(f"--random_erasing: is a probability, must be between 0 and 1, got {args.random_erasing}")
     if args.data_loader == "device" and args.auto_augment != "none":
         # The device path transforms whole batches, and a v2 policy called on a batch draws one set of
         # operations for every image in it; a call per image would be a Python loop of small device operations.
@@ -336,12 +188,7 @@ def _augmentation_problems(args: argparse.Namespace) -> List[str]:
 
 
 def _recipe_problems(args: argparse.Namespace) -> List[str]:
-    problems = [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in ("warmup_epochs", "mixup", "cutmix")
-                if getattr(args, name) < 0]
-    problems += [f"--{name}: must be in [0, 1), got {getattr(args, name)}" for name in ("label_smoothing", "ema_decay")
-                 if not 0 <= getattr(args, name) < 1]
-    if args.accumulation_steps < 1:
-        problems.append(f"--accumulation_steps: must be >= 1, got {args.accumulation_steps}")
+    problems = []
     if args.warmup_epochs >= args.num_epochs:
         problems.append(f"--warmup_epochs: must be below --num_epochs ({args.num_epochs}), got {args.warmup_epochs}")
     if args.label_smoothing > 0 and args.criterion != "CrossEntropy":

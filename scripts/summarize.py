@@ -14,9 +14,10 @@ Each run's result is the test top-1 of its selected epoch: the epoch of the best
 metrics.csv has validation columns (--val_split), else the epoch of the best test top-1, marked
 "test (optimistic)": picked on the test set itself, it overstates what a new sample would give.
 
-Finished runs whose args.txt differ only in --seed (and in flags that do not change the result, see
-run_settings.py) form a group: the number of seeds, mean and sample standard deviation of the selected
-top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to each group of another
+Finished runs whose args.txt differ only in --seed (and in what does not change the result: the flags whose
+role says where and how fast a run ran, see settings.py) form a group; the recorded global batch and data
+fingerprint separate groups like flags do. Each group gives the number of seeds, mean and sample standard
+deviation of the selected top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to each group of another
 layer the mean difference from the LAYER group with the same other settings, with its 95 % confidence
 interval (paired by seed when both have the same seeds, else Welch's).
 
@@ -48,7 +49,7 @@ import numpy as np  # noqa: E402
 from models.layer_options import LAYER_OPTIONS  # noqa: E402
 from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
 from run_files import OutputWriteError, atomic_write, atomic_write_text, first_best  # noqa: E402
-from scripts.run_settings import parsed_values, result_settings  # noqa: E402
+from settings import result_settings  # noqa: E402
 
 # The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
 LAYERS_USING_K = layers_taking("K")
@@ -391,11 +392,10 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
     """The groups of finished runs with the same settings but their seed (and the flags that do not change the
     result), split by how their epoch was selected. A group holding two runs of one seed is left out, with a
     line on stderr: such copies are not independent samples."""
-    defaults = parsed_values([])
     members = defaultdict(list)
     for row in rows:
         if row["finished"] and row["selected_top1"] is not None:
-            settings = result_settings(row["arguments"], defaults)
+            settings = result_settings(row["arguments"])
             seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
             del settings["seed"]
             members[(tuple(sorted(settings.items())), row["selected_by"])].append((seed, row))

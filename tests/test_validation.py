@@ -215,17 +215,18 @@ def test_a_run_with_a_validation_split_logs_it(validation_run):
     assert checkpoints.load_checkpoint(validation_run / "last.pt")["args"]["val_split"] == 0.2
 
 
-def per_class_rows(output_dir):
-    with open(output_dir / "per_class_accuracy.csv", newline="") as handle:
+def per_class_rows(output_dir, name="per_class_accuracy.csv"):
+    with open(output_dir / name, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
 def test_per_class_results_are_those_of_best_pt(validation_run):
     rows = per_class_rows(validation_run)
-    assert list(rows[0]) == ["class_index", "class_name", "images", "correct", "accuracy"]
+    assert list(rows[0]) == ["class_index", "class_name", "images", "correct", "accuracy", "weights"]
     assert [row["class_name"] for row in rows] == [str(index) for index in range(10)]
     assert sum(int(row["images"]) for row in rows) == 100
     best_epoch = checkpoints.load_checkpoint(validation_run / "best.pt")["epoch"]
+    assert {row["weights"] for row in rows} == {f"{validation_run / 'best.pt'} (epoch {best_epoch}, trained weights)"}
     best = read_metrics(validation_run)[best_epoch - 1]
     assert sum(int(row["correct"]) for row in rows) == pytest.approx(float(best["test_top1"]))  # 100 test images
     assert (validation_run / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
@@ -234,10 +235,24 @@ def test_per_class_results_are_those_of_best_pt(validation_run):
 def test_test_only_writes_the_per_class_results_of_its_checkpoint(validation_run, tmp_path, small_synthetic):
     vit_main.main([*TINY_MODEL_FLAGS, "--test_only", "--checkpoint", str(validation_run / "last.pt"),
                    "--output_dir", str(tmp_path)])
-    rows = per_class_rows(tmp_path)
+    rows = per_class_rows(tmp_path, "test_per_class_accuracy.csv")
     last = read_metrics(validation_run)[-1]
     assert sum(int(row["correct"]) for row in rows) == pytest.approx(float(last["test_top1"]))
-    assert (tmp_path / "confusion_matrix.png").is_file()
+    assert {row["weights"] for row in rows} == {f"{validation_run / 'last.pt'} (epoch {len(read_metrics(validation_run))}, "
+                                                "trained weights)"}
+    assert (tmp_path / "test_confusion_matrix.png").is_file()
+    assert not (tmp_path / "per_class_accuracy.csv").exists()
+
+
+def test_an_evaluation_never_rewrites_the_per_class_record_of_the_training(validation_run, tmp_path, small_synthetic):
+    # A freshly initialised model is not what the training's per-class record holds (best.pt's weights).
+    run = tmp_path / "run"
+    shutil.copytree(validation_run, run)
+    record = {name: (run / name).read_bytes() for name in ("per_class_accuracy.csv", "confusion_matrix.png")}
+    vit_main.main([*TINY_MODEL_FLAGS, "--test_only", "--checkpoint", "none", "--output_dir", str(run)])
+    assert {name: (run / name).read_bytes() for name in record} == record
+    rows = per_class_rows(run, "test_per_class_accuracy.csv")
+    assert {row["weights"] for row in rows} == {"a freshly initialised model"}
 
 
 @pytest.mark.slow
@@ -263,7 +278,7 @@ def test_a_checkpoint_from_before_the_split_flags_refuses_a_split_on_resume(vali
                                                                            capsys):
     shutil.copytree(validation_run, tmp_path, dirs_exist_ok=True)
     checkpoint = checkpoints.load_checkpoint(tmp_path / "last.pt")
-    for name in runs.FLAGS_OLDER_RUNS_HAD:
+    for name in ("val_split", "split_seed"):  # the flags newer than such checkpoints
         del checkpoint["args"][name]
     torch.save(checkpoint, tmp_path / "last.pt")
     line = expect_one_line_error(capsys, tiny_argv(tmp_path, "--resume", "auto", "--num_epochs", "2", *VALIDATION),
@@ -285,13 +300,14 @@ def test_the_confusion_matrix_counts_by_hand():
     tally.add(torch.zeros(2), logits[3:], targets[3:])
     expected = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]])
     assert torch.equal(tally.confusion_matrix(), expected)
-    assert run_files.per_class_table(expected, ["cat", "dog", "fox"]) == (
-        "class_index,class_name,images,correct,accuracy\n0,cat,1,1,100.0\n1,dog,2,1,50.0\n2,fox,2,1,50.0\n")
+    assert run_files.per_class_table(expected, ["cat", "dog", "fox"], "w") == (
+        "class_index,class_name,images,correct,accuracy,weights\n0,cat,1,1,100.0,w\n1,dog,2,1,50.0,w\n"
+        "2,fox,2,1,50.0,w\n")
 
 
 def test_a_class_without_test_images_has_no_accuracy():
-    table = run_files.per_class_table(torch.tensor([[2, 0], [0, 0]]), ["a", "b"])
-    assert table.splitlines()[2] == "1,b,0,0,"
+    table = run_files.per_class_table(torch.tensor([[2, 0], [0, 0]]), ["a", "b"], "w")
+    assert table.splitlines()[2] == "1,b,0,0,,w"
 
 
 @pytest.mark.parametrize("classes", [10, 100])
