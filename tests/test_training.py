@@ -1,6 +1,8 @@
 """Training runs on the small synthetic set: output files, resuming, test-only evaluation, and the
 training building blocks (loss, metrics, clipping, schedulers, mixed precision)."""
 
+import contextlib
+import io
 import math
 import re
 import shutil
@@ -17,7 +19,7 @@ import vit_main
 from models.vit import ViT
 from models.vit_layers import options_from
 from tests.helpers import (DETERMINISTIC_COLUMNS, Interrupted, assert_resume_repeats_a_straight_run,
-                           interrupt_in_epoch, read_metrics, results_lines)
+                           interrupt_in_epoch, read_metrics, results_lines, train_small_run)
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -33,11 +35,14 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def two_epoch_run(tiny_argv, tmp_path_factory, capsys):
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    """Trained once for the tests that read it; none of them may change it."""
     output_dir = tmp_path_factory.mktemp("run")
-    vit_main.main(tiny_argv(output_dir, "--layer", "ConvNNAttention", "--K", "4", "--num_epochs", "2"))
-    return output_dir, capsys.readouterr().out
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train_small_run(output_dir, "--layer", "ConvNNAttention", "--K", "4", "--num_epochs", "2")
+    return output_dir, stdout.getvalue()
 
 
 def test_run_writes_args_and_model_summary(two_epoch_run):
