@@ -303,8 +303,11 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def _trainer(options: Dict, stop_signals: Optional[train_eval.StopSignals] = None) -> train_eval.Trainer:
+    terminal = train_eval.show_progress_bars()
+    plain_seconds = train_eval.PLAIN_PROGRESS_SECONDS if not terminal and distributed.is_main_process() else None
     return train_eval.Trainer(**options, stop_signals=stop_signals, distributed_replica=distributed.is_distributed(),
-                              show_progress=train_eval.show_progress_bars() and distributed.is_main_process())
+                              show_progress=terminal and distributed.is_main_process(),
+                              plain_progress_seconds=plain_seconds)
 
 
 def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_eval.StopSignals,

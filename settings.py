@@ -304,7 +304,14 @@ def _add(group, flag: Flag) -> None:
                            choices=flag.choices, metavar=flag.metavar, help=flag.help)
 
 
-def build_parser(parser_class=argparse.ArgumentParser, description: str = "") -> argparse.ArgumentParser:
+class CommandLineParser(argparse.ArgumentParser):
+    """Refuses bad input with its one line and a short hint, instead of the usage block of every flag first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: see --help for every flag and its default\n")
+
+
+def build_parser(parser_class=CommandLineParser, description: str = "") -> argparse.ArgumentParser:
     parser = parser_class(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
     for flag in FLAGS.values():

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,44 @@ class StopSignals:
             raise TrainingStopped(self.received, where)
 
 
+# Seconds between the plain progress lines of a run without a terminal: a log shows a long epoch is alive.
+PLAIN_PROGRESS_SECONDS = 60.0
+
+
+class PlainProgress:
+    """One plain line at most every ``seconds`` (None: never) while a split is run: steps done, images per
+    second and the time left of the split at that rate, and the running loss. For logs and pipes, where a
+    progress bar cannot draw and nothing else would appear between two epochs."""
+
+    def __init__(self, description: str, steps: int, seconds: Optional[float], start: float,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.description, self.steps, self.seconds = description, steps, seconds
+        self.start = self.last = start
+        self.clock = clock
+
+    def after_step(self, step: int, tally: "_Tally") -> None:
+        if self.seconds is None or step + 1 >= self.steps:
+            return
+        now = self.clock()
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        elapsed = now - self.start
+        done = step + 1
+        left = elapsed / done * (self.steps - done)
+        rate = tally.samples / elapsed if elapsed > 0 else 0.0
+        print(f"{self.description}: step {done}/{self.steps}, {rate:.1f} img/s, about {_duration(left)} left, "
+              f"loss {tally.summary()['loss']:.4f}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 class _NonFiniteWatch:
     """Remembers, on the device, the first step whose loss was NaN or infinite (the loss before any
     gradient scaling: a float16 scaler skipping a step for infinite gradients is not a fault)."""
@@ -320,7 +358,8 @@ class Trainer:
                  stop_signals: Optional[StopSignals] = None, warmup_epochs: float = 0.0,
                  steps_per_epoch: Optional[int] = None, label_smoothing: float = 0.0, mixup: float = 0.0,
                  cutmix: float = 0.0, ema_decay: float = 0.0, no_decay_norm_bias: bool = False,
-                 accumulation_steps: int = 1, amp_dtype: str = "float16"):
+                 accumulation_steps: int = 1, amp_dtype: str = "float16",
+                 plain_progress_seconds: Optional[float] = None):
         self.model = model.to(device)
         self.device = device
         self.num_classes = num_classes
@@ -345,6 +384,8 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
                                  use_buffers=True) if ema_decay > 0 else None
         self.show_progress = show_progress
+        # Without a terminal (a pipe, a log file) a plain progress line at most this often; None: never.
+        self.plain_progress_seconds = plain_progress_seconds
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
         network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
@@ -417,6 +458,7 @@ class Trainer:
         bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
         utils.synchronize(self.device)
         start = time.perf_counter()
+        plain = PlainProgress(description, len(loader), self.plain_progress_seconds, start)
         for step, (images, targets) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -439,6 +481,7 @@ class Trainer:
             if self.show_progress and step % 10 == 0:
                 running = tally.summary()
                 bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
+            plain.after_step(step, tally)
         watch.raise_if_found(description, len(loader))
         utils.synchronize(self.device)
         seconds = time.perf_counter() - start

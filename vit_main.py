@@ -25,7 +25,7 @@ from settings import FRESH_MODEL, str2bool
 
 DESCRIPTION = "Train and evaluate Vision Transformers with ConvNN-Attention and other token mixers."
 
-def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(parser_class=settings.CommandLineParser) -> argparse.ArgumentParser:
     """The command line, built from the flags' one declaration (``settings.FLAGS``)."""
     return settings.build_parser(parser_class, DESCRIPTION)
 

@@ -20,7 +20,6 @@ Prints markdown tables and writes every figure to a JSON file.
     python scripts/benchmark.py --device cpu --json benchmark.json
 """
 
-import argparse
 import collections
 import contextlib
 import json
@@ -54,6 +53,7 @@ import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
 from models.vit_layers import options_from  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 from train_eval import AMP_DTYPE, compile_network  # noqa: E402
 from utils import device_problem, synchronize  # noqa: E402
 
@@ -361,7 +361,7 @@ def argument_problems(args, parts) -> list:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")

@@ -13,7 +13,6 @@ the layer's forward+backward time at each chunk budget of the CPU aggregation (M
 can be off by more than the difference it measures.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit import build_layer  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention, options_from  # noqa: E402
 from scripts.convnn_reference import reference_convnn  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 
 
 def compare_with_reference(args):
@@ -136,7 +136,7 @@ def chunk_budgets(text: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=197)
     parser.add_argument("--width", type=int, default=192)

@@ -8,7 +8,6 @@ stay finite. Prints one line per failure and a summary; exits non-zero when anyt
     python scripts/check_device.py --device cuda
 """
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 from train_eval import AMP_DTYPE  # noqa: E402
 from utils import device_problem  # noqa: E402
 
@@ -43,7 +43,7 @@ def output_and_grad(layer, x):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "mps", "cpu"])
     args = parser.parse_args(argv)
     unusable_device = device_problem(args.device)

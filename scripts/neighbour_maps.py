@@ -37,6 +37,7 @@ import dataset  # noqa: E402
 import vit_main  # noqa: E402
 from models.vit import ViT  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 
 CLASS_TOKEN = 0
 QUERY_COLOUR = "cyan"
@@ -414,7 +415,7 @@ def write_summary(model: ViT, args: argparse.Namespace, out: str, max_images: Op
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = CommandLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", help="a run's output directory (uses best.pt, else last.pt) or a checkpoint file")
     parser.add_argument("--images", type=int, nargs="*", default=[0],

@@ -27,7 +27,6 @@ standard deviation over seeds as error bars, one line per layer and sampling) to
 ``summary`` in the current directory), and prints the markdown tables.
 """
 
-import argparse
 import csv
 import io
 import math
@@ -49,7 +48,7 @@ import numpy as np  # noqa: E402
 from models.layer_options import LAYER_OPTIONS  # noqa: E402
 from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
 from run_files import OutputWriteError, atomic_write, atomic_write_text, first_best  # noqa: E402
-from settings import result_settings  # noqa: E402
+from settings import CommandLineParser, result_settings  # noqa: E402
 
 # The layers that take --K, --sampling_type and --convolution_type; for the others these columns read "-".
 LAYERS_USING_K = layers_taking("K")
@@ -688,7 +687,7 @@ def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Table and plots comparing training runs.")
+    parser = CommandLineParser(description="Table and plots comparing training runs.")
     parser.add_argument("directories", nargs="+", help="run directories, or directories with runs below them")
     parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
                         help="where the table and plots go (default: %(default)s in the current directory)")

@@ -111,8 +111,8 @@ def test_device_path_erases_each_image_with_its_own_rectangle_drawn_from_its_gen
     (["--auto_augment", "randaugment", "--augment_magnitude", "-1"], "--augment_magnitude: must be between 0 and 30"),
     (["--augment_magnitude", "5"], "--augment_magnitude: only --auto_augment randaugment"),
     (["--auto_augment", "trivialaugment", "--augment_magnitude", "5"], "--augment_magnitude: only"),
-    (["--random_erasing", "1.5"], "--random_erasing: is a probability"),
-    (["--random_erasing", "-0.1"], "--random_erasing: is a probability"),
+    (["--random_erasing", "1.5"], "--random_erasing: must be between 0 and 1 (a probability)"),
+    (["--random_erasing", "-0.1"], "--random_erasing: must be between 0 and 1 (a probability)"),
     (["--auto_augment", "autoaugment", "--data_loader", "device"], "--auto_augment: autoaugment has no per-image"),
     (["--auto_augment", "mixup"], "argument --auto_augment: invalid choice"),
 ])

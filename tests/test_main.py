@@ -12,6 +12,7 @@ import dataset
 import run_files
 import utils
 import vit_main
+from tests.helpers import without_hint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,7 +198,7 @@ def expect_usage_error(capsys, argv, flag):
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if ": error: " in line]
-    assert len(error_lines) == 1 and stderr.rstrip().endswith(error_lines[0])
+    assert len(error_lines) == 1 and without_hint(stderr).rstrip().endswith(error_lines[0])
     assert error_lines[0].split(": error: ", 1)[1].startswith(flag), error_lines[0]
     return error_lines[0]
 
@@ -272,5 +273,5 @@ def test_errors_exit_2_without_traceback_in_a_real_process(flags, flag, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
-    assert process.stderr.rstrip().splitlines()[-1].startswith(f"vit_main.py: error: {flag}")
+    assert without_hint(process.stderr).rstrip().splitlines()[-1].startswith(f"vit_main.py: error: {flag}")
     assert process.stdout == ""

@@ -19,7 +19,7 @@ import vit_main
 from models.vit import ViT
 from models.vit_layers import options_from
 from tests.helpers import (DETERMINISTIC_COLUMNS, Interrupted, assert_resume_repeats_a_straight_run,
-                           interrupt_in_epoch, read_metrics, results_lines, train_small_run)
+                           interrupt_in_epoch, read_metrics, results_lines, train_small_run, without_hint)
 
 FLOAT = r"\d+\.\d+"
 EPOCH_LINE = re.compile(
@@ -238,7 +238,7 @@ def test_resume_below_the_epochs_already_trained_is_refused(two_epoch_run, tiny_
         vit_main.main(tiny_argv(output_dir, "--layer", "ConvNNAttention", "--K", "4", "--num_epochs", "1",
                                 "--resume", "auto"))
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    error = without_hint(capsys.readouterr().err).strip().splitlines()[-1]
     assert error.endswith("error: --num_epochs: " + f"{output_dir / 'last.pt'} has trained 2 epochs already; "
                           "give more than 2 to train it further")
     assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
@@ -348,7 +348,7 @@ def test_only_without_weights_is_refused_unless_a_fresh_model_is_asked_for(tiny_
     with pytest.raises(SystemExit) as exit_info:
         vit_main.main(tiny_argv(mistyped, "--test_only"))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+    assert without_hint(capsys.readouterr().err).strip().splitlines()[-1].endswith(
         f"error: --checkpoint: no {mistyped / 'best.pt'} to evaluate; give the weights with --checkpoint PATH "
         "(or evaluate a freshly initialised model with --checkpoint none)")
     assert not mistyped.exists()
@@ -383,7 +383,7 @@ def test_only_on_a_read_only_run_writes_its_results_elsewhere(tiny_argv, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         vit_main.main(tiny_argv(run, "--test_only"))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+    assert without_hint(capsys.readouterr().err).strip().splitlines()[-1].endswith(
         f"error: --output_dir: cannot write to {run}: Read-only file system; --test_only writes test_results.txt "
         f"there: give a writable --output_dir (and the weights with --checkpoint {run / 'best.pt'})")
     vit_main.main(["--test_only", "--checkpoint", str(run / "best.pt"), "--output_dir", str(elsewhere)])
