@@ -1,5 +1,5 @@
 """Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, an in-memory synthetic set)
-and the loaders that batch them."""
+and the loaders that batch them. Each dataset is one ``DatasetEntry`` of ``REGISTRY``."""
 
 import copy
 import functools
@@ -7,7 +7,8 @@ import math
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -18,17 +19,51 @@ from torchvision.transforms import v2
 import distributed
 from distributed import ContiguousShards
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
+Normalisation = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+# Splits as ``load(data_path, train_transform, test_transform, need_train) -> (train or None, test)``.
+SplitLoader = Callable[[str, Callable, Callable, bool], Tuple[Optional[Dataset], Dataset]]
 
-NORMALISATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+IMAGENET_NORMALISATION: Normalisation = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# Side of the stored images; ImageNet has none (its photos come in every size).
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32}
+
+def _nothing_to_check(data_path: str, need_train: bool) -> None:
+    """For data whose faults loading it finds."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """Everything the program knows of one dataset, so that adding a dataset is adding an entry.
+
+    ``count_classes(data_path, need_train)`` gives the number of classes without loading the data;
+    ``load`` builds both splits (see ``SplitLoader``); ``check(data_path, need_train)`` raises
+    ``DatasetUnavailableError`` for faults that would otherwise surface only after an epoch's work;
+    ``stored_images(split)`` returns the split's images as one ``(N, 3, H, W)`` uint8 tensor for
+    ``--data_loader device``, None where they do not fit in memory. ``native_size`` is the side of the
+    stored images (None where they come in every size, which then need --resize). ``photos``: framed
+    photos of every size, augmented by a random resized crop instead of a padded crop, and auto-augmented
+    by ImageNet's learned policy instead of CIFAR-10's. ``fetched_into_data_path``: the files are
+    downloaded into --data_path, which must then be a directory or creatable as one."""
+
+    normalisation: Normalisation
+    native_size: Optional[int]
+    count_classes: Callable[[str, bool], int]
+    load: SplitLoader
+    check: Callable[[str, bool], None] = _nothing_to_check
+    stored_images: Optional[Callable[[Dataset], torch.Tensor]] = None
+    photos: bool = False
+    fetched_into_data_path: bool = False
+
+
+def _fixed_count(count: int) -> Callable[[str, bool], int]:
+    return lambda data_path, need_train: count
+
+
+def registry_entry(dataset: str) -> DatasetEntry:
+    """The registry's entry of ``dataset``; a ValueError naming the choices for an unknown name."""
+    if dataset not in REGISTRY:
+        raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[dataset]
+
 
 CIFAR_FILES = {
     "cifar10": ("CIFAR-10", datasets.CIFAR10, "cifar-10-python.tar.gz", "cifar-10-batches-py/"),
@@ -58,18 +93,15 @@ def image_size(dataset: str, resize: int) -> int:
     """Side of the images the model will see, known without touching the data."""
     if resize > 0:
         return resize
-    if dataset not in NATIVE_SIZE:
+    native_size = registry_entry(dataset).native_size
+    if native_size is None:
         raise ValueError(f"--resize: {dataset} images have no common native size; give a size, e.g. --resize 224")
-    return NATIVE_SIZE[dataset]
+    return native_size
 
 
 def num_classes(dataset: str, data_path: str, need_train: bool = True) -> int:
     """Number of classes, known without loading the data (image folders: see ``image_folder_classes``)."""
-    if dataset == "cifar100":
-        return 100
-    if dataset in ("cifar10", "synthetic"):
-        return 10
-    return len(image_folder_classes(data_path, need_train))
+    return registry_entry(dataset).count_classes(data_path, need_train)
 
 
 def image_folder_classes(data_path: str, need_train: bool = True) -> List[str]:
@@ -131,7 +163,8 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
     The v2 transforms accept both PIL images (CIFAR, folders) and uint8 tensors (synthetic)."""
     steps = [v2.ToImage()]
     size = image_size(dataset, resize)
-    if augment and dataset == "imagenet":
+    entry = registry_entry(dataset)
+    if augment and entry.photos:
         # Photos of every size and framing: a random region of random scale and aspect ratio, resized.
         steps += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
     else:
@@ -141,7 +174,7 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
             steps += [v2.RandomCrop(size, padding=AUGMENT_PADDING), v2.RandomHorizontalFlip()]
     if auto_augment != "none":
         steps.append(auto_augment_transform(dataset, auto_augment, augment_magnitude))
-    mean, std = NORMALISATION[dataset]
+    mean, std = entry.normalisation
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erasing > 0:
         steps.append(v2.RandomErasing(p=random_erasing))
@@ -149,13 +182,13 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
 
 
 def auto_augment_transform(dataset: str, policy: str, magnitude: int) -> v2.Transform:
-    """--auto_augment's transform; AutoAugment's learned policy is the dataset's (CIFAR-10's for the 32 px sets)."""
+    """--auto_augment's transform; AutoAugment's learned policy is ImageNet's for photos, CIFAR-10's for the 32 px sets."""
     if policy == "randaugment":
         return v2.RandAugment(magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_BINS)
     if policy == "trivialaugment":
         return v2.TrivialAugmentWide()
     if policy == "autoaugment":
-        learned = v2.AutoAugmentPolicy.IMAGENET if dataset == "imagenet" else v2.AutoAugmentPolicy.CIFAR10
+        learned = v2.AutoAugmentPolicy.IMAGENET if registry_entry(dataset).photos else v2.AutoAugmentPolicy.CIFAR10
         return v2.AutoAugment(learned)
     raise ValueError(f"--auto_augment: unknown policy {policy!r}; choose from {', '.join(AUTO_AUGMENTS)}")
 
@@ -166,21 +199,23 @@ def load_datasets(
 ) -> Tuple[Optional[Dataset], Dataset, int, int]:
     """Returns ``(train_dataset, test_dataset, num_classes, img_size)``; ``train_dataset`` is None
     when ``need_train`` is False (evaluation only). The augmentations affect the training split only."""
+    entry = registry_entry(dataset)
     train_transform = build_transform(dataset, resize, augment, auto_augment, augment_magnitude, random_erasing)
     test_transform = build_transform(dataset, resize, augment=False)
-    if dataset in CIFAR_FILES:
-        train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
-    elif dataset == "imagenet":
-        classes = image_folder_classes(data_path, need_train)
-        train = _image_folder(os.path.join(data_path, "train"), classes, train_transform) if need_train else None
-        test = _image_folder(os.path.join(data_path, "val"), classes, test_transform)
-    elif dataset == "synthetic":
-        train_size, test_size = synthetic_sizes()
-        train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
-        test = SyntheticImages(test_size, seed=2, transform=test_transform)
-    else:
-        raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    train, test = entry.load(data_path, train_transform, test_transform, need_train)
     return train, test, num_classes(dataset, data_path, need_train), image_size(dataset, resize)
+
+
+def _load_image_folders(data_path: str, train_transform, test_transform, need_train: bool):
+    classes = image_folder_classes(data_path, need_train)
+    train = _image_folder(os.path.join(data_path, "train"), classes, train_transform) if need_train else None
+    return train, _image_folder(os.path.join(data_path, "val"), classes, test_transform)
+
+
+def _load_synthetic(data_path: str, train_transform, test_transform, need_train: bool):
+    train_size, test_size = synthetic_sizes()
+    train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
+    return train, SyntheticImages(test_size, seed=2, transform=test_transform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +224,14 @@ def load_datasets(
 
 
 def split_labels(data: Dataset) -> torch.Tensor:
-    """The labels of a split as ``(N,)`` int64, read without decoding a single image."""
+    """The labels of a split as ``(N,)`` int64, read without decoding a single image: the ``labels``
+    tensor of the in-memory sets, the ``targets`` list of torchvision's datasets and of the others."""
     if isinstance(data, SyntheticImages):
         return data.labels.long()
-    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
-        return torch.tensor(data.targets, dtype=torch.long)
-    if isinstance(data, datasets.DatasetFolder):
-        return torch.tensor(data.targets, dtype=torch.long)
-    raise ValueError(f"--val_split: cannot read the labels of a {type(data).__name__}")
+    targets = getattr(data, "targets", None)
+    if targets is None:
+        raise ValueError(f"--val_split: cannot read the labels of a {type(data).__name__}")
+    return torch.as_tensor(targets, dtype=torch.long)
 
 
 def held_out_count(fraction: float, class_size: int) -> int:
@@ -290,12 +325,17 @@ def _physical_memory() -> int:
 
 def check_data(dataset: str, data_path: str, need_train: bool = True) -> None:
     """Faults of the data that would otherwise surface only after an epoch's work, found before training:
-    synthetic sizes that do not fit in memory, and damaged images in the image folders' val/ split."""
-    if dataset == "synthetic":
-        synthetic_sizes()
-    elif dataset == "imagenet":
-        val = _image_folder(os.path.join(data_path, "val"), image_folder_classes(data_path, need_train), None)
-        _check_images_decode([path for path, _ in val.samples])
+    e.g. synthetic sizes that do not fit in memory, and damaged images in the image folders' val/ split."""
+    registry_entry(dataset).check(data_path, need_train)
+
+
+def _check_synthetic(data_path: str, need_train: bool) -> None:
+    synthetic_sizes()
+
+
+def _check_image_folders(data_path: str, need_train: bool) -> None:
+    val = _image_folder(os.path.join(data_path, "val"), image_folder_classes(data_path, need_train), None)
+    _check_images_decode([path for path, _ in val.samples])
 
 
 def _check_images_decode(paths: List[str]) -> None:
@@ -327,7 +367,7 @@ def _decode_quickly(path: str) -> None:
 
 def check_data_path(dataset: str, data_path: str) -> None:
     """CIFAR files are fetched into ``data_path``: it must be a directory or creatable as one."""
-    if dataset not in CIFAR_FILES:
+    if not registry_entry(dataset).fetched_into_data_path:
         return
     try:
         os.makedirs(data_path, exist_ok=True)
@@ -387,9 +427,12 @@ def _message_in_one_line(error: Exception) -> str:
     return text.rstrip(".") or type(error).__name__
 
 
-def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
-    train = _open_cifar(dataset, data_path, True, train_transform) if need_train else None
-    return train, _open_cifar(dataset, data_path, False, test_transform)
+def _cifar_loader(dataset: str) -> SplitLoader:
+    def load(data_path: str, train_transform, test_transform, need_train: bool):
+        train = _open_cifar(dataset, data_path, True, train_transform) if need_train else None
+        return train, _open_cifar(dataset, data_path, False, test_transform)
+
+    return load
 
 
 def _open_cifar(dataset: str, root: str, train: bool, transform) -> Dataset:
@@ -465,25 +508,59 @@ class SyntheticImages(Dataset):
         return image, int(self.labels[index])
 
 
+def _cifar_images(data: Dataset) -> torch.Tensor:
+    return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+
+
+def _synthetic_images(data: Dataset) -> torch.Tensor:
+    return data.images
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per --dataset choice
+# ---------------------------------------------------------------------------------------------
+
+REGISTRY: Dict[str, DatasetEntry] = {
+    "cifar10": DatasetEntry(
+        normalisation=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), native_size=32,
+        count_classes=_fixed_count(10), load=_cifar_loader("cifar10"), stored_images=_cifar_images,
+        fetched_into_data_path=True),
+    "cifar100": DatasetEntry(
+        normalisation=((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), native_size=32,
+        count_classes=_fixed_count(100), load=_cifar_loader("cifar100"), stored_images=_cifar_images,
+        fetched_into_data_path=True),
+    "imagenet": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=None,
+        count_classes=lambda data_path, need_train: len(image_folder_classes(data_path, need_train)),
+        load=_load_image_folders, check=_check_image_folders, photos=True),
+    "synthetic": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=SyntheticImages.side,
+        count_classes=_fixed_count(SYNTHETIC_CLASSES), load=_load_synthetic, check=_check_synthetic,
+        stored_images=_synthetic_images),
+}
+
+# The names other modules read: the --dataset choices, each one's (mean, std) and native side, and the
+# datasets whose images fit in memory as one uint8 tensor for --data_loader device.
+DATASETS = tuple(REGISTRY)
+NORMALISATION = {name: entry.normalisation for name, entry in REGISTRY.items()}
+NATIVE_SIZE = {name: entry.native_size for name, entry in REGISTRY.items() if entry.native_size is not None}
+IN_MEMORY_DATASETS = tuple(name for name, entry in REGISTRY.items() if entry.stored_images is not None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Device-resident loading (--data_loader device)
 # ---------------------------------------------------------------------------------------------
 
-# Datasets whose images fit in memory as one uint8 tensor; image folders are streamed by workers.
-IN_MEMORY_DATASETS = ("cifar10", "cifar100", "synthetic")
-
-
-def stored_images(data: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+def stored_images(data: Dataset, dataset: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The split's images as one ``(N, 3, H, W)`` uint8 tensor and its labels as ``(N,)`` int64."""
     if isinstance(data, Subset):  # a validation split and the training images it leaves
-        images, labels = stored_images(data.dataset)
+        images, labels = stored_images(data.dataset, dataset)
         chosen = torch.tensor(data.indices, dtype=torch.long)
         return images[chosen], labels[chosen]
-    if isinstance(data, SyntheticImages):
-        return data.images, data.labels.long()
-    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
-        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(data.targets)
-    raise ValueError(f"--data_loader: device loading needs one of {', '.join(IN_MEMORY_DATASETS)}")
+    read = registry_entry(dataset).stored_images
+    if read is None:
+        raise ValueError(f"--data_loader: device loading needs one of {', '.join(IN_MEMORY_DATASETS)}")
+    return read(data), split_labels(data)
 
 
 class DeviceLoader:
@@ -502,7 +579,7 @@ class DeviceLoader:
     def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
                  batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None,
                  shard: Tuple[int, int] = (0, 1), random_erasing: float = 0.0):
-        images, labels = stored_images(data)
+        images, labels = stored_images(data, dataset)
         self.rank, self.world_size = shard
         self.dataset = data
         self.images = images.to(device)
