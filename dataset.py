@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -570,17 +570,21 @@ class DeviceLoader:
     numbers agree: resize (uint8, antialiased), with ``augment`` a random crop of the image padded by
     4 zero pixels and a random horizontal flip, then scaling to [0, 1] and normalisation, and with
     ``random_erasing`` torchvision's RandomErasing, called once per image so that each image has its own
-    draw (a v2 transform called on a batch tensor draws one rectangle for the whole batch). Shuffling
-    and augmentation draw from ``generator`` (on the CPU, a few numbers per batch), which the training
-    loop reseeds every epoch exactly as it does a ``DataLoader``'s. --auto_augment has no device path
-    (``vit_main`` refuses it there).
+    draw (a v2 transform called on a batch tensor draws one rectangle for the whole batch). Without
+    augmentation the batches are those of the worker path's ``DataLoader``, bit for bit on the CPU.
+
+    The sample order is the ``DataLoader``'s, drawn by the same samplers: in a single process
+    (``shard`` None) a ``RandomSampler`` on ``generator``; under torchrun (``shard`` = (rank,
+    world_size)) a ``DistributedSampler``, padded alike and reseeded through ``seed_epoch``; for
+    evaluation (``shuffle`` False) the same ``ContiguousShards`` block. Augmentation draws from
+    ``generator`` too (on the CPU, a few numbers per batch), which the training loop reseeds every epoch
+    exactly as it does a ``DataLoader``'s. --auto_augment has no device path (``vit_main`` refuses it there).
     """
 
     def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
                  batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None,
-                 shard: Tuple[int, int] = (0, 1), random_erasing: float = 0.0):
+                 shard: Optional[Tuple[int, int]] = None, random_erasing: float = 0.0):
         images, labels = stored_images(data, dataset)
-        self.rank, self.world_size = shard
         self.dataset = data
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -592,20 +596,19 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.device = device
         self.generator = generator if generator is not None else torch.Generator()
-        mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in NORMALISATION[dataset])
-        # (x / 255 - mean) / std as one scale and shift, applied in place to the batch.
-        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+        self.mean, self.std = (list(values) for values in registry_entry(dataset).normalisation)
+        self.sampler = self._sampler(shard)
+
+    def _sampler(self, shard: Optional[Tuple[int, int]]) -> Sampler:
+        rank, world_size = shard if shard is not None else (0, 1)
+        if not self.shuffle:
+            return ContiguousShards(self.labels, num_replicas=world_size, rank=rank)
+        if shard is None:
+            return RandomSampler(self.labels, generator=self.generator)
+        return DistributedSampler(self.labels, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
 
     def __len__(self) -> int:
-        return -(-self._shard_size() // self.batch_size)
-
-    def _shard_size(self) -> int:
-        if self.shuffle:
-            return -(-len(self.labels) // self.world_size)
-        return len(self._evaluation_shard())
-
-    def _evaluation_shard(self) -> ContiguousShards:
-        return ContiguousShards(self.labels, num_replicas=self.world_size, rank=self.rank)
+        return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
         order = self._order()
@@ -614,15 +617,11 @@ class DeviceLoader:
             yield self.transform(self.images[index]), self.labels[index]
 
     def _order(self) -> torch.Tensor:
-        """This process's sample order. Under torchrun every rank draws the same permutation: training
-        takes every world_size-th sample of it, padded like ``DistributedSampler`` so that all ranks
-        take the same number of steps; evaluation takes one contiguous block, each sample once."""
-        if not self.shuffle:
-            return torch.tensor(list(self._evaluation_shard()), dtype=torch.long)
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator)
-        padded = self._shard_size() * self.world_size
-        return torch.cat([order, order[: padded - count]])[self.rank :: self.world_size]
+        """This process's sample order, the one a ``DataLoader`` with the same sampler and generator
+        takes: its iterator first draws its workers' base seed from the generator, then the sampler
+        draws the order."""
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return torch.tensor(list(self.sampler), dtype=torch.long)
 
     def transform(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> normalised float ``(B, 3, side, side)``."""
@@ -630,7 +629,9 @@ class DeviceLoader:
             batch = v2.functional.resize(batch, [self.side, self.side], antialias=True)
         if self.augment:
             batch = self._crop_and_flip(batch)
-        batch = batch.float().mul_(self.scale).sub_(self.shift)
+        # The worker path's functions: another order of the same arithmetic would round differently.
+        batch = v2.functional.normalize(v2.functional.to_dtype(batch, torch.float32, scale=True), self.mean,
+                                        self.std, inplace=True)
         if self.erasing is not None:
             batch = self._erase_each(batch)
         return batch
@@ -683,7 +684,7 @@ def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, bat
     ``on_device`` (``dataset``, ``resize``, ``augment``, ``random_erasing``) selects ``dataset.DeviceLoader``:
     the images stay on ``device`` and are transformed there, a batch at a time."""
     if on_device is not None:
-        shard = (distributed.rank(), distributed.world_size())
+        shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
         test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False, random_erasing=0.0),
                                    shuffle=False, batch_size=batch_size, device=device, shard=shard)
         if train_dataset is None:
@@ -719,5 +720,6 @@ def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
     epoch_seed = seed * 100_003 + epoch
     train_loader.generator.manual_seed(epoch_seed)
     if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
+        # The sampler (a DataLoader's or a DeviceLoader's) shuffles with its seed (0) plus this number:
+        # the same on every rank.
         train_loader.sampler.set_epoch(epoch_seed)
