@@ -3,6 +3,7 @@ and the loaders that batch them. Each dataset is one ``DatasetEntry`` of ``REGIS
 
 import copy
 import functools
+import hashlib
 import math
 import os
 import tarfile
@@ -462,6 +463,7 @@ class SyntheticImages(Dataset):
     """
 
     side = 32
+    classes = [str(label) for label in range(SYNTHETIC_CLASSES)]
 
     def __init__(self, size: int, seed: int, transform=None):
         generator = torch.Generator().manual_seed(seed)
@@ -509,7 +511,7 @@ class SyntheticImages(Dataset):
 
 
 def _cifar_images(data: Dataset) -> torch.Tensor:
-    return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(data.data).permute(0, 3, 1, 2)
 
 
 def _synthetic_images(data: Dataset) -> torch.Tensor:
@@ -548,11 +550,65 @@ IN_MEMORY_DATASETS = tuple(name for name, entry in REGISTRY.items() if entry.sto
 
 
 # ---------------------------------------------------------------------------------------------
+# Data fingerprint
+# ---------------------------------------------------------------------------------------------
+
+# Images of a split whose bytes enter the content digest, evenly spaced; the labels enter in full.
+FINGERPRINT_IMAGES = 1024
+FINGERPRINT_HEX_DIGITS = 12
+
+
+def fingerprint(dataset: str, train_data: Optional[Dataset], test_data: Dataset) -> str:
+    """One line that identifies the data of a run, e.g.
+    ``cifar10 classes=10:1a2b3c4d train=50000 test=10000 content=0123456789ab``: the dataset, the number
+    of classes and a hash of their names in order, the images per split (``train=none`` for evaluation
+    alone), and a digest of both splits' contents: every label, and for image folders every image's path
+    relative to the split's folder (not the file contents, so the digest costs a directory listing), for
+    in-memory sets the bytes of up to ``FINGERPRINT_IMAGES`` evenly spaced images. No absolute path
+    enters it, so a moved folder keeps its fingerprint."""
+    names = class_names(_unwrapped(test_data)[0], 0)
+    names_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+    content = hashlib.sha256()
+    for split, data in (("train", train_data), ("test", test_data)):
+        content.update(split.encode())
+        if data is not None:
+            _digest_split(content, data, dataset)
+    train_count = "none" if train_data is None else len(train_data)
+    return (f"{dataset} classes={len(names)}:{names_hash} train={train_count} test={len(test_data)} "
+            f"content={content.hexdigest()[:FINGERPRINT_HEX_DIGITS]}")
+
+
+def _unwrapped(data: Dataset) -> Tuple[Dataset, Optional[List[int]]]:
+    """A split and the indices a ``Subset`` (a validation hold-out) takes of it, None for all."""
+    if isinstance(data, Subset):
+        return data.dataset, list(data.indices)
+    return data, None
+
+
+def _digest_split(content, data: Dataset, dataset: str) -> None:
+    base, indices = _unwrapped(data)
+    labels = split_labels(base)
+    chosen = torch.arange(len(labels)) if indices is None else torch.tensor(indices, dtype=torch.long)
+    content.update(labels[chosen].numpy().astype("<i8").tobytes())
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        relative = [os.path.relpath(samples[index][0], base.root).replace(os.sep, "/") for index in chosen.tolist()]
+        content.update("\0".join(relative).encode())
+        return
+    read = registry_entry(dataset).stored_images
+    if read is None:
+        raise ValueError(f"fingerprint: {dataset} splits hold neither file paths nor images in memory")
+    spaced = torch.linspace(0, len(chosen) - 1, min(len(chosen), FINGERPRINT_IMAGES)).round().long()
+    content.update(read(base)[chosen[spaced]].contiguous().numpy().tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
 # Device-resident loading (--data_loader device)
 # ---------------------------------------------------------------------------------------------
 
 def stored_images(data: Dataset, dataset: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The split's images as one ``(N, 3, H, W)`` uint8 tensor and its labels as ``(N,)`` int64."""
+    """The split's images as one ``(N, 3, H, W)`` uint8 tensor, possibly a strided view of the stored
+    array, and its labels as ``(N,)`` int64."""
     if isinstance(data, Subset):  # a validation split and the training images it leaves
         images, labels = stored_images(data.dataset, dataset)
         chosen = torch.tensor(data.indices, dtype=torch.long)
@@ -586,7 +642,7 @@ class DeviceLoader:
                  shard: Optional[Tuple[int, int]] = None, random_erasing: float = 0.0):
         images, labels = stored_images(data, dataset)
         self.dataset = data
-        self.images = images.to(device)
+        self.images = images.contiguous().to(device)
         self.labels = labels.to(device)
         self.side = image_size(dataset, resize)
         self.resize = resize > 0
