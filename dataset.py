@@ -6,11 +6,13 @@ import functools
 import hashlib
 import math
 import os
+import pickle
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
@@ -40,9 +42,10 @@ class DatasetEntry:
     ``DatasetUnavailableError`` for faults that would otherwise surface only after an epoch's work;
     ``stored_images(split)`` returns the split's images as one ``(N, 3, H, W)`` uint8 tensor for
     ``--data_loader device``, None where they do not fit in memory. ``native_size`` is the side of the
-    stored images (None where they come in every size, which then need --resize). ``photos``: framed
-    photos of every size, augmented by a random resized crop instead of a padded crop, and auto-augmented
-    by ImageNet's learned policy instead of CIFAR-10's. ``fetched_into_data_path``: the files are
+    stored images (None where they come in every size, which then need --resize). ``resized_crop``:
+    --augment takes a random resized crop (for photos of every size and framing) instead of a crop of
+    the image padded by ``AUGMENT_PADDING``. ``auto_augment_policy``: the learned policy of --auto_augment
+    autoaugment. ``fetched_into_data_path``: the files are
     downloaded into --data_path, which must then be a directory or creatable as one."""
 
     normalisation: Normalisation
@@ -51,7 +54,8 @@ class DatasetEntry:
     load: SplitLoader
     check: Callable[[str, bool], None] = _nothing_to_check
     stored_images: Optional[Callable[[Dataset], torch.Tensor]] = None
-    photos: bool = False
+    resized_crop: bool = False
+    auto_augment_policy: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10
     fetched_into_data_path: bool = False
 
 
@@ -165,7 +169,7 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
     steps = [v2.ToImage()]
     size = image_size(dataset, resize)
     entry = registry_entry(dataset)
-    if augment and entry.photos:
+    if augment and entry.resized_crop:
         # Photos of every size and framing: a random region of random scale and aspect ratio, resized.
         steps += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
     else:
@@ -183,14 +187,14 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
 
 
 def auto_augment_transform(dataset: str, policy: str, magnitude: int) -> v2.Transform:
-    """--auto_augment's transform; AutoAugment's learned policy is ImageNet's for photos, CIFAR-10's for the 32 px sets."""
+    """--auto_augment's transform; AutoAugment's learned policy is the dataset's entry's (CIFAR-10's for the
+    32 px sets, ImageNet's for ImageNet and its downsampled versions)."""
     if policy == "randaugment":
         return v2.RandAugment(magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_BINS)
     if policy == "trivialaugment":
         return v2.TrivialAugmentWide()
     if policy == "autoaugment":
-        learned = v2.AutoAugmentPolicy.IMAGENET if registry_entry(dataset).photos else v2.AutoAugmentPolicy.CIFAR10
-        return v2.AutoAugment(learned)
+        return v2.AutoAugment(registry_entry(dataset).auto_augment_policy)
     raise ValueError(f"--auto_augment: unknown policy {policy!r}; choose from {', '.join(AUTO_AUGMENTS)}")
 
 
@@ -510,11 +514,251 @@ class SyntheticImages(Dataset):
         return image, int(self.labels[index])
 
 
+# ---------------------------------------------------------------------------------------------
+# Tiny-ImageNet-200, as tiny-imagenet-200.zip unpacks
+# ---------------------------------------------------------------------------------------------
+
+TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
+TINY_IMAGENET_LAYOUT = ("wnids.txt, train/<wnid>/images/*.JPEG and val/images/*.JPEG with val/val_annotations.txt, "
+                        "as tiny-imagenet-200.zip unpacks")
+
+
+def tiny_imagenet_root(data_path: str) -> str:
+    """The folder holding wnids.txt: ``data_path``/tiny-imagenet-200, or ``data_path`` itself."""
+    for root in (os.path.join(data_path, TINY_IMAGENET_FOLDER), data_path):
+        if os.path.isfile(os.path.join(root, "wnids.txt")):
+            return root
+    raise DatasetUnavailableError(f"--data_path: no Tiny-ImageNet in {data_path}; expected "
+                                  f"{os.path.join(data_path, TINY_IMAGENET_FOLDER)} or {data_path} itself to hold "
+                                  f"{TINY_IMAGENET_LAYOUT}")
+
+
+def tiny_imagenet_wnids(root: str) -> List[str]:
+    """The WordNet ids of wnids.txt in sorted order, which numbers the classes as an ImageFolder over
+    train/ would."""
+    with open(os.path.join(root, "wnids.txt")) as handle:
+        wnids = sorted({line.strip() for line in handle if line.strip()})
+    if not wnids:
+        raise DatasetUnavailableError(f"--data_path: {os.path.join(root, 'wnids.txt')} names no class; expected "
+                                      "one WordNet id (e.g. n01443537) a line")
+    return wnids
+
+
+def _tiny_imagenet_names(root: str, wnids: List[str]) -> List[str]:
+    """Each class's words from words.txt (``<wnid>\\t<words>`` lines), its wnid where words.txt lacks it."""
+    words = {}
+    path = os.path.join(root, "words.txt")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            for line in handle:
+                wnid, _, text = line.rstrip("\n").partition("\t")
+                words[wnid] = text.strip()
+    return [words.get(wnid) or wnid for wnid in wnids]
+
+
+def _tiny_imagenet_train_samples(root: str, wnids: List[str]) -> List[Tuple[str, int]]:
+    samples = []
+    for label, wnid in enumerate(wnids):
+        folder = os.path.join(root, "train", wnid, "images")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        images = [os.path.join(folder, name) for name in names if _is_visible_image(folder, os.path.join(folder, name))]
+        if not images:
+            raise DatasetUnavailableError(f"--data_path: no image files in {folder}; expected the class {wnid} of "
+                                          f"wnids.txt there, as tiny-imagenet-200.zip unpacks")
+        samples += [(path, label) for path in images]
+    return samples
+
+
+def _tiny_imagenet_val_samples(root: str, wnids: List[str]) -> List[Tuple[str, int]]:
+    """val/images/<file> labelled by val/val_annotations.txt (``<file>\\t<wnid>\\t<box>`` lines), in its order."""
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(annotations):
+        raise DatasetUnavailableError(f"--data_path: no {annotations}; expected {TINY_IMAGENET_LAYOUT}")
+    labels = {wnid: label for label, wnid in enumerate(wnids)}
+    samples = []
+    with open(annotations) as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split("\t")
+            if not line.strip():
+                continue
+            if len(fields) < 2 or fields[1].strip() not in labels:
+                raise DatasetUnavailableError(f"--data_path: line {number} of {annotations} names no class of "
+                                              f"wnids.txt ({line.strip()!r}); expected '<file>\\t<wnid>\\t...' lines")
+            samples.append((os.path.join(root, "val", "images", fields[0].strip()), labels[fields[1].strip()]))
+    if not samples:
+        raise DatasetUnavailableError(f"--data_path: {annotations} lists no image; expected {TINY_IMAGENET_LAYOUT}")
+    return samples
+
+
+class TinyImageNet(Dataset):
+    """A split of Tiny-ImageNet-200: the image files it lists (``samples``: path and label), decoded
+    when read; ``root`` is the tiny-imagenet-200 folder, ``classes`` the names of words.txt."""
+
+    def __init__(self, root: str, samples: List[Tuple[str, int]], classes: List[str], transform=None):
+        self.root = root
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+        # Filled by stored_images; shared with shallow copies (the validation hold-out's), so decoded once.
+        self.decoded: Dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = _read_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def _load_tiny_imagenet(data_path: str, train_transform, test_transform, need_train: bool):
+    root = tiny_imagenet_root(data_path)
+    wnids = tiny_imagenet_wnids(root)
+    names = _tiny_imagenet_names(root, wnids)
+    train = TinyImageNet(root, _tiny_imagenet_train_samples(root, wnids), names, train_transform) if need_train else None
+    return train, TinyImageNet(root, _tiny_imagenet_val_samples(root, wnids), names, test_transform)
+
+
+def _check_tiny_imagenet(data_path: str, need_train: bool) -> None:
+    root = tiny_imagenet_root(data_path)
+    wnids = tiny_imagenet_wnids(root)
+    if need_train:
+        _tiny_imagenet_train_samples(root, wnids)
+    val = _tiny_imagenet_val_samples(root, wnids)
+    missing = [path for path, _ in val if not os.path.isfile(path)]
+    if missing:
+        others = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetUnavailableError(f"--data_path: {missing[0]}{others}, listed in val/val_annotations.txt, "
+                                      "is missing; restore it from tiny-imagenet-200.zip")
+    _check_images_decode([path for path, _ in val])
+
+
+def _tiny_imagenet_images(data: Dataset) -> torch.Tensor:
+    """Every image of the split decoded into one ``(N, 3, 64, 64)`` uint8 tensor (about 1.2 GB for the
+    100,000 training images), by threads: PIL decodes outside the GIL."""
+    if "images" not in data.decoded:
+        with ThreadPoolExecutor() as pool:
+            images = list(pool.map(_decoded_tensor, [path for path, _ in data.samples]))
+        sizes = {tuple(image.shape) for image in images}
+        if len(sizes) > 1:
+            odd = next(path for (path, _), image in zip(data.samples, images) if image.shape != images[0].shape)
+            raise DatasetUnavailableError(f"--data_loader: {odd} differs in size from {data.samples[0][0]}; device "
+                                          "loading needs images of one size: replace it or use --data_loader workers")
+        data.decoded["images"] = torch.stack(images) if images else torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
+    return data.decoded["images"]
+
+
+def _decoded_tensor(path: str) -> torch.Tensor:
+    """The image as the worker path's v2.ToImage makes it of the RGB picture: ``(3, H, W)`` uint8."""
+    return v2.functional.pil_to_tensor(_read_image(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Downsampled ImageNet (32x32 and 64x64): pickled batches, as Imagenet32_train.zip etc. unpack
+# ---------------------------------------------------------------------------------------------
+
+DOWNSAMPLED_TRAIN_BATCHES = tuple(f"train_data_batch_{number}" for number in range(1, 11))
+DOWNSAMPLED_VAL_BATCH = "val_data"
+IMAGENET_CLASSES = 1000
+
+
+def downsampled_file(data_path: str, name: str, side: int) -> str:
+    """``data_path``/``name``, else the first, in sorted order, of ``data_path``/<folder>/``name`` where the
+    folder's name holds the side (Imagenet32_train/, Imagenet64_val/ as the archives unpack)."""
+    direct = os.path.join(data_path, name)
+    if os.path.isfile(direct):
+        return direct
+    folders = sorted(entry.name for entry in os.scandir(data_path) if entry.is_dir() and str(side) in entry.name) if (
+        os.path.isdir(data_path)) else []
+    for folder in folders:
+        path = os.path.join(data_path, folder, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetUnavailableError(
+        f"--data_path: no {name} of ImageNet {side}x{side} in {data_path}; place the files of Imagenet{side}_train "
+        f"and Imagenet{side}_val ({DOWNSAMPLED_TRAIN_BATCHES[0]} ... {DOWNSAMPLED_TRAIN_BATCHES[-1]}, "
+        f"{DOWNSAMPLED_VAL_BATCH}) in it or in its subfolders named with {side}, e.g. Imagenet{side}_train/")
+
+
+def read_downsampled_batch(path: str, side: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One pickled batch: images ``(N, 3, side, side)`` uint8 (its rows hold the red, green and blue
+    planes, like CIFAR's) and labels 0..999 (stored as 1..1000)."""
+    try:
+        with open(path, "rb") as handle:
+            content = pickle.load(handle, encoding="latin1")
+        images, labels = np.asarray(content["data"]), np.asarray(content["labels"])
+    # Unpickling a damaged or foreign file can raise almost any exception type.
+    except Exception as error:  # noqa: BLE001
+        raise DatasetUnavailableError(_damaged_batch(path, side, _message_in_one_line(error))) from error
+    width = 3 * side * side
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != width:
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"'data' is {images.dtype} of shape "
+                                                                 f"{images.shape}, not uint8 rows of {width} bytes"))
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"'labels' is not {len(images)} integers"))
+    if len(labels) and (labels.min() < 1 or labels.max() > IMAGENET_CLASSES):
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"labels run from {labels.min()} to {labels.max()}, "
+                                                                 f"not within 1..{IMAGENET_CLASSES}"))
+    return images.reshape(-1, 3, side, side), labels.astype(np.int64) - 1
+
+
+def _damaged_batch(path: str, side: int, reason: str) -> str:
+    return (f"--data_path: {path} is not a batch of ImageNet {side}x{side} ({reason}); replace it with the file "
+            f"from the Imagenet{side} archives")
+
+
+class DownsampledImageNet(Dataset):
+    """A split of Downsampled ImageNet held in memory: ``images`` ``(N, 3, side, side)`` uint8 and
+    ``targets`` ``(N,)`` int64, labels 0..999."""
+
+    classes = [str(label) for label in range(IMAGENET_CLASSES)]
+
+    def __init__(self, paths: List[str], side: int, transform=None):
+        batches = [read_downsampled_batch(path, side) for path in paths]
+        self.images = torch.from_numpy(np.concatenate([images for images, _ in batches]))
+        self.targets = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def _downsampled_loader(side: int) -> SplitLoader:
+    def load(data_path: str, train_transform, test_transform, need_train: bool):
+        # Every file is found before any is read: a missing one is reported at once.
+        train_paths = [downsampled_file(data_path, name, side) for name in DOWNSAMPLED_TRAIN_BATCHES] if (
+            need_train) else []
+        test_path = downsampled_file(data_path, DOWNSAMPLED_VAL_BATCH, side)
+        train = DownsampledImageNet(train_paths, side, train_transform) if need_train else None
+        return train, DownsampledImageNet([test_path], side, test_transform)
+
+    return load
+
+
+def _downsampled_check(side: int) -> Callable[[str, bool], None]:
+    def check(data_path: str, need_train: bool) -> None:
+        names = (*DOWNSAMPLED_TRAIN_BATCHES, DOWNSAMPLED_VAL_BATCH) if need_train else (DOWNSAMPLED_VAL_BATCH,)
+        for name in names:
+            downsampled_file(data_path, name, side)
+
+    return check
+
+
 def _cifar_images(data: Dataset) -> torch.Tensor:
     return torch.from_numpy(data.data).permute(0, 3, 1, 2)
 
 
-def _synthetic_images(data: Dataset) -> torch.Tensor:
+def _held_images(data: Dataset) -> torch.Tensor:
+    """The ``images`` tensor of the sets generated or read into memory whole."""
     return data.images
 
 
@@ -534,11 +778,27 @@ REGISTRY: Dict[str, DatasetEntry] = {
     "imagenet": DatasetEntry(
         normalisation=IMAGENET_NORMALISATION, native_size=None,
         count_classes=lambda data_path, need_train: len(image_folder_classes(data_path, need_train)),
-        load=_load_image_folders, check=_check_image_folders, photos=True),
+        load=_load_image_folders, check=_check_image_folders, resized_crop=True,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
     "synthetic": DatasetEntry(
         normalisation=IMAGENET_NORMALISATION, native_size=SyntheticImages.side,
         count_classes=_fixed_count(SYNTHETIC_CLASSES), load=_load_synthetic, check=_check_synthetic,
-        stored_images=_synthetic_images),
+        stored_images=_held_images),
+    # Commonly used statistics of Tiny-ImageNet's training images.
+    "tinyimagenet": DatasetEntry(
+        normalisation=((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)), native_size=64,
+        count_classes=lambda data_path, need_train: len(tiny_imagenet_wnids(tiny_imagenet_root(data_path))),
+        load=_load_tiny_imagenet, check=_check_tiny_imagenet, stored_images=_tiny_imagenet_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+    # ImageNet's images downsampled (box-filtered) keep ImageNet's channel means; its statistics serve both.
+    "imagenet32": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=32, count_classes=_fixed_count(IMAGENET_CLASSES),
+        load=_downsampled_loader(32), check=_downsampled_check(32), stored_images=_held_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+    "imagenet64": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=64, count_classes=_fixed_count(IMAGENET_CLASSES),
+        load=_downsampled_loader(64), check=_downsampled_check(64), stored_images=_held_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
 }
 
 # The names other modules read: the --dataset choices, each one's (mean, std) and native side, and the
