@@ -618,7 +618,9 @@ def _load_tiny_imagenet(data_path: str, train_transform, test_transform, need_tr
     root = tiny_imagenet_root(data_path)
     wnids = tiny_imagenet_wnids(root)
     names = _tiny_imagenet_names(root, wnids)
-    train = TinyImageNet(root, _tiny_imagenet_train_samples(root, wnids), names, train_transform) if need_train else None
+    train = None
+    if need_train:
+        train = TinyImageNet(root, _tiny_imagenet_train_samples(root, wnids), names, train_transform)
     return train, TinyImageNet(root, _tiny_imagenet_val_samples(root, wnids), names, test_transform)
 
 

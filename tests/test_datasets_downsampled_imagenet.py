@@ -119,3 +119,16 @@ def test_a_short_run_trains_on_either_loader(tmp_path, name, side):
     workers, device = ([[row[column] for column in DETERMINISTIC_COLUMNS] for row in read_metrics(tmp_path / loader)]
                        for loader in ("workers", "device"))
     assert len(workers) == 2 and workers == device
+
+
+def test_a_moved_copy_keeps_its_fingerprint_and_another_label_changes_it(tmp_path):
+    fingerprints = []
+    for copy in ("first", "second", "third"):
+        write_downsampled(tmp_path / copy, 32)
+        if copy == "third":
+            write_pickle(tmp_path / copy / "Imagenet32_val" / "val_data", {"data": batch_images(3, 32, 100),
+                                                                           "labels": [1, 500, 999]})
+        train, test, _, _ = dataset.load_datasets("imagenet32", str(tmp_path / copy), resize=0, augment=False)
+        fingerprints.append(dataset.fingerprint("imagenet32", train, test))
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+    assert fingerprints[0].startswith("imagenet32 classes=1000:") and " train=20 test=3 " in fingerprints[0]

@@ -3,7 +3,6 @@
 import pickle
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
