@@ -1,5 +1,6 @@
-"""Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, an in-memory synthetic set)
-and the loaders that batch them. Each dataset is one ``DatasetEntry`` of ``REGISTRY``."""
+"""Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, Tiny-ImageNet-200, Downsampled
+ImageNet at 32 and 64 px, an in-memory synthetic set) and the loaders that batch them. Each dataset is
+one ``DatasetEntry`` of ``REGISTRY``."""
 
 import copy
 import functools
@@ -45,8 +46,8 @@ class DatasetEntry:
     stored images (None where they come in every size, which then need --resize). ``resized_crop``:
     --augment takes a random resized crop (for photos of every size and framing) instead of a crop of
     the image padded by ``AUGMENT_PADDING``. ``auto_augment_policy``: the learned policy of --auto_augment
-    autoaugment. ``fetched_into_data_path``: the files are
-    downloaded into --data_path, which must then be a directory or creatable as one."""
+    autoaugment. ``fetched_into_data_path``: the files are downloaded into --data_path, which must then
+    be a directory or creatable as one."""
 
     normalisation: Normalisation
     native_size: Optional[int]
@@ -578,9 +579,9 @@ def _tiny_imagenet_val_samples(root: str, wnids: List[str]) -> List[Tuple[str, i
     samples = []
     with open(annotations) as handle:
         for number, line in enumerate(handle, start=1):
-            fields = line.split("\t")
             if not line.strip():
                 continue
+            fields = line.split("\t")
             if len(fields) < 2 or fields[1].strip() not in labels:
                 raise DatasetUnavailableError(f"--data_path: line {number} of {annotations} names no class of "
                                               f"wnids.txt ({line.strip()!r}); expected '<file>\\t<wnid>\\t...' lines")
@@ -632,9 +633,9 @@ def _check_tiny_imagenet(data_path: str, need_train: bool) -> None:
     val = _tiny_imagenet_val_samples(root, wnids)
     missing = [path for path, _ in val if not os.path.isfile(path)]
     if missing:
-        others = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        others, verb = (f" and {len(missing) - 1} more", "are") if len(missing) > 1 else ("", "is")
         raise DatasetUnavailableError(f"--data_path: {missing[0]}{others}, listed in val/val_annotations.txt, "
-                                      "is missing; restore it from tiny-imagenet-200.zip")
+                                      f"{verb} missing; restore them from tiny-imagenet-200.zip")
     _check_images_decode([path for path, _ in val])
 
 
@@ -824,8 +825,8 @@ def fingerprint(dataset: str, train_data: Optional[Dataset], test_data: Dataset)
     """One line that identifies the data of a run, e.g.
     ``cifar10 classes=10:1a2b3c4d train=50000 test=10000 content=0123456789ab``: the dataset, the number
     of classes and a hash of their names in order, the images per split (``train=none`` for evaluation
-    alone), and a digest of both splits' contents: every label, and for image folders every image's path
-    relative to the split's folder (not the file contents, so the digest costs a directory listing), for
+    alone), and a digest of both splits' contents: every label, and for image files every image's path
+    relative to the split's ``root`` (not the file contents, so the digest costs a directory listing), for
     in-memory sets the bytes of up to ``FINGERPRINT_IMAGES`` evenly spaced images. No absolute path
     enters it, so a moved folder keeps its fingerprint."""
     names = class_names(_unwrapped(test_data)[0], 0)
@@ -867,6 +868,7 @@ def _digest_split(content, data: Dataset, dataset: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Device-resident loading (--data_loader device)
 # ---------------------------------------------------------------------------------------------
+
 
 def stored_images(data: Dataset, dataset: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The split's images as one ``(N, 3, H, W)`` uint8 tensor, possibly a strided view of the stored

@@ -109,7 +109,7 @@ def test_missing_or_damaged_files_are_one_line_errors_before_any_output(tmp_path
                                           tmp_path / "data", "--output_dir", output], 2, EXPECTED[fault])
     assert not output.exists() or not any(output.iterdir())
     if fault == "missing-val-image":
-        assert "val_4.JPEG, listed in val/val_annotations.txt, is missing" in line
+        assert "val_4.JPEG, listed in val/val_annotations.txt, is missing; restore them from" in line
     if fault == "truncated-val-image":
         assert "val_2.JPEG is not a readable image (" in line
 
