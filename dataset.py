@@ -1,34 +1,75 @@
-"""Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, an in-memory synthetic set)
-and the loaders that batch them."""
+"""Datasets (CIFAR-10/100 from torchvision, ImageNet-style image folders, Tiny-ImageNet-200, Downsampled
+ImageNet at 32 and 64 px, an in-memory synthetic set) and the loaders that batch them. Each dataset is
+one ``DatasetEntry`` of ``REGISTRY``."""
 
 import copy
 import functools
+import hashlib
 import math
 import os
+import pickle
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 import distributed
 from distributed import ContiguousShards
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
+Normalisation = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+# Splits as ``load(data_path, train_transform, test_transform, need_train) -> (train or None, test)``.
+SplitLoader = Callable[[str, Callable, Callable, bool], Tuple[Optional[Dataset], Dataset]]
 
-NORMALISATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+IMAGENET_NORMALISATION: Normalisation = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# Side of the stored images; ImageNet has none (its photos come in every size).
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32}
+
+def _nothing_to_check(data_path: str, need_train: bool) -> None:
+    """For data whose faults loading it finds."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """Everything the program knows of one dataset, so that adding a dataset is adding an entry.
+
+    ``count_classes(data_path, need_train)`` gives the number of classes without loading the data;
+    ``load`` builds both splits (see ``SplitLoader``); ``check(data_path, need_train)`` raises
+    ``DatasetUnavailableError`` for faults that would otherwise surface only after an epoch's work;
+    ``stored_images(split)`` returns the split's images as one ``(N, 3, H, W)`` uint8 tensor for
+    ``--data_loader device``, None where they do not fit in memory. ``native_size`` is the side of the
+    stored images (None where they come in every size, which then need --resize). ``resized_crop``:
+    --augment takes a random resized crop (for photos of every size and framing) instead of a crop of
+    the image padded by ``AUGMENT_PADDING``. ``auto_augment_policy``: the learned policy of --auto_augment
+    autoaugment. ``fetched_into_data_path``: the files are downloaded into --data_path, which must then
+    be a directory or creatable as one."""
+
+    normalisation: Normalisation
+    native_size: Optional[int]
+    count_classes: Callable[[str, bool], int]
+    load: SplitLoader
+    check: Callable[[str, bool], None] = _nothing_to_check
+    stored_images: Optional[Callable[[Dataset], torch.Tensor]] = None
+    resized_crop: bool = False
+    auto_augment_policy: v2.AutoAugmentPolicy = v2.AutoAugmentPolicy.CIFAR10
+    fetched_into_data_path: bool = False
+
+
+def _fixed_count(count: int) -> Callable[[str, bool], int]:
+    return lambda data_path, need_train: count
+
+
+def registry_entry(dataset: str) -> DatasetEntry:
+    """The registry's entry of ``dataset``; a ValueError naming the choices for an unknown name."""
+    if dataset not in REGISTRY:
+        raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[dataset]
+
 
 CIFAR_FILES = {
     "cifar10": ("CIFAR-10", datasets.CIFAR10, "cifar-10-python.tar.gz", "cifar-10-batches-py/"),
@@ -58,18 +99,15 @@ def image_size(dataset: str, resize: int) -> int:
     """Side of the images the model will see, known without touching the data."""
     if resize > 0:
         return resize
-    if dataset not in NATIVE_SIZE:
+    native_size = registry_entry(dataset).native_size
+    if native_size is None:
         raise ValueError(f"--resize: {dataset} images have no common native size; give a size, e.g. --resize 224")
-    return NATIVE_SIZE[dataset]
+    return native_size
 
 
 def num_classes(dataset: str, data_path: str, need_train: bool = True) -> int:
     """Number of classes, known without loading the data (image folders: see ``image_folder_classes``)."""
-    if dataset == "cifar100":
-        return 100
-    if dataset in ("cifar10", "synthetic"):
-        return 10
-    return len(image_folder_classes(data_path, need_train))
+    return registry_entry(dataset).count_classes(data_path, need_train)
 
 
 def image_folder_classes(data_path: str, need_train: bool = True) -> List[str]:
@@ -131,7 +169,8 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
     The v2 transforms accept both PIL images (CIFAR, folders) and uint8 tensors (synthetic)."""
     steps = [v2.ToImage()]
     size = image_size(dataset, resize)
-    if augment and dataset == "imagenet":
+    entry = registry_entry(dataset)
+    if augment and entry.resized_crop:
         # Photos of every size and framing: a random region of random scale and aspect ratio, resized.
         steps += [v2.RandomResizedCrop((size, size), antialias=True), v2.RandomHorizontalFlip()]
     else:
@@ -141,7 +180,7 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
             steps += [v2.RandomCrop(size, padding=AUGMENT_PADDING), v2.RandomHorizontalFlip()]
     if auto_augment != "none":
         steps.append(auto_augment_transform(dataset, auto_augment, augment_magnitude))
-    mean, std = NORMALISATION[dataset]
+    mean, std = entry.normalisation
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erasing > 0:
         steps.append(v2.RandomErasing(p=random_erasing))
@@ -149,14 +188,14 @@ def build_transform(dataset: str, resize: int, augment: bool, auto_augment: str 
 
 
 def auto_augment_transform(dataset: str, policy: str, magnitude: int) -> v2.Transform:
-    """--auto_augment's transform; AutoAugment's learned policy is the dataset's (CIFAR-10's for the 32 px sets)."""
+    """--auto_augment's transform; AutoAugment's learned policy is the dataset's entry's (CIFAR-10's for the
+    32 px sets, ImageNet's for ImageNet and its downsampled versions)."""
     if policy == "randaugment":
         return v2.RandAugment(magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_BINS)
     if policy == "trivialaugment":
         return v2.TrivialAugmentWide()
     if policy == "autoaugment":
-        learned = v2.AutoAugmentPolicy.IMAGENET if dataset == "imagenet" else v2.AutoAugmentPolicy.CIFAR10
-        return v2.AutoAugment(learned)
+        return v2.AutoAugment(registry_entry(dataset).auto_augment_policy)
     raise ValueError(f"--auto_augment: unknown policy {policy!r}; choose from {', '.join(AUTO_AUGMENTS)}")
 
 
@@ -166,21 +205,23 @@ def load_datasets(
 ) -> Tuple[Optional[Dataset], Dataset, int, int]:
     """Returns ``(train_dataset, test_dataset, num_classes, img_size)``; ``train_dataset`` is None
     when ``need_train`` is False (evaluation only). The augmentations affect the training split only."""
+    entry = registry_entry(dataset)
     train_transform = build_transform(dataset, resize, augment, auto_augment, augment_magnitude, random_erasing)
     test_transform = build_transform(dataset, resize, augment=False)
-    if dataset in CIFAR_FILES:
-        train, test = _load_cifar(dataset, data_path, train_transform, test_transform, need_train)
-    elif dataset == "imagenet":
-        classes = image_folder_classes(data_path, need_train)
-        train = _image_folder(os.path.join(data_path, "train"), classes, train_transform) if need_train else None
-        test = _image_folder(os.path.join(data_path, "val"), classes, test_transform)
-    elif dataset == "synthetic":
-        train_size, test_size = synthetic_sizes()
-        train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
-        test = SyntheticImages(test_size, seed=2, transform=test_transform)
-    else:
-        raise ValueError(f"--dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    train, test = entry.load(data_path, train_transform, test_transform, need_train)
     return train, test, num_classes(dataset, data_path, need_train), image_size(dataset, resize)
+
+
+def _load_image_folders(data_path: str, train_transform, test_transform, need_train: bool):
+    classes = image_folder_classes(data_path, need_train)
+    train = _image_folder(os.path.join(data_path, "train"), classes, train_transform) if need_train else None
+    return train, _image_folder(os.path.join(data_path, "val"), classes, test_transform)
+
+
+def _load_synthetic(data_path: str, train_transform, test_transform, need_train: bool):
+    train_size, test_size = synthetic_sizes()
+    train = SyntheticImages(train_size, seed=1, transform=train_transform) if need_train else None
+    return train, SyntheticImages(test_size, seed=2, transform=test_transform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +230,14 @@ def load_datasets(
 
 
 def split_labels(data: Dataset) -> torch.Tensor:
-    """The labels of a split as ``(N,)`` int64, read without decoding a single image."""
+    """The labels of a split as ``(N,)`` int64, read without decoding a single image: the ``labels``
+    tensor of the in-memory sets, the ``targets`` list of torchvision's datasets and of the others."""
     if isinstance(data, SyntheticImages):
         return data.labels.long()
-    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
-        return torch.tensor(data.targets, dtype=torch.long)
-    if isinstance(data, datasets.DatasetFolder):
-        return torch.tensor(data.targets, dtype=torch.long)
-    raise ValueError(f"--val_split: cannot read the labels of a {type(data).__name__}")
+    targets = getattr(data, "targets", None)
+    if targets is None:
+        raise ValueError(f"--val_split: cannot read the labels of a {type(data).__name__}")
+    return torch.as_tensor(targets, dtype=torch.long)
 
 
 def held_out_count(fraction: float, class_size: int) -> int:
@@ -290,12 +331,17 @@ def _physical_memory() -> int:
 
 def check_data(dataset: str, data_path: str, need_train: bool = True) -> None:
     """Faults of the data that would otherwise surface only after an epoch's work, found before training:
-    synthetic sizes that do not fit in memory, and damaged images in the image folders' val/ split."""
-    if dataset == "synthetic":
-        synthetic_sizes()
-    elif dataset == "imagenet":
-        val = _image_folder(os.path.join(data_path, "val"), image_folder_classes(data_path, need_train), None)
-        _check_images_decode([path for path, _ in val.samples])
+    e.g. synthetic sizes that do not fit in memory, and damaged images in the image folders' val/ split."""
+    registry_entry(dataset).check(data_path, need_train)
+
+
+def _check_synthetic(data_path: str, need_train: bool) -> None:
+    synthetic_sizes()
+
+
+def _check_image_folders(data_path: str, need_train: bool) -> None:
+    val = _image_folder(os.path.join(data_path, "val"), image_folder_classes(data_path, need_train), None)
+    _check_images_decode([path for path, _ in val.samples])
 
 
 def _check_images_decode(paths: List[str]) -> None:
@@ -327,7 +373,7 @@ def _decode_quickly(path: str) -> None:
 
 def check_data_path(dataset: str, data_path: str) -> None:
     """CIFAR files are fetched into ``data_path``: it must be a directory or creatable as one."""
-    if dataset not in CIFAR_FILES:
+    if not registry_entry(dataset).fetched_into_data_path:
         return
     try:
         os.makedirs(data_path, exist_ok=True)
@@ -387,9 +433,12 @@ def _message_in_one_line(error: Exception) -> str:
     return text.rstrip(".") or type(error).__name__
 
 
-def _load_cifar(dataset, data_path, train_transform, test_transform, need_train):
-    train = _open_cifar(dataset, data_path, True, train_transform) if need_train else None
-    return train, _open_cifar(dataset, data_path, False, test_transform)
+def _cifar_loader(dataset: str) -> SplitLoader:
+    def load(data_path: str, train_transform, test_transform, need_train: bool):
+        train = _open_cifar(dataset, data_path, True, train_transform) if need_train else None
+        return train, _open_cifar(dataset, data_path, False, test_transform)
+
+    return load
 
 
 def _open_cifar(dataset: str, root: str, train: bool, transform) -> Dataset:
@@ -419,6 +468,7 @@ class SyntheticImages(Dataset):
     """
 
     side = 32
+    classes = [str(label) for label in range(SYNTHETIC_CLASSES)]
 
     def __init__(self, size: int, seed: int, transform=None):
         generator = torch.Generator().manual_seed(seed)
@@ -466,24 +516,371 @@ class SyntheticImages(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Tiny-ImageNet-200, as tiny-imagenet-200.zip unpacks
+# ---------------------------------------------------------------------------------------------
+
+TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
+TINY_IMAGENET_LAYOUT = ("wnids.txt, train/<wnid>/images/*.JPEG and val/images/*.JPEG with val/val_annotations.txt, "
+                        "as tiny-imagenet-200.zip unpacks")
+
+
+def tiny_imagenet_root(data_path: str) -> str:
+    """The folder holding wnids.txt: ``data_path``/tiny-imagenet-200, or ``data_path`` itself."""
+    for root in (os.path.join(data_path, TINY_IMAGENET_FOLDER), data_path):
+        if os.path.isfile(os.path.join(root, "wnids.txt")):
+            return root
+    raise DatasetUnavailableError(f"--data_path: no Tiny-ImageNet in {data_path}; expected "
+                                  f"{os.path.join(data_path, TINY_IMAGENET_FOLDER)} or {data_path} itself to hold "
+                                  f"{TINY_IMAGENET_LAYOUT}")
+
+
+def tiny_imagenet_wnids(root: str) -> List[str]:
+    """The WordNet ids of wnids.txt in sorted order, which numbers the classes as an ImageFolder over
+    train/ would."""
+    with open(os.path.join(root, "wnids.txt")) as handle:
+        wnids = sorted({line.strip() for line in handle if line.strip()})
+    if not wnids:
+        raise DatasetUnavailableError(f"--data_path: {os.path.join(root, 'wnids.txt')} names no class; expected "
+                                      "one WordNet id (e.g. n01443537) a line")
+    return wnids
+
+
+def _tiny_imagenet_names(root: str, wnids: List[str]) -> List[str]:
+    """Each class's words from words.txt (``<wnid>\\t<words>`` lines), its wnid where words.txt lacks it."""
+    words = {}
+    path = os.path.join(root, "words.txt")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            for line in handle:
+                wnid, _, text = line.rstrip("\n").partition("\t")
+                words[wnid] = text.strip()
+    return [words.get(wnid) or wnid for wnid in wnids]
+
+
+def _tiny_imagenet_train_samples(root: str, wnids: List[str]) -> List[Tuple[str, int]]:
+    samples = []
+    for label, wnid in enumerate(wnids):
+        folder = os.path.join(root, "train", wnid, "images")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        images = [os.path.join(folder, name) for name in names if _is_visible_image(folder, os.path.join(folder, name))]
+        if not images:
+            raise DatasetUnavailableError(f"--data_path: no image files in {folder}; expected the class {wnid} of "
+                                          f"wnids.txt there, as tiny-imagenet-200.zip unpacks")
+        samples += [(path, label) for path in images]
+    return samples
+
+
+def _tiny_imagenet_val_samples(root: str, wnids: List[str]) -> List[Tuple[str, int]]:
+    """val/images/<file> labelled by val/val_annotations.txt (``<file>\\t<wnid>\\t<box>`` lines), in its order."""
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(annotations):
+        raise DatasetUnavailableError(f"--data_path: no {annotations}; expected {TINY_IMAGENET_LAYOUT}")
+    labels = {wnid: label for label, wnid in enumerate(wnids)}
+    samples = []
+    with open(annotations) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1].strip() not in labels:
+                raise DatasetUnavailableError(f"--data_path: line {number} of {annotations} names no class of "
+                                              f"wnids.txt ({line.strip()!r}); expected '<file>\\t<wnid>\\t...' lines")
+            samples.append((os.path.join(root, "val", "images", fields[0].strip()), labels[fields[1].strip()]))
+    if not samples:
+        raise DatasetUnavailableError(f"--data_path: {annotations} lists no image; expected {TINY_IMAGENET_LAYOUT}")
+    return samples
+
+
+class TinyImageNet(Dataset):
+    """A split of Tiny-ImageNet-200: the image files it lists (``samples``: path and label), decoded
+    when read; ``root`` is the tiny-imagenet-200 folder, ``classes`` the names of words.txt."""
+
+    def __init__(self, root: str, samples: List[Tuple[str, int]], classes: List[str], transform=None):
+        self.root = root
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+        # Filled by stored_images; shared with shallow copies (the validation hold-out's), so decoded once.
+        self.decoded: Dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = _read_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def _load_tiny_imagenet(data_path: str, train_transform, test_transform, need_train: bool):
+    root = tiny_imagenet_root(data_path)
+    wnids = tiny_imagenet_wnids(root)
+    names = _tiny_imagenet_names(root, wnids)
+    train = None
+    if need_train:
+        train = TinyImageNet(root, _tiny_imagenet_train_samples(root, wnids), names, train_transform)
+    return train, TinyImageNet(root, _tiny_imagenet_val_samples(root, wnids), names, test_transform)
+
+
+def _check_tiny_imagenet(data_path: str, need_train: bool) -> None:
+    root = tiny_imagenet_root(data_path)
+    wnids = tiny_imagenet_wnids(root)
+    if need_train:
+        _tiny_imagenet_train_samples(root, wnids)
+    val = _tiny_imagenet_val_samples(root, wnids)
+    missing = [path for path, _ in val if not os.path.isfile(path)]
+    if missing:
+        others, verb = (f" and {len(missing) - 1} more", "are") if len(missing) > 1 else ("", "is")
+        raise DatasetUnavailableError(f"--data_path: {missing[0]}{others}, listed in val/val_annotations.txt, "
+                                      f"{verb} missing; restore them from tiny-imagenet-200.zip")
+    _check_images_decode([path for path, _ in val])
+
+
+def _tiny_imagenet_images(data: Dataset) -> torch.Tensor:
+    """Every image of the split decoded into one ``(N, 3, 64, 64)`` uint8 tensor (about 1.2 GB for the
+    100,000 training images), by threads: PIL decodes outside the GIL."""
+    if "images" not in data.decoded:
+        with ThreadPoolExecutor() as pool:
+            images = list(pool.map(_decoded_tensor, [path for path, _ in data.samples]))
+        sizes = {tuple(image.shape) for image in images}
+        if len(sizes) > 1:
+            odd = next(path for (path, _), image in zip(data.samples, images) if image.shape != images[0].shape)
+            raise DatasetUnavailableError(f"--data_loader: {odd} differs in size from {data.samples[0][0]}; device "
+                                          "loading needs images of one size: replace it or use --data_loader workers")
+        data.decoded["images"] = torch.stack(images) if images else torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
+    return data.decoded["images"]
+
+
+def _decoded_tensor(path: str) -> torch.Tensor:
+    """The image as the worker path's v2.ToImage makes it of the RGB picture: ``(3, H, W)`` uint8."""
+    return v2.functional.pil_to_tensor(_read_image(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Downsampled ImageNet (32x32 and 64x64): pickled batches, as Imagenet32_train.zip etc. unpack
+# ---------------------------------------------------------------------------------------------
+
+DOWNSAMPLED_TRAIN_BATCHES = tuple(f"train_data_batch_{number}" for number in range(1, 11))
+DOWNSAMPLED_VAL_BATCH = "val_data"
+IMAGENET_CLASSES = 1000
+
+
+def downsampled_file(data_path: str, name: str, side: int) -> str:
+    """``data_path``/``name``, else the first, in sorted order, of ``data_path``/<folder>/``name`` where the
+    folder's name holds the side (Imagenet32_train/, Imagenet64_val/ as the archives unpack)."""
+    direct = os.path.join(data_path, name)
+    if os.path.isfile(direct):
+        return direct
+    folders = sorted(entry.name for entry in os.scandir(data_path) if entry.is_dir() and str(side) in entry.name) if (
+        os.path.isdir(data_path)) else []
+    for folder in folders:
+        path = os.path.join(data_path, folder, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetUnavailableError(
+        f"--data_path: no {name} of ImageNet {side}x{side} in {data_path}; place the files of Imagenet{side}_train "
+        f"and Imagenet{side}_val ({DOWNSAMPLED_TRAIN_BATCHES[0]} ... {DOWNSAMPLED_TRAIN_BATCHES[-1]}, "
+        f"{DOWNSAMPLED_VAL_BATCH}) in it or in its subfolders named with {side}, e.g. Imagenet{side}_train/")
+
+
+def read_downsampled_batch(path: str, side: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One pickled batch: images ``(N, 3, side, side)`` uint8 (its rows hold the red, green and blue
+    planes, like CIFAR's) and labels 0..999 (stored as 1..1000)."""
+    try:
+        with open(path, "rb") as handle:
+            content = pickle.load(handle, encoding="latin1")
+        images, labels = np.asarray(content["data"]), np.asarray(content["labels"])
+    # Unpickling a damaged or foreign file can raise almost any exception type.
+    except Exception as error:  # noqa: BLE001
+        raise DatasetUnavailableError(_damaged_batch(path, side, _message_in_one_line(error))) from error
+    width = 3 * side * side
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != width:
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"'data' is {images.dtype} of shape "
+                                                                 f"{images.shape}, not uint8 rows of {width} bytes"))
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"'labels' is not {len(images)} integers"))
+    if len(labels) and (labels.min() < 1 or labels.max() > IMAGENET_CLASSES):
+        raise DatasetUnavailableError(_damaged_batch(path, side, f"labels run from {labels.min()} to {labels.max()}, "
+                                                                 f"not within 1..{IMAGENET_CLASSES}"))
+    return images.reshape(-1, 3, side, side), labels.astype(np.int64) - 1
+
+
+def _damaged_batch(path: str, side: int, reason: str) -> str:
+    return (f"--data_path: {path} is not a batch of ImageNet {side}x{side} ({reason}); replace it with the file "
+            f"from the Imagenet{side} archives")
+
+
+class DownsampledImageNet(Dataset):
+    """A split of Downsampled ImageNet held in memory: ``images`` ``(N, 3, side, side)`` uint8 and
+    ``targets`` ``(N,)`` int64, labels 0..999."""
+
+    classes = [str(label) for label in range(IMAGENET_CLASSES)]
+
+    def __init__(self, paths: List[str], side: int, transform=None):
+        batches = [read_downsampled_batch(path, side) for path in paths]
+        self.images = torch.from_numpy(np.concatenate([images for images, _ in batches]))
+        self.targets = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def _downsampled_loader(side: int) -> SplitLoader:
+    def load(data_path: str, train_transform, test_transform, need_train: bool):
+        # Every file is found before any is read: a missing one is reported at once.
+        train_paths = [downsampled_file(data_path, name, side) for name in DOWNSAMPLED_TRAIN_BATCHES] if (
+            need_train) else []
+        test_path = downsampled_file(data_path, DOWNSAMPLED_VAL_BATCH, side)
+        train = DownsampledImageNet(train_paths, side, train_transform) if need_train else None
+        return train, DownsampledImageNet([test_path], side, test_transform)
+
+    return load
+
+
+def _downsampled_check(side: int) -> Callable[[str, bool], None]:
+    def check(data_path: str, need_train: bool) -> None:
+        names = (*DOWNSAMPLED_TRAIN_BATCHES, DOWNSAMPLED_VAL_BATCH) if need_train else (DOWNSAMPLED_VAL_BATCH,)
+        for name in names:
+            downsampled_file(data_path, name, side)
+
+    return check
+
+
+def _cifar_images(data: Dataset) -> torch.Tensor:
+    return torch.from_numpy(data.data).permute(0, 3, 1, 2)
+
+
+def _held_images(data: Dataset) -> torch.Tensor:
+    """The ``images`` tensor of the sets generated or read into memory whole."""
+    return data.images
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per --dataset choice
+# ---------------------------------------------------------------------------------------------
+
+REGISTRY: Dict[str, DatasetEntry] = {
+    "cifar10": DatasetEntry(
+        normalisation=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), native_size=32,
+        count_classes=_fixed_count(10), load=_cifar_loader("cifar10"), stored_images=_cifar_images,
+        fetched_into_data_path=True),
+    "cifar100": DatasetEntry(
+        normalisation=((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), native_size=32,
+        count_classes=_fixed_count(100), load=_cifar_loader("cifar100"), stored_images=_cifar_images,
+        fetched_into_data_path=True),
+    "imagenet": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=None,
+        count_classes=lambda data_path, need_train: len(image_folder_classes(data_path, need_train)),
+        load=_load_image_folders, check=_check_image_folders, resized_crop=True,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+    "synthetic": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=SyntheticImages.side,
+        count_classes=_fixed_count(SYNTHETIC_CLASSES), load=_load_synthetic, check=_check_synthetic,
+        stored_images=_held_images),
+    # Commonly used statistics of Tiny-ImageNet's training images.
+    "tinyimagenet": DatasetEntry(
+        normalisation=((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)), native_size=64,
+        count_classes=lambda data_path, need_train: len(tiny_imagenet_wnids(tiny_imagenet_root(data_path))),
+        load=_load_tiny_imagenet, check=_check_tiny_imagenet, stored_images=_tiny_imagenet_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+    # ImageNet's images downsampled (box-filtered) keep ImageNet's channel means; its statistics serve both.
+    "imagenet32": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=32, count_classes=_fixed_count(IMAGENET_CLASSES),
+        load=_downsampled_loader(32), check=_downsampled_check(32), stored_images=_held_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+    "imagenet64": DatasetEntry(
+        normalisation=IMAGENET_NORMALISATION, native_size=64, count_classes=_fixed_count(IMAGENET_CLASSES),
+        load=_downsampled_loader(64), check=_downsampled_check(64), stored_images=_held_images,
+        auto_augment_policy=v2.AutoAugmentPolicy.IMAGENET),
+}
+
+# The names other modules read: the --dataset choices, each one's (mean, std) and native side, and the
+# datasets whose images fit in memory as one uint8 tensor for --data_loader device.
+DATASETS = tuple(REGISTRY)
+NORMALISATION = {name: entry.normalisation for name, entry in REGISTRY.items()}
+NATIVE_SIZE = {name: entry.native_size for name, entry in REGISTRY.items() if entry.native_size is not None}
+IN_MEMORY_DATASETS = tuple(name for name, entry in REGISTRY.items() if entry.stored_images is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data fingerprint
+# ---------------------------------------------------------------------------------------------
+
+# Images of a split whose bytes enter the content digest, evenly spaced; the labels enter in full.
+FINGERPRINT_IMAGES = 1024
+FINGERPRINT_HEX_DIGITS = 12
+
+
+def fingerprint(dataset: str, train_data: Optional[Dataset], test_data: Dataset) -> str:
+    """One line that identifies the data of a run, e.g.
+    ``cifar10 classes=10:1a2b3c4d train=50000 test=10000 content=0123456789ab``: the dataset, the number
+    of classes and a hash of their names in order, the images per split (``train=none`` for evaluation
+    alone), and a digest of both splits' contents: every label, and for image files every image's path
+    relative to the split's ``root`` (not the file contents, so the digest costs a directory listing), for
+    in-memory sets the bytes of up to ``FINGERPRINT_IMAGES`` evenly spaced images. No absolute path
+    enters it, so a moved folder keeps its fingerprint."""
+    names = class_names(_unwrapped(test_data)[0], 0)
+    names_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+    content = hashlib.sha256()
+    for split, data in (("train", train_data), ("test", test_data)):
+        content.update(split.encode())
+        if data is not None:
+            _digest_split(content, data, dataset)
+    train_count = "none" if train_data is None else len(train_data)
+    return (f"{dataset} classes={len(names)}:{names_hash} train={train_count} test={len(test_data)} "
+            f"content={content.hexdigest()[:FINGERPRINT_HEX_DIGITS]}")
+
+
+def _unwrapped(data: Dataset) -> Tuple[Dataset, Optional[List[int]]]:
+    """A split and the indices a ``Subset`` (a validation hold-out) takes of it, None for all."""
+    if isinstance(data, Subset):
+        return data.dataset, list(data.indices)
+    return data, None
+
+
+def _digest_split(content, data: Dataset, dataset: str) -> None:
+    base, indices = _unwrapped(data)
+    labels = split_labels(base)
+    chosen = torch.arange(len(labels)) if indices is None else torch.tensor(indices, dtype=torch.long)
+    content.update(labels[chosen].numpy().astype("<i8").tobytes())
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        relative = [os.path.relpath(samples[index][0], base.root).replace(os.sep, "/") for index in chosen.tolist()]
+        content.update("\0".join(relative).encode())
+        return
+    read = registry_entry(dataset).stored_images
+    if read is None:
+        raise ValueError(f"fingerprint: {dataset} splits hold neither file paths nor images in memory")
+    spaced = torch.linspace(0, len(chosen) - 1, min(len(chosen), FINGERPRINT_IMAGES)).round().long()
+    content.update(read(base)[chosen[spaced]].contiguous().numpy().tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
 # Device-resident loading (--data_loader device)
 # ---------------------------------------------------------------------------------------------
 
-# Datasets whose images fit in memory as one uint8 tensor; image folders are streamed by workers.
-IN_MEMORY_DATASETS = ("cifar10", "cifar100", "synthetic")
 
-
-def stored_images(data: Dataset) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The split's images as one ``(N, 3, H, W)`` uint8 tensor and its labels as ``(N,)`` int64."""
+def stored_images(data: Dataset, dataset: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split's images as one ``(N, 3, H, W)`` uint8 tensor, possibly a strided view of the stored
+    array, and its labels as ``(N,)`` int64."""
     if isinstance(data, Subset):  # a validation split and the training images it leaves
-        images, labels = stored_images(data.dataset)
+        images, labels = stored_images(data.dataset, dataset)
         chosen = torch.tensor(data.indices, dtype=torch.long)
         return images[chosen], labels[chosen]
-    if isinstance(data, SyntheticImages):
-        return data.images, data.labels.long()
-    if isinstance(data, datasets.CIFAR10):  # CIFAR-100 is a subclass
-        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(data.targets)
-    raise ValueError(f"--data_loader: device loading needs one of {', '.join(IN_MEMORY_DATASETS)}")
+    read = registry_entry(dataset).stored_images
+    if read is None:
+        raise ValueError(f"--data_loader: device loading needs one of {', '.join(IN_MEMORY_DATASETS)}")
+    return read(data), split_labels(data)
 
 
 class DeviceLoader:
@@ -493,19 +890,23 @@ class DeviceLoader:
     numbers agree: resize (uint8, antialiased), with ``augment`` a random crop of the image padded by
     4 zero pixels and a random horizontal flip, then scaling to [0, 1] and normalisation, and with
     ``random_erasing`` torchvision's RandomErasing, called once per image so that each image has its own
-    draw (a v2 transform called on a batch tensor draws one rectangle for the whole batch). Shuffling
-    and augmentation draw from ``generator`` (on the CPU, a few numbers per batch), which the training
-    loop reseeds every epoch exactly as it does a ``DataLoader``'s. --auto_augment has no device path
-    (``vit_main`` refuses it there).
+    draw (a v2 transform called on a batch tensor draws one rectangle for the whole batch). Without
+    augmentation the batches are those of the worker path's ``DataLoader``, bit for bit on the CPU.
+
+    The sample order is the ``DataLoader``'s, drawn by the same samplers: in a single process
+    (``shard`` None) a ``RandomSampler`` on ``generator``; under torchrun (``shard`` = (rank,
+    world_size)) a ``DistributedSampler``, padded alike and reseeded through ``seed_epoch``; for
+    evaluation (``shuffle`` False) the same ``ContiguousShards`` block. Augmentation draws from
+    ``generator`` too (on the CPU, a few numbers per batch), which the training loop reseeds every epoch
+    exactly as it does a ``DataLoader``'s. --auto_augment has no device path (``vit_main`` refuses it there).
     """
 
     def __init__(self, data: Dataset, *, dataset: str, resize: int, augment: bool, shuffle: bool,
                  batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None,
-                 shard: Tuple[int, int] = (0, 1), random_erasing: float = 0.0):
-        images, labels = stored_images(data)
-        self.rank, self.world_size = shard
+                 shard: Optional[Tuple[int, int]] = None, random_erasing: float = 0.0):
+        images, labels = stored_images(data, dataset)
         self.dataset = data
-        self.images = images.to(device)
+        self.images = images.contiguous().to(device)
         self.labels = labels.to(device)
         self.side = image_size(dataset, resize)
         self.resize = resize > 0
@@ -515,20 +916,19 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.device = device
         self.generator = generator if generator is not None else torch.Generator()
-        mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in NORMALISATION[dataset])
-        # (x / 255 - mean) / std as one scale and shift, applied in place to the batch.
-        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+        self.mean, self.std = (list(values) for values in registry_entry(dataset).normalisation)
+        self.sampler = self._sampler(shard)
+
+    def _sampler(self, shard: Optional[Tuple[int, int]]) -> Sampler:
+        rank, world_size = shard if shard is not None else (0, 1)
+        if not self.shuffle:
+            return ContiguousShards(self.labels, num_replicas=world_size, rank=rank)
+        if shard is None:
+            return RandomSampler(self.labels, generator=self.generator)
+        return DistributedSampler(self.labels, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
 
     def __len__(self) -> int:
-        return -(-self._shard_size() // self.batch_size)
-
-    def _shard_size(self) -> int:
-        if self.shuffle:
-            return -(-len(self.labels) // self.world_size)
-        return len(self._evaluation_shard())
-
-    def _evaluation_shard(self) -> ContiguousShards:
-        return ContiguousShards(self.labels, num_replicas=self.world_size, rank=self.rank)
+        return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
         order = self._order()
@@ -537,15 +937,11 @@ class DeviceLoader:
             yield self.transform(self.images[index]), self.labels[index]
 
     def _order(self) -> torch.Tensor:
-        """This process's sample order. Under torchrun every rank draws the same permutation: training
-        takes every world_size-th sample of it, padded like ``DistributedSampler`` so that all ranks
-        take the same number of steps; evaluation takes one contiguous block, each sample once."""
-        if not self.shuffle:
-            return torch.tensor(list(self._evaluation_shard()), dtype=torch.long)
-        count = len(self.labels)
-        order = torch.randperm(count, generator=self.generator)
-        padded = self._shard_size() * self.world_size
-        return torch.cat([order, order[: padded - count]])[self.rank :: self.world_size]
+        """This process's sample order, the one a ``DataLoader`` with the same sampler and generator
+        takes: its iterator first draws its workers' base seed from the generator, then the sampler
+        draws the order."""
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return torch.tensor(list(self.sampler), dtype=torch.long)
 
     def transform(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> normalised float ``(B, 3, side, side)``."""
@@ -553,7 +949,9 @@ class DeviceLoader:
             batch = v2.functional.resize(batch, [self.side, self.side], antialias=True)
         if self.augment:
             batch = self._crop_and_flip(batch)
-        batch = batch.float().mul_(self.scale).sub_(self.shift)
+        # The worker path's functions: another order of the same arithmetic would round differently.
+        batch = v2.functional.normalize(v2.functional.to_dtype(batch, torch.float32, scale=True), self.mean,
+                                        self.std, inplace=True)
         if self.erasing is not None:
             batch = self._erase_each(batch)
         return batch
@@ -606,7 +1004,7 @@ def make_loaders(train_dataset: Optional[Dataset], test_dataset: Dataset, *, bat
     ``on_device`` (``dataset``, ``resize``, ``augment``, ``random_erasing``) selects ``dataset.DeviceLoader``:
     the images stay on ``device`` and are transformed there, a batch at a time."""
     if on_device is not None:
-        shard = (distributed.rank(), distributed.world_size())
+        shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
         test_loader = DeviceLoader(test_dataset, **dict(on_device, augment=False, random_erasing=0.0),
                                    shuffle=False, batch_size=batch_size, device=device, shard=shard)
         if train_dataset is None:
@@ -642,5 +1040,6 @@ def seed_epoch(train_loader: DataLoader, seed: int, epoch: int) -> None:
     epoch_seed = seed * 100_003 + epoch
     train_loader.generator.manual_seed(epoch_seed)
     if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        # The sampler shuffles with its seed (0) plus this number: the same on every rank.
+        # The sampler (a DataLoader's or a DeviceLoader's) shuffles with its seed (0) plus this number:
+        # the same on every rank.
         train_loader.sampler.set_epoch(epoch_seed)

@@ -13,7 +13,9 @@ import dataset
 import train_eval
 import vit_main
 from models.vit import ViT
-from tests.helpers import assert_resume_repeats_a_straight_run, read_metrics, without_hint, write_cifar10
+from tests.helpers import (DETERMINISTIC_COLUMNS, assert_resume_repeats_a_straight_run, read_metrics, results_lines,
+                           without_hint, write_cifar10)
+from tests.test_distributed import metrics, run_flags, torchrun
 
 
 def worker_batches(data, batch_size):
@@ -169,3 +171,73 @@ def test_device_loader_shards_like_the_distributed_samplers(small_synthetic):
     assert set(torch.cat(training).tolist()) == set(range(100))
     evaluation = torch.cat([shards[rank, False] for rank in range(3)])
     assert evaluation.tolist() == list(range(100))  # every test image exactly once
+
+
+# ---------------------------------------------------------------------------------------------
+# Both loaders draw the same order
+# ---------------------------------------------------------------------------------------------
+
+
+def both_training_loaders(train, test, monkeypatch, shard):
+    """The worker and the device training loader that ``make_loaders`` builds for ``shard``
+    (rank, world_size), as if under torchrun when world_size > 1."""
+    rank, world_size = shard
+    monkeypatch.setattr(dataset.distributed, "is_distributed", lambda: world_size > 1)
+    monkeypatch.setattr(dataset.distributed, "rank", lambda: rank)
+    monkeypatch.setattr(dataset.distributed, "world_size", lambda: world_size)
+    common = dict(batch_size=16, num_workers=0, device=torch.device("cpu"))
+    workers, _ = dataset.make_loaders(train, test, **common)
+    on_device = dict(dataset="synthetic", resize=0, augment=False, random_erasing=0.0)
+    device, _ = dataset.make_loaders(train, test, **common, on_device=on_device)
+    return workers, device
+
+
+@pytest.mark.parametrize("train_size, shard", [(50, (0, 1)), (50, (0, 3)), (50, (2, 3)), (2, (4, 5))],
+                         ids=["one-process", "rank-0-of-3", "rank-2-of-3-padded", "more-ranks-than-images"])
+def test_both_loaders_draw_the_same_batches_for_every_seed_and_epoch(monkeypatch, train_size, shard):
+    monkeypatch.setattr(dataset, "SYNTHETIC_TRAIN_SIZE", train_size)
+    monkeypatch.setattr(dataset, "SYNTHETIC_TEST_SIZE", 10)
+    train, test, _, _ = dataset.load_datasets("synthetic", "unused", resize=0, augment=False)
+    workers, device = both_training_loaders(train, test, monkeypatch, shard)
+    assert len(workers) == len(device)
+    orders = set()
+    for seed, epoch in itertools.product((0, 1, 42), (1, 2)):
+        batches = []
+        for loader in (workers, device):
+            dataset.seed_epoch(loader, seed, epoch)
+            batches.append(list(loader))
+        for (want_images, want_labels), (images, labels) in zip(*batches, strict=True):
+            assert torch.equal(labels, want_labels)
+            assert torch.equal(images, want_images)  # the same images, normalised by the same arithmetic
+        orders.add(tuple(torch.cat([labels for _, labels in batches[1]]).tolist()))
+    assert len(orders) > 1 or train_size < 3
+
+
+@pytest.mark.slow
+def test_a_run_without_augmentation_gives_the_same_numbers_with_either_loader(tiny_argv, tmp_path):
+    runs = {}
+    for loader in ("workers", "device"):
+        runs[loader] = tmp_path / loader
+        vit_main.main(tiny_argv(runs[loader], "--num_epochs", "2", "--seed", "3", "--data_loader", loader))
+    metrics = [read_metrics(runs[loader]) for loader in ("workers", "device")]
+    for workers_epoch, device_epoch in zip(*metrics, strict=True):
+        assert [workers_epoch[column] for column in DETERMINISTIC_COLUMNS] == [
+            device_epoch[column] for column in DETERMINISTIC_COLUMNS]
+    results = [[line.split("|", 1)[1] for line in results_lines(runs[loader]) if line.startswith("[Epoch")]
+               for loader in ("workers", "device")]
+    assert results[0] == results[1] and len(results[0]) == 2
+    weights = [torch.load(runs[loader] / "last.pt", weights_only=False)["model"] for loader in ("workers", "device")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.slow
+def test_under_torchrun_either_loader_gives_the_same_numbers(tmp_path):
+    # 200 training images in batches of 32 per rank: four steps an epoch, so the order matters.
+    rows = [torchrun_metrics(run_flags(tmp_path / loader, 32, 2, "--seed", "7", "--data_loader", loader))
+            for loader in ("workers", "device")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+def torchrun_metrics(flags):
+    torchrun(flags)
+    return metrics(flags[flags.index("--output_dir") + 1])

@@ -47,7 +47,7 @@ CHOICES = {
     "similarity_type": ["Col", "Loc", "Loc_Col"],
     "aggregation_type": ["Col", "Loc_Col"],
     "sparse_mode": ["all", "local", "strided"],
-    "dataset": ["cifar10", "cifar100", "imagenet", "synthetic"],
+    "dataset": ["cifar10", "cifar100", "imagenet", "synthetic", "tinyimagenet", "imagenet32", "imagenet64"],
     "auto_augment": ["none", "randaugment", "trivialaugment", "autoaugment"],
     "compile_mode": ["default", "reduce-overhead", "reduce-memory", "max-autotune"],
     "criterion": ["CrossEntropy", "MSE"],
