@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 from models.layer_options import LAYER_OPTIONS  # noqa: E402
 from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
+import run_files  # noqa: E402
 from run_files import OutputWriteError, atomic_write, atomic_write_text, first_best  # noqa: E402
 from scripts.run_settings import parsed_values, result_settings  # noqa: E402
 
@@ -80,6 +81,7 @@ PERCENTAGES = {"train_top1", "train_top5", "test_top1", "test_top5", "val_top1",
 
 SELECTED_BY_VALIDATION = "val"
 SELECTED_BY_TEST = "test (optimistic)"
+SELECTION_LABELS = {VALIDATION_TOP1: SELECTED_BY_VALIDATION, "test_top1": SELECTED_BY_TEST}
 # The settings that may differ between a group and the baseline group it is compared with.
 BASELINE_MAY_DIFFER = frozenset({"layer", *LAYER_OPTIONS})
 CONFIDENCE = 0.95
@@ -241,14 +243,6 @@ def sampling_label(arguments: Dict[str, str]) -> str:
     return sampling_type if sampling_type == "all" or num_samples in (None, -1) else f"{sampling_type}:{num_samples}"
 
 
-def selected_epoch(epochs: List[Dict[str, float]]) -> Tuple[Dict[str, float], str]:
-    """The epoch whose test top-1 is the run's result, and what chose it: the best validation top-1 when the
-    run has a validation split, else the best test top-1 itself, which overstates the result."""
-    if VALIDATION_TOP1 in epochs[0]:
-        return first_best(epochs, VALIDATION_TOP1), SELECTED_BY_VALIDATION
-    return first_best(epochs, "test_top1"), SELECTED_BY_TEST
-
-
 def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
     """One row of the table, and a note on what was left out of it. The metric cells are None while a
     run has no finished epoch. Raises SkippedRun for a run whose files are damaged."""
@@ -273,7 +267,9 @@ def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
     }
     if epochs:
         best = first_best(epochs, "test_top1")
-        selected, selected_by = selected_epoch(epochs)
+        # The training's own rule, so that the table reports the epoch whose weights best.pt holds.
+        selected = run_files.selected_record(epochs)
+        selected_by = SELECTION_LABELS[run_files.selection_column(epochs)]
         row.update(best_top1=best["test_top1"], best_epoch=int(best["epoch"]), final_top1=epochs[-1]["test_top1"],
                    average_epoch_seconds=sum(record["epoch_seconds"] for record in epochs) / len(epochs),
                    selected_by=selected_by, selected_epoch=int(selected["epoch"]), selected_top1=selected["test_top1"])
