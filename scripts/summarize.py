@@ -33,7 +33,7 @@ import math
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -85,6 +85,8 @@ SELECTION_LABELS = {VALIDATION_TOP1: SELECTED_BY_VALIDATION, "test_top1": SELECT
 # The settings that may differ between a group and the baseline group it is compared with.
 BASELINE_MAY_DIFFER = frozenset({"layer", *LAYER_OPTIONS})
 CONFIDENCE = 0.95
+# Not left at the end of a group name made of its runs' common beginning.
+NAME_SEPARATORS = "_-./ "
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,11 +284,36 @@ def table_order(row: Dict) -> tuple:
     return row["layer"], row["sampling"], k, row["run"] if "run" in row else row["group"]
 
 
-def run_name(run: str, argument: str) -> str:
-    """The run's path below the directory given on the command line (its own name when it was given)."""
+def _base_directory(run: str, argument: str) -> str:
+    """The directory a run is named from: the one given on the command line, or its parent when the run itself
+    was given."""
     if os.path.samefile(run, argument):
-        return os.path.basename(os.path.abspath(argument))
-    return os.path.relpath(run, argument)
+        return os.path.dirname(os.path.abspath(argument))
+    return os.path.abspath(argument)
+
+
+def _prefixed(name: str, base: str, depth: int) -> str:
+    """``name`` below the last ``depth`` directories of ``base``'s path."""
+    return os.path.join(*Path(base).parts[len(Path(base).parts) - depth:], name) if depth else name
+
+
+def run_names(runs: List[Tuple[str, str]]) -> List[str]:
+    """A name for each ``(run, argument)``, unique over all of them: the run's path below the directory given on
+    the command line (its own name when it was given). Where names collide, as when two sweeps of the same
+    layers are compared, every run of the directories involved is named from one level higher
+    (``lr1e-3/Attention_s0``), and higher again while names still collide."""
+    bases = [_base_directory(run, argument) for run, argument in runs]
+    names = [os.path.relpath(run, base) for (run, _), base in zip(runs, bases)]
+    depths = dict.fromkeys(bases, 0)
+    while True:
+        shown = [_prefixed(name, base, depths[base]) for name, base in zip(names, bases)]
+        counts = Counter(shown)
+        colliding = {base for base, name in zip(bases, shown) if counts[name] > 1}
+        deeper = [base for base in colliding if depths[base] < len(Path(base).parts)]
+        if not deeper:
+            return shown
+        for base in deeper:
+            depths[base] += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,9 +405,26 @@ def compare_with_baseline(group: Dict, baseline: Dict) -> Dict:
 
 
 def group_name(runs: List[Tuple[int, Dict]]) -> str:
-    """The runs' name without the sweep's ``_s<seed>`` ending, when that leaves one name for all of them."""
+    """The runs' name without the sweep's ``_s<seed>`` ending when that leaves one name for all of them, else
+    the names' common beginning, else the first run's name and ``+`` the number of the others."""
     names = sorted({re.sub(rf"_s{seed}$", "", row["run"]) for seed, row in runs})
-    return names[0] if len(names) == 1 else " | ".join(names)
+    if len(names) == 1:
+        return names[0]
+    return os.path.commonprefix(names).rstrip(NAME_SEPARATORS) or _counted_name(runs)
+
+
+def _counted_name(runs: List[Tuple[int, Dict]]) -> str:
+    # Unique among groups, as run names are and no run is in two groups.
+    return runs[0][1]["run"] + (f"+{len(runs) - 1}" if len(runs) > 1 else "")
+
+
+def _name_groups(groups: List[Dict], members: List[List[Tuple[int, Dict]]]) -> None:
+    """Names each group by ``group_name``, or by its first run when another group has the same name (runs with
+    different settings but one name, or names with the same beginning)."""
+    names = [group_name(runs) for runs in members]
+    counts = Counter(names)
+    for group, runs, name in zip(groups, members, names):
+        group["group"] = name if counts[name] == 1 else _counted_name(runs)
 
 
 def group_runs(rows: List[Dict]) -> List[Dict]:
@@ -395,7 +439,7 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
             seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
             del settings["seed"]
             members[(tuple(sorted(settings.items())), row["selected_by"])].append((seed, row))
-    groups = []
+    groups, grouped = [], []
     for (settings, selected_by), runs in members.items():
         runs.sort(key=lambda run: (run[0], run[1]["run"]))
         seeds = [seed for seed, _ in runs]
@@ -406,6 +450,8 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
                   "(copies of a run are not independent seeds)", file=sys.stderr)
             continue
         groups.append(_group_row(runs, dict(settings), selected_by))
+        grouped.append(runs)
+    _name_groups(groups, grouped)
     return groups
 
 
@@ -420,7 +466,7 @@ def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_
     mean, sd = mean_and_sd([row["selected_top1"] for row in rows])
     first = rows[0]
     return {
-        "group": group_name(runs), "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],
+        "group": None, "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],
         "K": first["K"], "sampling": first["sampling"], "convolution_type": first["convolution_type"],
         "num_epochs": settings.get("num_epochs", "?"), "n_seeds": len(runs),
         "seeds": " ".join(str(seed) for seed, _ in runs), "selected_by": selected_by,
@@ -473,9 +519,14 @@ def _parameters_cell(value: Optional[int]) -> str:
     return f"{value:,}" if value is not None else ""
 
 
+def _markdown_cell(value) -> str:
+    # A bare "|" would end the cell early and shift every cell after it into the wrong column.
+    return str(value).replace("|", "\\|")
+
+
 def _markdown_lines(headers: List[str], rows: List[List]) -> List[str]:
     return ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers),
-            *("| " + " | ".join(str(cell) for cell in cells) + " |" for cells in rows)]
+            *("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |" for cells in rows)]
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -649,9 +700,9 @@ def summarise_runs(directories: List[str]) -> List[Dict]:
     """The rows of every run found; what is skipped or left out is named on stderr, one line each."""
     rows = []
     runs, not_runs = unique_runs(directories)
-    for run, argument in runs:
+    for (run, _), name in zip(runs, run_names(runs)):
         try:
-            row, note = summarise_run(run, run_name(run, argument))
+            row, note = summarise_run(run, name)
         except SkippedRun as reason:
             print(f"summarize.py: skipped {run}: {reason}", file=sys.stderr)
             continue

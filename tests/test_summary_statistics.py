@@ -4,6 +4,7 @@ deviation and confidence intervals, checked against numbers worked out by hand. 
 
 import csv
 import math
+import re
 
 import pytest
 from matplotlib.container import ErrorbarContainer
@@ -151,9 +152,9 @@ def test_a_run_given_twice_counts_once(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def attention_seeds(root, top1s, seeds):
+def attention_seeds(root, top1s, seeds, **settings):
     # The baseline ignores the ConvNN options: a K of its own must not stop the match.
-    three_seeds(root, "Attention", top1s, seeds, layer="Attention", K=9)
+    three_seeds(root, "Attention", top1s, seeds, layer="Attention", K=9, **settings)
 
 
 def test_paired_difference_and_interval_by_hand(tmp_path, capsys):
@@ -275,3 +276,85 @@ def test_the_accuracy_against_k_plot_has_standard_deviations_as_error_bars(tmp_p
     (band,) = axes.patches
     assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((78.0, 80.0))
     assert 79.0 in [line.get_ydata()[0] for line in axes.lines if line.get_linestyle() == "--"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: unique over several directories, and whole table cells
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise_directories(tmp_path, capsys, *directories):
+    out_dir = tmp_path / "summary"
+    assert summarize.main([*map(str, directories), "--out_dir", str(out_dir), "--baseline", "Attention"]) == 0
+    printed = capsys.readouterr()
+    with open(out_dir / "groups.csv", newline="") as handle:
+        groups = [row["group"] for row in csv.DictReader(handle)]
+    with open(out_dir / "summary.csv", newline="") as handle:
+        runs = [row["run"] for row in csv.DictReader(handle)]
+    return groups, runs, printed
+
+
+def test_two_sweeps_of_the_same_layers_get_names_that_tell_them_apart(tmp_path, capsys):
+    for lr in ("1e-3", "1e-2"):
+        three_seeds(tmp_path / f"lr{lr}", top1s=(80.0, 81.0), seeds=(0, 1), lr=lr)
+        attention_seeds(tmp_path / f"lr{lr}", (78.0, 79.0), (0, 1), lr=lr)
+
+    groups, runs, printed = summarise_directories(tmp_path, capsys, tmp_path / "lr1e-3", tmp_path / "lr1e-2")
+
+    assert sorted(runs) == sorted(f"lr{lr}/{name}_s{seed}" for lr in ("1e-3", "1e-2")
+                                  for name in ("Attention", "ConvNNAttention_K4_all") for seed in (0, 1))
+    assert sorted(groups) == ["lr1e-2/Attention", "lr1e-2/ConvNNAttention_K4_all", "lr1e-3/Attention",
+                              "lr1e-3/ConvNNAttention_K4_all"]
+    assert "| lr1e-3/ConvNNAttention_K4_all | ConvNNAttention |" in (tmp_path / "summary" / "summary.md").read_text()
+    assert "| lr1e-3/Attention |" in (tmp_path / "summary" / "summary.md").read_text()
+    assert "not compared" not in printed.err
+
+
+def test_directories_of_the_same_name_are_told_apart_by_their_parents(tmp_path, capsys):
+    for parent in ("a", "b"):
+        attention_seeds(tmp_path / parent / "sweep", (78.0,), (0,), lr=0.1 if parent == "a" else 0.2)
+    # Runs given themselves are named from their parent directory.
+    finished_run(tmp_path / "c" / "Attention_s1", 1, (50.0, 60.0), layer="Attention", lr=0.3)
+    finished_run(tmp_path / "d" / "Attention_s1", 1, (50.0, 60.0), layer="Attention", lr=0.4)
+
+    groups, runs, _ = summarise_directories(tmp_path, capsys, tmp_path / "a" / "sweep", tmp_path / "b" / "sweep",
+                                            tmp_path / "c" / "Attention_s1", tmp_path / "d" / "Attention_s1")
+
+    assert sorted(runs) == ["a/sweep/Attention_s0", "b/sweep/Attention_s0", "c/Attention_s1", "d/Attention_s1"]
+    assert sorted(groups) == ["a/sweep/Attention", "b/sweep/Attention", "c/Attention", "d/Attention"]
+
+
+def test_a_single_sweep_keeps_its_short_names(tmp_path, capsys):
+    attention_seeds(tmp_path / "sweep", (78.0, 79.0), (0, 1))
+    groups, runs, _ = summarise_directories(tmp_path, capsys, tmp_path / "sweep")
+    assert (groups, sorted(runs)) == (["Attention"], ["Attention_s0", "Attention_s1"])
+
+
+def table_column_counts(text):
+    """The number of cells of each line of the Markdown tables in ``text`` (an escaped pipe is no boundary)."""
+    return {len(re.split(r"(?<!\\)\|", line)) for line in text.splitlines() if line.startswith("|")}
+
+
+def test_group_names_of_runs_named_without_a_seed_ending_keep_the_table_whole(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for seed, name in enumerate(("trial_a", "trial_b")):
+        finished_run(root / name, seed, (50.0, 80.0 + seed), layer="Attention")
+    for seed, name in enumerate(("first", "second", "third")):
+        finished_run(root / name, seed, (50.0, 70.0 + seed), lr=0.002)
+    finished_run(root / "odd|name_s0", 0, (50.0, 60.0), lr=0.003)
+
+    groups, _, printed = summarise_directories(tmp_path, capsys, root)
+
+    assert sorted(groups) == ["first+2", "odd|name", "trial"]
+    text = (tmp_path / "summary" / "summary.md").read_text()
+    assert "odd\\|name" in text
+    for table in text.split("\n\n"):
+        assert len(table_column_counts(table)) <= 1, table
+
+
+def test_groups_of_one_name_but_different_settings_are_named_by_their_first_run(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    finished_run(root / "Attention_s0", 0, (50.0, 80.0), layer="Attention")
+    finished_run(root / "Attention_s1", 1, (50.0, 81.0), layer="Attention", lr=0.002)
+    groups, _, _ = summarise_directories(tmp_path, capsys, root)
+    assert sorted(groups) == ["Attention_s0", "Attention_s1"]
