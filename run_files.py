@@ -591,6 +591,7 @@ def write_curves(path: str, history: List[Dict]) -> None:
     for axes in (loss_axes, accuracy_axes):
         axes.grid(True, alpha=0.3)
         axes.legend()
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # One tick is enough: by default two are wanted, and after one epoch they would fall between whole epochs.
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     figure.tight_layout()
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))

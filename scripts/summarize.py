@@ -37,8 +37,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,6 +74,7 @@ GROUP_HEADERS = ["group", "layer", "K", "sampling", "convolution", "epochs", "se
 BASELINE_HEADERS = ["baseline", "comparison", "difference (points)", "95% CI"]
 UNFINISHED_MARK = "*"
 DEFAULT_OUT_DIR = "summary"
+DIFFERENCES_PLOT = "differences_from_baseline.png"
 SAVE_DPI = 90
 
 # The metrics.csv columns the summary reads; an accuracy is a percentage.
@@ -427,6 +430,15 @@ def _name_groups(groups: List[Dict], members: List[List[Tuple[int, Dict]]]) -> N
         group["group"] = name if counts[name] == 1 else _counted_name(runs)
 
 
+def setting_and_seed(row: Dict, defaults: Dict[str, str]) -> Tuple[tuple, Optional[int]]:
+    """What a group's runs share (the settings that change the result, but the seed, and how the epoch was
+    selected), and the run's seed."""
+    settings = result_settings(row["arguments"], defaults)
+    seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
+    del settings["seed"]
+    return (tuple(sorted(settings.items())), row["selected_by"]), seed
+
+
 def group_runs(rows: List[Dict]) -> List[Dict]:
     """The groups of finished runs with the same settings but their seed (and the flags that do not change the
     result), split by how their epoch was selected. A group holding two runs of one seed is left out, with a
@@ -435,10 +447,8 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
     members = defaultdict(list)
     for row in rows:
         if row["finished"] and row["selected_top1"] is not None:
-            settings = result_settings(row["arguments"], defaults)
-            seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
-            del settings["seed"]
-            members[(tuple(sorted(settings.items())), row["selected_by"])].append((seed, row))
+            setting, seed = setting_and_seed(row, defaults)
+            members[setting].append((seed, row))
     groups, grouped = [], []
     for (settings, selected_by), runs in members.items():
         runs.sort(key=lambda run: (run[0], run[1]["run"]))
@@ -475,6 +485,7 @@ def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_
         "average_epoch_seconds": float(np.mean([row["average_epoch_seconds"] for row in rows])),
         "baseline": None, "comparison": None, "difference": None, "ci95_low": None, "ci95_high": None, "df": None,
         "settings": settings, "top1_by_seed": {seed: row["selected_top1"] for seed, row in runs},
+        "run_names": [row["run"] for row in rows],
     }
 
 
@@ -615,21 +626,74 @@ def _save(figure: Figure, path: str) -> None:
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=SAVE_DPI))
 
 
-def plot_top1_against_epoch(path: str, rows: List[Dict]) -> None:
+SEED_LINE_STYLES = ["-", "--", ":", "-."]
+# The curve each run's epoch was selected on.
+SELECTION_CURVES = {SELECTED_BY_VALIDATION: (VALIDATION_TOP1, "validation"), SELECTED_BY_TEST: ("test_top1", "test")}
+
+
+def _setting_colours(count: int) -> List:
+    colours = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [colours[index % len(colours)] for index in range(count)]
+
+
+def _selection_label(selected_by: set) -> str:
+    """What the plotted top-1 is: the curve the epochs were selected on."""
+    if selected_by == {SELECTED_BY_VALIDATION}:
+        return "validation top-1 (%), which selects the epoch"
+    if selected_by == {SELECTED_BY_TEST}:
+        return "test top-1 (%), which selects the epoch"
+    return "top-1 (%) that selects the epoch:\nvalidation where held out, else test"
+
+
+def _selected_top1_label(selected_by: set) -> str:
+    """What a group's number is: test top-1 at the epoch chosen on validation, or on test itself."""
+    if selected_by == {SELECTED_BY_VALIDATION}:
+        return "test top-1 (%) at the best-validation epoch"
+    if selected_by == {SELECTED_BY_TEST}:
+        return "test top-1 (%) at the best-test epoch (optimistic)"
+    return "test top-1 (%) at the selected epoch"
+
+
+def plot_top1_against_epoch(path: str, rows: List[Dict], groups: List[Dict]) -> None:
+    """Each run's top-1 per epoch on the curve its epoch was selected on (validation top-1 when it held out a
+    validation split, else test top-1), with the selected epoch starred: one colour per setting (a group, or
+    the runs outside any group that share settings), one line style per seed; unfinished runs faded."""
     figure = _new_figure(8, 4.5)
     axes = figure.subplots()
-    for row in rows:
-        if row["history"]:
-            label = row["run"] if row["finished"] else row["run"] + UNFINISHED_MARK
-            # Not clipped: a marker at 100 % sits on the top edge.
-            axes.plot([r["epoch"] for r in row["history"]], [r["test_top1"] for r in row["history"]], clip_on=False,
-                      marker="o", markersize=3, label=label, linestyle="-" if row["finished"] else "--")
-    axes.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title="Test top-1 accuracy per epoch")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown = [row for row in rows if row["history"]]
+    defaults = parsed_values([])
+    group_of_run = {name: group["group"] for group in groups for name in group["run_names"]}
+    setting_of_row, settings, seeds = {}, {}, set()
+    for row in shown:
+        setting, seed = setting_and_seed(row, defaults)
+        setting_of_row[row["run"]] = setting, seed
+        seeds.add(seed)
+        label = group_of_run.get(row["run"]) or re.sub(rf"_s{seed}$", "", row["run"])
+        settings.setdefault(setting, label)
+    colours = dict(zip(settings, _setting_colours(len(settings))))
+    seed_order = sorted(seeds, key=lambda seed: (seed is None, seed or 0))
+    styles = {seed: SEED_LINE_STYLES[index % len(SEED_LINE_STYLES)] for index, seed in enumerate(seed_order)}
+    for row in shown:
+        setting, seed = setting_of_row[row["run"]]
+        column, _ = SELECTION_CURVES[row["selected_by"]]
+        style = {"color": colours[setting], "alpha": 1.0 if row["finished"] else 0.4}
+        # Not clipped: a marker at 100 % sits on the top edge.
+        axes.plot([r["epoch"] for r in row["history"]], [r[column] for r in row["history"]], clip_on=False,
+                  marker="o", markersize=2.5, linestyle=styles[seed], linewidth=1.2, **style)
+        axes.plot([row["selected_epoch"]], [row["history"][row["selected_epoch"] - 1][column]], clip_on=False,
+                  marker="*", markersize=10, markeredgecolor="black", markeredgewidth=0.5, linestyle="", **style)
+    axes.set(xlabel="epoch", ylabel=_selection_label({row["selected_by"] for row in shown}),
+             title="Top-1 per epoch (★ selected epoch)")
+    # One tick is enough: by default two are wanted, and after one epoch they would fall between whole epochs.
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     _limit_to_percentages(axes)
     axes.grid(True, alpha=0.3)
-    if axes.lines:
-        legend = axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if shown:
+        handles = [Line2D([], [], color=colours[setting], label=label) for setting, label in settings.items()]
+        handles += [Line2D([], [], color="grey", linestyle=styles[seed], label=f"seed {seed}") for seed in seed_order]
+        if not all(row["finished"] for row in shown):
+            handles.append(Line2D([], [], color="grey", alpha=0.4, label="faded: unfinished"))
+        legend = axes.legend(handles=handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         _widen_for_legend_beside(figure, legend, plot_width=5.8)
     _save(figure, path)
 
@@ -681,13 +745,39 @@ def plot_best_against_k(path: str, groups: List[Dict]) -> None:
         if group["top1_std"] is not None:
             axes.axhspan(group["top1_mean"] - group["top1_std"], group["top1_mean"] + group["top1_std"], color=colour,
                          alpha=0.15, linewidth=0)
-    axes.set(xlabel="K (neighbours per token)", ylabel="test top-1 (%), mean ± sd over seeds",
+    axes.set(xlabel="K (neighbours per token)",
+             ylabel=_selected_top1_label({group["selected_by"] for group in groups}) + "\nmean ± sd over seeds",
              title="Test top-1 at the selected epoch against K")
     axes.set_xticks(sorted({group["K"] for points in lines.values() for group in points}))
     _limit_to_percentages(axes)
     axes.grid(True, alpha=0.3)
     if axes.lines:
         axes.legend(fontsize="small")
+    _save(figure, path)
+
+
+def plot_differences_from_baseline(path: str, groups: List[Dict], baseline: str) -> None:
+    """Each compared group's mean difference from its baseline group, in points of selected test top-1, with its
+    95 % confidence interval over seeds as error bars (none where the seeds do not define one); zero is marked,
+    so that an interval across it reads at once as no difference shown."""
+    compared = [group for group in groups if group["baseline"] is not None]
+    figure = _new_figure(7, 1.6 + 0.35 * max(len(compared), 1))
+    axes = figure.subplots()
+    positions = list(range(len(compared)))[::-1]  # the table's first group on top
+    for position, group in zip(positions, compared):
+        low, high = group["ci95_low"], group["ci95_high"]
+        error = [[group["difference"] - low], [high - group["difference"]]] if low is not None else None
+        axes.errorbar([group["difference"]], [position], xerr=error, marker="o", capsize=3, color="C0")
+    axes.axvline(0, color="grey", linewidth=1)
+    axes.set_yticks(positions, [f"{group['group']} ({group['comparison']}, n={group['n_seeds']})"
+                                for group in compared], fontsize="small")
+    if not compared:
+        axes.text(0.5, 0.5, f"no group has a {baseline} group with the same other settings", ha="center",
+                  va="center", transform=axes.transAxes)
+    axes.set_ylim(-0.6, max(len(compared), 1) - 0.4)
+    axes.set(xlabel=f"{_selected_top1_label({group['selected_by'] for group in compared})}\nminus {baseline}'s "
+                    "(points), 95% CI over seeds", title=f"Difference from {baseline}")
+    axes.grid(True, axis="x", alpha=0.3)
     _save(figure, path)
 
 
@@ -725,13 +815,15 @@ def unique_runs(directories: List[str]) -> Tuple[List[Tuple[str, str]], List[str
     return runs, not_runs
 
 
-def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str) -> None:
+def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str, baseline: Optional[str]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "summary.md"), table)
     atomic_write_text(os.path.join(out_dir, "summary.csv"), csv_text(CSV_COLUMNS, rows))
     atomic_write_text(os.path.join(out_dir, "groups.csv"), csv_text(GROUP_COLUMNS, groups))
-    plot_top1_against_epoch(os.path.join(out_dir, "top1_vs_epoch.png"), rows)
+    plot_top1_against_epoch(os.path.join(out_dir, "top1_vs_epoch.png"), rows, groups)
     plot_best_against_k(os.path.join(out_dir, "best_top1_vs_K.png"), groups)
+    if baseline:
+        plot_differences_from_baseline(os.path.join(out_dir, DIFFERENCES_PLOT), groups, baseline)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -758,7 +850,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         add_baseline_comparisons(groups, args.baseline)
     table = markdown_table(rows) + "\n" + groups_markdown(groups, args.baseline)
     try:
-        write_summary(args.out_dir, rows, groups, table)
+        write_summary(args.out_dir, rows, groups, table, args.baseline)
     except OSError as error:  # OutputWriteError names the file; makedirs names the directory
         reason = str(error) if isinstance(error, OutputWriteError) else f"cannot create {args.out_dir}: {error.strerror}"
         print(f"summarize.py: {reason}; choose another --out_dir", file=sys.stderr)
