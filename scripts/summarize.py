@@ -1,5 +1,5 @@
-"""Compares training runs: a table of runs, a table of groups of seeds (markdown and CSV) and two plots
-from their output directories.
+"""Compares training runs: a table of runs, a table of groups of seeds (markdown and CSV) and plots from
+their output directories.
 
     python scripts/summarize.py Output/sweep [MORE_DIRS ...] [--out_dir DIR] [--baseline LAYER]
 
@@ -10,20 +10,26 @@ directories holding no run are named on stderr and skipped, and so is a run whos
 (one line each, naming the run and the reason). A last ``metrics.csv`` line without its line end is an
 epoch still being written: it is left out, with a note.
 
-Each run's result is the test top-1 of its selected epoch: the epoch of the best validation top-1 when
-metrics.csv has validation columns (--val_split), else the epoch of the best test top-1, marked
-"test (optimistic)": picked on the test set itself, it overstates what a new sample would give.
+Runs are named by their path below the directory given; where names collide over several directories (two
+sweeps of the same layers), the runs of those directories are named from one level higher
+(``lr1e-3/Attention_s0``).
+
+Each run's result is the test top-1 of its selected epoch, chosen by the training's own rule
+(run_files.selected_record): the epoch of the best validation top-1 when metrics.csv has validation columns
+(--val_split), else the epoch of the best test top-1, marked "test (optimistic)": picked on the test set
+itself, it overstates what a new sample would give.
 
 Finished runs whose args.txt differ only in --seed (and in flags that do not change the result, see
-run_settings.py) form a group: the number of seeds, mean and sample standard deviation of the selected
-top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to each group of another
-layer the mean difference from the LAYER group with the same other settings, with its 95 % confidence
-interval (paired by seed when both have the same seeds, else Welch's).
+run_settings.py) form a group: the number of seeds, mean (with its 95 % interval) and sample standard
+deviation of the selected top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to
+each group of another layer the mean difference from the LAYER group with the same other settings, with its
+95 % confidence interval (paired by seed when both have the same seeds, else Welch's).
 
-Writes ``summary.md`` (both tables), ``summary.csv`` (runs), ``groups.csv``, ``top1_vs_epoch.png`` (test
-top-1 against epoch, every run) and ``best_top1_vs_K.png`` (mean selected test top-1 against K with the
-standard deviation over seeds as error bars, one line per layer and sampling) to ``--out_dir`` (default:
-``summary`` in the current directory), and prints the markdown tables.
+Writes ``summary.md`` (both tables in full), ``summary.csv`` (runs), ``groups.csv``, ``top1_vs_epoch.png``
+(each run's selecting top-1 against epoch: a colour per setting, a line style per seed), ``best_top1_vs_K.png``
+(mean selected test top-1 against K with the standard deviation over seeds as error bars) and, with
+--baseline, ``differences_from_baseline.png`` (each group's difference with its 95 % interval) to ``--out_dir``
+(default: ``summary`` in the current directory), and prints a compact table that fits 100 columns.
 """
 
 import argparse
@@ -33,6 +39,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -68,7 +75,8 @@ MARKDOWN_HEADERS = ["run", "layer", "K", "sampling", "convolution", "parameters"
                     "selected epoch", "selected top-1 (%)"]
 GROUP_COLUMNS = ["group", "runs", "layer", "K", "sampling", "convolution_type", "num_epochs", "n_seeds", "seeds",
                  "selected_by", "top1_mean", "top1_std", "parameters", "gflops", "average_epoch_seconds",
-                 "baseline", "comparison", "difference", "ci95_low", "ci95_high", "df"]
+                 "baseline", "comparison", "difference", "ci95_low", "ci95_high", "df",
+                 "top1_ci95_low", "top1_ci95_high"]
 GROUP_HEADERS = ["group", "layer", "K", "sampling", "convolution", "epochs", "seeds", "selected by",
                  "mean top-1 (%)", "sd", "parameters", "GFLOPs", "s / epoch"]
 BASELINE_HEADERS = ["baseline", "comparison", "difference (points)", "95% CI"]
@@ -366,6 +374,15 @@ def _interval(difference: float, standard_error: float, df: Optional[float]) -> 
     return difference - half_width, difference + half_width
 
 
+def mean_interval(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
+    """The 95 % confidence interval of the mean of ``values``: mean +- t(0.975, n-1) * sd / sqrt(n); none for
+    one value."""
+    mean, sd = mean_and_sd(values)
+    if sd is None:
+        return None, None
+    return _interval(mean, sd / math.sqrt(len(values)), len(values) - 1)
+
+
 def paired_comparison(differences: List[float]) -> Dict:
     """Mean of the per-seed differences, and mean +- t(0.975, n-1) * sd / sqrt(n) (none for one pair)."""
     mean, sd = mean_and_sd(differences)
@@ -474,9 +491,10 @@ def _common(rows: List[Dict], column: str):
 def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_by: str) -> Dict:
     rows = [row for _, row in runs]
     mean, sd = mean_and_sd([row["selected_top1"] for row in rows])
+    low, high = mean_interval([row["selected_top1"] for row in rows])
     first = rows[0]
     return {
-        "group": None, "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],
+        "group": None, "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],  # see _name_groups
         "K": first["K"], "sampling": first["sampling"], "convolution_type": first["convolution_type"],
         "num_epochs": settings.get("num_epochs", "?"), "n_seeds": len(runs),
         "seeds": " ".join(str(seed) for seed, _ in runs), "selected_by": selected_by,
@@ -484,6 +502,7 @@ def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_
         "gflops": _common(rows, "gflops"),
         "average_epoch_seconds": float(np.mean([row["average_epoch_seconds"] for row in rows])),
         "baseline": None, "comparison": None, "difference": None, "ci95_low": None, "ci95_high": None, "df": None,
+        "top1_ci95_low": low, "top1_ci95_high": high,
         "settings": settings, "top1_by_seed": {seed: row["selected_top1"] for seed, row in runs},
         "run_names": [row["run"] for row in rows],
     }
@@ -591,6 +610,78 @@ def groups_markdown(groups: List[Dict], baseline: Optional[str]) -> str:
                      "points; 95% CI over the seeds (paired by seed when both ran the same seeds, else Welch's). "
                      "It measures seed noise only, not the choice of data or hyper-parameters.")
     return "\n".join(_markdown_lines(headers, cells) + notes) + "\n"
+
+
+TERMINAL_WIDTH = 100
+SHORT_SELECTION = {SELECTED_BY_VALIDATION: "val", SELECTED_BY_TEST: "test"}
+
+
+def _with_interval(value: float, low: Optional[float], high: Optional[float], sign: str = "") -> str:
+    number = format(value, f"{sign}.2f")
+    return number if low is None else f"{number} [{low:{sign}.2f}, {high:{sign}.2f}]"
+
+
+def _aligned(headers: List[str], rows: List[List[str]], squeezed: int) -> List[str]:
+    """Columns two spaces apart, every line within TERMINAL_WIDTH: a cell of column ``squeezed`` (the names) too
+    long for the room left gets a line of its own above its row, so that no name is cut."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    others = sum(widths) - widths[squeezed] + 2 * (len(widths) - 1)
+    widths[squeezed] = max(min(widths[squeezed], TERMINAL_WIDTH - others), len(headers[squeezed]))
+    lines = []
+    for cells in [headers, *rows]:
+        if len(cells[squeezed]) > widths[squeezed]:
+            lines += textwrap.wrap(cells[squeezed], TERMINAL_WIDTH, break_on_hyphens=False)
+            cells = cells[:squeezed] + [""] + cells[squeezed + 1:]
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+    return lines
+
+
+def terminal_table(rows: List[Dict], groups: List[Dict], baseline: Optional[str]) -> str:
+    """The compact table printed to the terminal, each line within TERMINAL_WIDTH characters: one line per group,
+    then one per run that is in no group (unfinished, or without a finished epoch), with the selected top-1 and
+    its 95% interval over seeds, and the difference from the baseline with its interval. How the epochs were
+    selected gets a column only when it differs between lines."""
+    grouped = {name for group in groups for name in group["run_names"]}
+    alone = [row for row in rows if row["run"] not in grouped]
+    selections = {group["selected_by"] for group in groups} | {row["selected_by"] for row in alone}
+    mixed = len(selections - {None}) > 1
+    headers = ["group / run", "layer", "K", "seeds"] + (["by"] if mixed else []) + ["top-1 [95% CI]"]
+    if baseline:
+        headers.append(f"minus {baseline} [95% CI]")
+    cells = []
+    for group in groups:
+        line = [group["group"], group["layer"], str(group["K"]), str(group["n_seeds"])]
+        line += [SHORT_SELECTION[group["selected_by"]]] if mixed else []
+        line.append(_with_interval(group["top1_mean"], group["top1_ci95_low"], group["top1_ci95_high"]))
+        if baseline:
+            if group["layer"] == baseline:
+                line.append("baseline")
+            elif group["baseline"] is None:
+                line.append("-")
+            else:
+                line.append(_with_interval(group["difference"], group["ci95_low"], group["ci95_high"], "+"))
+        cells.append(line)
+    for row in alone:
+        line = [row["run"] if row["finished"] else row["run"] + UNFINISHED_MARK, row["layer"], str(row["K"]), "-"]
+        line += [SHORT_SELECTION.get(row["selected_by"], "-")] if mixed else []
+        cells.append(line + [_cell(row["selected_top1"]) or "-"] + (["-"] if baseline else []))
+    if mixed:
+        selection = ("by val: the best validation epoch; by test: the best test epoch, which overstates the "
+                     "result")
+    elif selections == {SELECTED_BY_TEST}:
+        selection = "the best test epoch, which overstates the result: hold out a validation split (--val_split)"
+    else:
+        selection = "the best validation epoch"
+    notes = [f"top-1: test top-1 (%) at each run's selected epoch ({selection}), averaged over seeds; 95% CI of "
+             "that mean (t, n-1)."]
+    if baseline:
+        notes.append(f"minus {baseline}: difference in points from the {baseline} group with the same other "
+                     "settings, paired by seed or else unpaired (Welch); it measures seed noise only.")
+    if alone:
+        notes.append(f"Runs in no group: unfinished ({UNFINISHED_MARK}), without a finished epoch, or two runs "
+                     "of one seed.")
+    wrapped = [line for note in notes for line in textwrap.wrap(note, TERMINAL_WIDTH)]
+    return "\n".join(_aligned(headers, cells, squeezed=0) + [""] + wrapped) + "\n"
 
 
 def csv_text(columns: List[str], rows: List[Dict]) -> str:
@@ -761,7 +852,9 @@ def plot_differences_from_baseline(path: str, groups: List[Dict], baseline: str)
     95 % confidence interval over seeds as error bars (none where the seeds do not define one); zero is marked,
     so that an interval across it reads at once as no difference shown."""
     compared = [group for group in groups if group["baseline"] is not None]
-    figure = _new_figure(7, 1.6 + 0.35 * max(len(compared), 1))
+    labels = [f"{group['group']} ({group['comparison']}, n={group['n_seeds']})" for group in compared]
+    # Wide enough for the longest group name beside 4.5 inches of plot (about 0.075 inch a character at "small").
+    figure = _new_figure(4.5 + 0.075 * max(map(len, labels), default=0), 1.6 + 0.35 * max(len(compared), 1))
     axes = figure.subplots()
     positions = list(range(len(compared)))[::-1]  # the table's first group on top
     for position, group in zip(positions, compared):
@@ -769,8 +862,7 @@ def plot_differences_from_baseline(path: str, groups: List[Dict], baseline: str)
         error = [[group["difference"] - low], [high - group["difference"]]] if low is not None else None
         axes.errorbar([group["difference"]], [position], xerr=error, marker="o", capsize=3, color="C0")
     axes.axvline(0, color="grey", linewidth=1)
-    axes.set_yticks(positions, [f"{group['group']} ({group['comparison']}, n={group['n_seeds']})"
-                                for group in compared], fontsize="small")
+    axes.set_yticks(positions, labels, fontsize="small")
     if not compared:
         axes.text(0.5, 0.5, f"no group has a {baseline} group with the same other settings", ha="center",
                   va="center", transform=axes.transAxes)
@@ -855,7 +947,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = str(error) if isinstance(error, OutputWriteError) else f"cannot create {args.out_dir}: {error.strerror}"
         print(f"summarize.py: {reason}; choose another --out_dir", file=sys.stderr)
         return 1
-    print(table, end="")
+    print(terminal_table(rows, groups, args.baseline), end="")
+    print(textwrap.fill(f"Full tables in {os.path.join(args.out_dir, 'summary.md')}, summary.csv and groups.csv; "
+                        "plots beside them.", TERMINAL_WIDTH))
     return 0
 
 
