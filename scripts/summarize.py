@@ -643,8 +643,9 @@ def terminal_table(rows: List[Dict], groups: List[Dict], baseline: Optional[str]
     selected gets a column only when it differs between lines."""
     grouped = {name for group in groups for name in group["run_names"]}
     alone = [row for row in rows if row["run"] not in grouped]
-    selections = {group["selected_by"] for group in groups} | {row["selected_by"] for row in alone}
-    mixed = len(selections - {None}) > 1
+    # None: a run without a finished epoch, which has no selection.
+    selections = ({group["selected_by"] for group in groups} | {row["selected_by"] for row in alone}) - {None}
+    mixed = len(selections) > 1
     headers = ["group / run", "layer", "K", "seeds"] + (["by"] if mixed else []) + ["top-1 [95% CI]"]
     if baseline:
         headers.append(f"minus {baseline} [95% CI]")
@@ -670,8 +671,10 @@ def terminal_table(rows: List[Dict], groups: List[Dict], baseline: Optional[str]
                      "result")
     elif selections == {SELECTED_BY_TEST}:
         selection = "the best test epoch, which overstates the result: hold out a validation split (--val_split)"
-    else:
+    elif selections == {SELECTED_BY_VALIDATION}:
         selection = "the best validation epoch"
+    else:
+        selection = "the best validation epoch, or the best test epoch without a validation split"
     notes = [f"top-1: test top-1 (%) at each run's selected epoch ({selection}), averaged over seeds; 95% CI of "
              "that mean (t, n-1)."]
     if baseline:
