@@ -243,7 +243,9 @@ def split_labels(data: Dataset) -> torch.Tensor:
 def held_out_count(fraction: float, class_size: int) -> int:
     """Validation images of a class of ``class_size``: ``fraction`` of it rounded half up, so that every
     class's share differs from ``fraction`` by at most half an image."""
-    return math.floor(fraction * class_size + 0.5)
+    from utils import round_half_up  # the rule the warm-up length follows too
+
+    return round_half_up(fraction * class_size)
 
 
 def validation_split_problem(labels: torch.Tensor, fraction: float) -> Optional[str]:

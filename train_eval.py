@@ -94,8 +94,9 @@ def build_scheduler(optimizer, *, scheduler: str, lr_step: int, lr_gamma: float,
 
 
 def warmup_steps_of(warmup_epochs: float, steps_per_epoch: int) -> int:
-    """Optimiser steps of a warmup of ``warmup_epochs`` epochs (at least one when it is on)."""
-    return max(1, round(warmup_epochs * steps_per_epoch)) if warmup_epochs > 0 else 0
+    """Optimiser steps of a warmup of ``warmup_epochs`` epochs, rounded half up as --val_split's held-out
+    count is (at least one when it is on)."""
+    return max(1, utils.round_half_up(warmup_epochs * steps_per_epoch)) if warmup_epochs > 0 else 0
 
 
 def build_warmup_scheduler(optimizer, *, scheduler: str, warmup_steps: int, steps_per_epoch: int, lr_step: int,

@@ -1,6 +1,7 @@
 """The process's runtime: seeding, the state of the random generators, and the devices.
 (Output files are in ``run_files``, checkpoints in ``checkpoints``.)"""
 
+import math
 import random
 from typing import Dict, List, Optional
 
@@ -63,6 +64,17 @@ def _as_python_state(saved) -> tuple:
     # random.setstate wants tuples all the way down; a round trip through storage may give lists.
     version, internal, gauss = saved
     return version, tuple(internal), gauss
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts
+# ---------------------------------------------------------------------------------------------
+
+
+def round_half_up(value: float) -> int:
+    """The whole number nearest ``value``, halves rounded up (2.5 -> 3), not to even as Python's round does:
+    a share of epochs or of images that is exactly half way gets the larger count."""
+    return math.floor(value + 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Compares training runs: a table of runs, a table of groups of seeds (markdown and CSV) and two plots
-from their output directories.
+"""Compares training runs: a table of runs, a table of groups of seeds (markdown and CSV) and plots from
+their output directories.
 
     python scripts/summarize.py Output/sweep [MORE_DIRS ...] [--out_dir DIR] [--baseline LAYER]
 
@@ -10,21 +10,27 @@ directories holding no run are named on stderr and skipped, and so is a run whos
 (one line each, naming the run and the reason). A last ``metrics.csv`` line without its line end is an
 epoch still being written: it is left out, with a note.
 
-Each run's result is the test top-1 of its selected epoch: the epoch of the best validation top-1 when
-metrics.csv has validation columns (--val_split), else the epoch of the best test top-1, marked
-"test (optimistic)": picked on the test set itself, it overstates what a new sample would give.
+Runs are named by their path below the directory given; where names collide over several directories (two
+sweeps of the same layers), the runs of those directories are named from one level higher
+(``lr1e-3/Attention_s0``).
+
+Each run's result is the test top-1 of its selected epoch, chosen by the training's own rule
+(run_files.selected_record): the epoch of the best validation top-1 when metrics.csv has validation columns
+(--val_split), else the epoch of the best test top-1, marked "test (optimistic)": picked on the test set
+itself, it overstates what a new sample would give.
 
 Finished runs whose args.txt differ only in --seed (and in what does not change the result: the flags whose
 role says where and how fast a run ran, see settings.py) form a group; the recorded global batch and data
-fingerprint separate groups like flags do. Each group gives the number of seeds, mean and sample standard
-deviation of the selected top-1, parameters, GFLOPs and mean seconds per epoch. ``--baseline LAYER`` adds to each group of another
-layer the mean difference from the LAYER group with the same other settings, with its 95 % confidence
-interval (paired by seed when both have the same seeds, else Welch's).
+fingerprint separate groups like flags do. Each group gives the number of seeds, mean (with its 95 % interval)
+and sample standard deviation of the selected top-1, parameters, GFLOPs and mean seconds per epoch.
+``--baseline LAYER`` adds to each group of another layer the mean difference from the LAYER group with the same
+other settings, with its 95 % confidence interval (paired by seed when both have the same seeds, else Welch's).
 
-Writes ``summary.md`` (both tables), ``summary.csv`` (runs), ``groups.csv``, ``top1_vs_epoch.png`` (test
-top-1 against epoch, every run) and ``best_top1_vs_K.png`` (mean selected test top-1 against K with the
-standard deviation over seeds as error bars, one line per layer and sampling) to ``--out_dir`` (default:
-``summary`` in the current directory), and prints the markdown tables.
+Writes ``summary.md`` (both tables in full), ``summary.csv`` (runs), ``groups.csv``, ``top1_vs_epoch.png``
+(each run's selecting top-1 against epoch: a colour per setting, a line style per seed), ``best_top1_vs_K.png``
+(mean selected test top-1 against K with the standard deviation over seeds as error bars) and, with
+--baseline, ``differences_from_baseline.png`` (each group's difference with its 95 % interval) to ``--out_dir``
+(default: ``summary`` in the current directory), and prints a compact table that fits 100 columns.
 """
 
 import csv
@@ -33,12 +39,15 @@ import math
 import os
 import re
 import sys
-from collections import defaultdict
+import textwrap
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +56,7 @@ import numpy as np  # noqa: E402
 
 from models.layer_options import LAYER_OPTIONS  # noqa: E402
 from models.vit_layers import LAYER_REGISTRY, layers_taking  # noqa: E402
+import run_files  # noqa: E402
 from run_files import OutputWriteError, atomic_write, atomic_write_text, first_best  # noqa: E402
 from settings import CommandLineParser, result_settings  # noqa: E402
 
@@ -65,12 +75,14 @@ MARKDOWN_HEADERS = ["run", "layer", "K", "sampling", "convolution", "parameters"
                     "selected epoch", "selected top-1 (%)"]
 GROUP_COLUMNS = ["group", "runs", "layer", "K", "sampling", "convolution_type", "num_epochs", "n_seeds", "seeds",
                  "selected_by", "top1_mean", "top1_std", "parameters", "gflops", "average_epoch_seconds",
-                 "baseline", "comparison", "difference", "ci95_low", "ci95_high", "df"]
+                 "baseline", "comparison", "difference", "ci95_low", "ci95_high", "df",
+                 "top1_ci95_low", "top1_ci95_high"]
 GROUP_HEADERS = ["group", "layer", "K", "sampling", "convolution", "epochs", "seeds", "selected by",
                  "mean top-1 (%)", "sd", "parameters", "GFLOPs", "s / epoch"]
 BASELINE_HEADERS = ["baseline", "comparison", "difference (points)", "95% CI"]
 UNFINISHED_MARK = "*"
 DEFAULT_OUT_DIR = "summary"
+DIFFERENCES_PLOT = "differences_from_baseline.png"
 SAVE_DPI = 90
 
 # The metrics.csv columns the summary reads; an accuracy is a percentage.
@@ -80,9 +92,12 @@ PERCENTAGES = {"train_top1", "train_top5", "test_top1", "test_top5", "val_top1",
 
 SELECTED_BY_VALIDATION = "val"
 SELECTED_BY_TEST = "test (optimistic)"
+SELECTION_LABELS = {VALIDATION_TOP1: SELECTED_BY_VALIDATION, "test_top1": SELECTED_BY_TEST}
 # The settings that may differ between a group and the baseline group it is compared with.
 BASELINE_MAY_DIFFER = frozenset({"layer", *LAYER_OPTIONS})
 CONFIDENCE = 0.95
+# Not left at the end of a group name made of its runs' common beginning.
+NAME_SEPARATORS = "_-./ "
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +256,6 @@ def sampling_label(arguments: Dict[str, str]) -> str:
     return sampling_type if sampling_type == "all" or num_samples in (None, -1) else f"{sampling_type}:{num_samples}"
 
 
-def selected_epoch(epochs: List[Dict[str, float]]) -> Tuple[Dict[str, float], str]:
-    """The epoch whose test top-1 is the run's result, and what chose it: the best validation top-1 when the
-    run has a validation split, else the best test top-1 itself, which overstates the result."""
-    if VALIDATION_TOP1 in epochs[0]:
-        return first_best(epochs, VALIDATION_TOP1), SELECTED_BY_VALIDATION
-    return first_best(epochs, "test_top1"), SELECTED_BY_TEST
-
-
 def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
     """One row of the table, and a note on what was left out of it. The metric cells are None while a
     run has no finished epoch. Raises SkippedRun for a run whose files are damaged."""
@@ -273,7 +280,9 @@ def summarise_run(run: str, name: str) -> Tuple[Dict, Optional[str]]:
     }
     if epochs:
         best = first_best(epochs, "test_top1")
-        selected, selected_by = selected_epoch(epochs)
+        # The training's own rule, so that the table reports the epoch whose weights best.pt holds.
+        selected = run_files.selected_record(epochs)
+        selected_by = SELECTION_LABELS[run_files.selection_column(epochs)]
         row.update(best_top1=best["test_top1"], best_epoch=int(best["epoch"]), final_top1=epochs[-1]["test_top1"],
                    average_epoch_seconds=sum(record["epoch_seconds"] for record in epochs) / len(epochs),
                    selected_by=selected_by, selected_epoch=int(selected["epoch"]), selected_top1=selected["test_top1"])
@@ -286,11 +295,36 @@ def table_order(row: Dict) -> tuple:
     return row["layer"], row["sampling"], k, row["run"] if "run" in row else row["group"]
 
 
-def run_name(run: str, argument: str) -> str:
-    """The run's path below the directory given on the command line (its own name when it was given)."""
+def _base_directory(run: str, argument: str) -> str:
+    """The directory a run is named from: the one given on the command line, or its parent when the run itself
+    was given."""
     if os.path.samefile(run, argument):
-        return os.path.basename(os.path.abspath(argument))
-    return os.path.relpath(run, argument)
+        return os.path.dirname(os.path.abspath(argument))
+    return os.path.abspath(argument)
+
+
+def _prefixed(name: str, base: str, depth: int) -> str:
+    """``name`` below the last ``depth`` directories of ``base``'s path."""
+    return os.path.join(*Path(base).parts[len(Path(base).parts) - depth:], name) if depth else name
+
+
+def run_names(runs: List[Tuple[str, str]]) -> List[str]:
+    """A name for each ``(run, argument)``, unique over all of them: the run's path below the directory given on
+    the command line (its own name when it was given). Where names collide, as when two sweeps of the same
+    layers are compared, every run of the directories involved is named from one level higher
+    (``lr1e-3/Attention_s0``), and higher again while names still collide."""
+    bases = [_base_directory(run, argument) for run, argument in runs]
+    names = [os.path.relpath(run, base) for (run, _), base in zip(runs, bases)]
+    depths = dict.fromkeys(bases, 0)
+    while True:
+        shown = [_prefixed(name, base, depths[base]) for name, base in zip(names, bases)]
+        counts = Counter(shown)
+        colliding = {base for base, name in zip(bases, shown) if counts[name] > 1}
+        deeper = [base for base in colliding if depths[base] < len(Path(base).parts)]
+        if not deeper:
+            return shown
+        for base in deeper:
+            depths[base] += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +374,15 @@ def _interval(difference: float, standard_error: float, df: Optional[float]) -> 
     return difference - half_width, difference + half_width
 
 
+def mean_interval(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
+    """The 95 % confidence interval of the mean of ``values``: mean +- t(0.975, n-1) * sd / sqrt(n); none for
+    one value."""
+    mean, sd = mean_and_sd(values)
+    if sd is None:
+        return None, None
+    return _interval(mean, sd / math.sqrt(len(values)), len(values) - 1)
+
+
 def paired_comparison(differences: List[float]) -> Dict:
     """Mean of the per-seed differences, and mean +- t(0.975, n-1) * sd / sqrt(n) (none for one pair)."""
     mean, sd = mean_and_sd(differences)
@@ -382,9 +425,35 @@ def compare_with_baseline(group: Dict, baseline: Dict) -> Dict:
 
 
 def group_name(runs: List[Tuple[int, Dict]]) -> str:
-    """The runs' name without the sweep's ``_s<seed>`` ending, when that leaves one name for all of them."""
+    """The runs' name without the sweep's ``_s<seed>`` ending when that leaves one name for all of them, else
+    the names' common beginning, else the first run's name and ``+`` the number of the others."""
     names = sorted({re.sub(rf"_s{seed}$", "", row["run"]) for seed, row in runs})
-    return names[0] if len(names) == 1 else " | ".join(names)
+    if len(names) == 1:
+        return names[0]
+    return os.path.commonprefix(names).rstrip(NAME_SEPARATORS) or _counted_name(runs)
+
+
+def _counted_name(runs: List[Tuple[int, Dict]]) -> str:
+    # Unique among groups, as run names are and no run is in two groups.
+    return runs[0][1]["run"] + (f"+{len(runs) - 1}" if len(runs) > 1 else "")
+
+
+def _name_groups(groups: List[Dict], members: List[List[Tuple[int, Dict]]]) -> None:
+    """Names each group by ``group_name``, or by its first run when another group has the same name (runs with
+    different settings but one name, or names with the same beginning)."""
+    names = [group_name(runs) for runs in members]
+    counts = Counter(names)
+    for group, runs, name in zip(groups, members, names):
+        group["group"] = name if counts[name] == 1 else _counted_name(runs)
+
+
+def setting_and_seed(row: Dict) -> Tuple[tuple, Optional[int]]:
+    """What a group's runs share (the settings that change the result, but the seed, and how the epoch was
+    selected), and the run's seed."""
+    settings = result_settings(row["arguments"])
+    seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
+    del settings["seed"]
+    return (tuple(sorted(settings.items())), row["selected_by"]), seed
 
 
 def group_runs(rows: List[Dict]) -> List[Dict]:
@@ -394,11 +463,9 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
     members = defaultdict(list)
     for row in rows:
         if row["finished"] and row["selected_top1"] is not None:
-            settings = result_settings(row["arguments"])
-            seed = integer_argument(settings, "seed")  # an args.txt without one ran the default seed
-            del settings["seed"]
-            members[(tuple(sorted(settings.items())), row["selected_by"])].append((seed, row))
-    groups = []
+            setting, seed = setting_and_seed(row)
+            members[setting].append((seed, row))
+    groups, grouped = [], []
     for (settings, selected_by), runs in members.items():
         runs.sort(key=lambda run: (run[0], run[1]["run"]))
         seeds = [seed for seed, _ in runs]
@@ -409,6 +476,8 @@ def group_runs(rows: List[Dict]) -> List[Dict]:
                   "(copies of a run are not independent seeds)", file=sys.stderr)
             continue
         groups.append(_group_row(runs, dict(settings), selected_by))
+        grouped.append(runs)
+    _name_groups(groups, grouped)
     return groups
 
 
@@ -421,9 +490,10 @@ def _common(rows: List[Dict], column: str):
 def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_by: str) -> Dict:
     rows = [row for _, row in runs]
     mean, sd = mean_and_sd([row["selected_top1"] for row in rows])
+    low, high = mean_interval([row["selected_top1"] for row in rows])
     first = rows[0]
     return {
-        "group": group_name(runs), "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],
+        "group": None, "runs": " ".join(row["run"] for row in rows), "layer": first["layer"],  # see _name_groups
         "K": first["K"], "sampling": first["sampling"], "convolution_type": first["convolution_type"],
         "num_epochs": settings.get("num_epochs", "?"), "n_seeds": len(runs),
         "seeds": " ".join(str(seed) for seed, _ in runs), "selected_by": selected_by,
@@ -431,7 +501,9 @@ def _group_row(runs: List[Tuple[int, Dict]], settings: Dict[str, str], selected_
         "gflops": _common(rows, "gflops"),
         "average_epoch_seconds": float(np.mean([row["average_epoch_seconds"] for row in rows])),
         "baseline": None, "comparison": None, "difference": None, "ci95_low": None, "ci95_high": None, "df": None,
+        "top1_ci95_low": low, "top1_ci95_high": high,
         "settings": settings, "top1_by_seed": {seed: row["selected_top1"] for seed, row in runs},
+        "run_names": [row["run"] for row in rows],
     }
 
 
@@ -476,9 +548,14 @@ def _parameters_cell(value: Optional[int]) -> str:
     return f"{value:,}" if value is not None else ""
 
 
+def _markdown_cell(value) -> str:
+    # A bare "|" would end the cell early and shift every cell after it into the wrong column.
+    return str(value).replace("|", "\\|")
+
+
 def _markdown_lines(headers: List[str], rows: List[List]) -> List[str]:
     return ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers),
-            *("| " + " | ".join(str(cell) for cell in cells) + " |" for cells in rows)]
+            *("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |" for cells in rows)]
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -534,6 +611,81 @@ def groups_markdown(groups: List[Dict], baseline: Optional[str]) -> str:
     return "\n".join(_markdown_lines(headers, cells) + notes) + "\n"
 
 
+TERMINAL_WIDTH = 100
+SHORT_SELECTION = {SELECTED_BY_VALIDATION: "val", SELECTED_BY_TEST: "test"}
+
+
+def _with_interval(value: float, low: Optional[float], high: Optional[float], sign: str = "") -> str:
+    number = format(value, f"{sign}.2f")
+    return number if low is None else f"{number} [{low:{sign}.2f}, {high:{sign}.2f}]"
+
+
+def _aligned(headers: List[str], rows: List[List[str]], squeezed: int) -> List[str]:
+    """Columns two spaces apart, every line within TERMINAL_WIDTH: a cell of column ``squeezed`` (the names) too
+    long for the room left gets a line of its own above its row, so that no name is cut."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    others = sum(widths) - widths[squeezed] + 2 * (len(widths) - 1)
+    widths[squeezed] = max(min(widths[squeezed], TERMINAL_WIDTH - others), len(headers[squeezed]))
+    lines = []
+    for cells in [headers, *rows]:
+        if len(cells[squeezed]) > widths[squeezed]:
+            lines += textwrap.wrap(cells[squeezed], TERMINAL_WIDTH, break_on_hyphens=False)
+            cells = cells[:squeezed] + [""] + cells[squeezed + 1:]
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+    return lines
+
+
+def terminal_table(rows: List[Dict], groups: List[Dict], baseline: Optional[str]) -> str:
+    """The compact table printed to the terminal, each line within TERMINAL_WIDTH characters: one line per group,
+    then one per run that is in no group (unfinished, or without a finished epoch), with the selected top-1 and
+    its 95% interval over seeds, and the difference from the baseline with its interval. How the epochs were
+    selected gets a column only when it differs between lines."""
+    grouped = {name for group in groups for name in group["run_names"]}
+    alone = [row for row in rows if row["run"] not in grouped]
+    # None: a run without a finished epoch, which has no selection.
+    selections = ({group["selected_by"] for group in groups} | {row["selected_by"] for row in alone}) - {None}
+    mixed = len(selections) > 1
+    headers = ["group / run", "layer", "K", "seeds"] + (["by"] if mixed else []) + ["top-1 [95% CI]"]
+    if baseline:
+        headers.append(f"minus {baseline} [95% CI]")
+    cells = []
+    for group in groups:
+        line = [group["group"], group["layer"], str(group["K"]), str(group["n_seeds"])]
+        line += [SHORT_SELECTION[group["selected_by"]]] if mixed else []
+        line.append(_with_interval(group["top1_mean"], group["top1_ci95_low"], group["top1_ci95_high"]))
+        if baseline:
+            if group["layer"] == baseline:
+                line.append("baseline")
+            elif group["baseline"] is None:
+                line.append("-")
+            else:
+                line.append(_with_interval(group["difference"], group["ci95_low"], group["ci95_high"], "+"))
+        cells.append(line)
+    for row in alone:
+        line = [row["run"] if row["finished"] else row["run"] + UNFINISHED_MARK, row["layer"], str(row["K"]), "-"]
+        line += [SHORT_SELECTION.get(row["selected_by"], "-")] if mixed else []
+        cells.append(line + [_cell(row["selected_top1"]) or "-"] + (["-"] if baseline else []))
+    if mixed:
+        selection = ("by val: the best validation epoch; by test: the best test epoch, which overstates the "
+                     "result")
+    elif selections == {SELECTED_BY_TEST}:
+        selection = "the best test epoch, which overstates the result: hold out a validation split (--val_split)"
+    elif selections == {SELECTED_BY_VALIDATION}:
+        selection = "the best validation epoch"
+    else:
+        selection = "the best validation epoch, or the best test epoch without a validation split"
+    notes = [f"top-1: test top-1 (%) at each run's selected epoch ({selection}), averaged over seeds; 95% CI of "
+             "that mean (t, n-1)."]
+    if baseline:
+        notes.append(f"minus {baseline}: difference in points from the {baseline} group with the same other "
+                     "settings, paired by seed or else unpaired (Welch); it measures seed noise only.")
+    if alone:
+        notes.append(f"Runs in no group: unfinished ({UNFINISHED_MARK}), without a finished epoch, or two runs "
+                     "of one seed.")
+    wrapped = [line for note in notes for line in textwrap.wrap(note, TERMINAL_WIDTH)]
+    return "\n".join(_aligned(headers, cells, squeezed=0) + [""] + wrapped) + "\n"
+
+
 def csv_text(columns: List[str], rows: List[Dict]) -> str:
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -567,21 +719,73 @@ def _save(figure: Figure, path: str) -> None:
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=SAVE_DPI))
 
 
-def plot_top1_against_epoch(path: str, rows: List[Dict]) -> None:
+SEED_LINE_STYLES = ["-", "--", ":", "-."]
+# The curve each run's epoch was selected on.
+SELECTION_CURVES = {SELECTED_BY_VALIDATION: (VALIDATION_TOP1, "validation"), SELECTED_BY_TEST: ("test_top1", "test")}
+
+
+def _setting_colours(count: int) -> List:
+    colours = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [colours[index % len(colours)] for index in range(count)]
+
+
+def _selection_label(selected_by: set) -> str:
+    """What the plotted top-1 is: the curve the epochs were selected on."""
+    if selected_by == {SELECTED_BY_VALIDATION}:
+        return "validation top-1 (%), which selects the epoch"
+    if selected_by == {SELECTED_BY_TEST}:
+        return "test top-1 (%), which selects the epoch"
+    return "top-1 (%) that selects the epoch:\nvalidation where held out, else test"
+
+
+def _selected_top1_label(selected_by: set) -> str:
+    """What a group's number is: test top-1 at the epoch chosen on validation, or on test itself."""
+    if selected_by == {SELECTED_BY_VALIDATION}:
+        return "test top-1 (%) at the best-validation epoch"
+    if selected_by == {SELECTED_BY_TEST}:
+        return "test top-1 (%) at the best-test epoch (optimistic)"
+    return "test top-1 (%) at the selected epoch"
+
+
+def plot_top1_against_epoch(path: str, rows: List[Dict], groups: List[Dict]) -> None:
+    """Each run's top-1 per epoch on the curve its epoch was selected on (validation top-1 when it held out a
+    validation split, else test top-1), with the selected epoch starred: one colour per setting (a group, or
+    the runs outside any group that share settings), one line style per seed; unfinished runs faded."""
     figure = _new_figure(8, 4.5)
     axes = figure.subplots()
-    for row in rows:
-        if row["history"]:
-            label = row["run"] if row["finished"] else row["run"] + UNFINISHED_MARK
-            # Not clipped: a marker at 100 % sits on the top edge.
-            axes.plot([r["epoch"] for r in row["history"]], [r["test_top1"] for r in row["history"]], clip_on=False,
-                      marker="o", markersize=3, label=label, linestyle="-" if row["finished"] else "--")
-    axes.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title="Test top-1 accuracy per epoch")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown = [row for row in rows if row["history"]]
+    group_of_run = {name: group["group"] for group in groups for name in group["run_names"]}
+    setting_of_row, settings, seeds = {}, {}, set()
+    for row in shown:
+        setting, seed = setting_and_seed(row)
+        setting_of_row[row["run"]] = setting, seed
+        seeds.add(seed)
+        label = group_of_run.get(row["run"]) or re.sub(rf"_s{seed}$", "", row["run"])
+        settings.setdefault(setting, label)
+    colours = dict(zip(settings, _setting_colours(len(settings))))
+    seed_order = sorted(seeds, key=lambda seed: (seed is None, seed or 0))
+    styles = {seed: SEED_LINE_STYLES[index % len(SEED_LINE_STYLES)] for index, seed in enumerate(seed_order)}
+    for row in shown:
+        setting, seed = setting_of_row[row["run"]]
+        column, _ = SELECTION_CURVES[row["selected_by"]]
+        style = {"color": colours[setting], "alpha": 1.0 if row["finished"] else 0.4}
+        # Not clipped: a marker at 100 % sits on the top edge.
+        axes.plot([r["epoch"] for r in row["history"]], [r[column] for r in row["history"]], clip_on=False,
+                  marker="o", markersize=2.5, linestyle=styles[seed], linewidth=1.2, **style)
+        axes.plot([row["selected_epoch"]], [row["history"][row["selected_epoch"] - 1][column]], clip_on=False,
+                  marker="*", markersize=10, markeredgecolor="black", markeredgewidth=0.5, linestyle="", **style)
+    axes.set(xlabel="epoch", ylabel=_selection_label({row["selected_by"] for row in shown}),
+             title="Top-1 per epoch (★ selected epoch)")
+    # One tick is enough: by default two are wanted, and after one epoch they would fall between whole epochs.
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     _limit_to_percentages(axes)
     axes.grid(True, alpha=0.3)
-    if axes.lines:
-        legend = axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if shown:
+        handles = [Line2D([], [], color=colours[setting], label=label) for setting, label in settings.items()]
+        handles += [Line2D([], [], color="grey", linestyle=styles[seed], label=f"seed {seed}") for seed in seed_order]
+        if not all(row["finished"] for row in shown):
+            handles.append(Line2D([], [], color="grey", alpha=0.4, label="faded: unfinished"))
+        legend = axes.legend(handles=handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         _widen_for_legend_beside(figure, legend, plot_width=5.8)
     _save(figure, path)
 
@@ -633,13 +837,40 @@ def plot_best_against_k(path: str, groups: List[Dict]) -> None:
         if group["top1_std"] is not None:
             axes.axhspan(group["top1_mean"] - group["top1_std"], group["top1_mean"] + group["top1_std"], color=colour,
                          alpha=0.15, linewidth=0)
-    axes.set(xlabel="K (neighbours per token)", ylabel="test top-1 (%), mean ± sd over seeds",
+    axes.set(xlabel="K (neighbours per token)",
+             ylabel=_selected_top1_label({group["selected_by"] for group in groups}) + "\nmean ± sd over seeds",
              title="Test top-1 at the selected epoch against K")
     axes.set_xticks(sorted({group["K"] for points in lines.values() for group in points}))
     _limit_to_percentages(axes)
     axes.grid(True, alpha=0.3)
     if axes.lines:
         axes.legend(fontsize="small")
+    _save(figure, path)
+
+
+def plot_differences_from_baseline(path: str, groups: List[Dict], baseline: str) -> None:
+    """Each compared group's mean difference from its baseline group, in points of selected test top-1, with its
+    95 % confidence interval over seeds as error bars (none where the seeds do not define one); zero is marked,
+    so that an interval across it reads at once as no difference shown."""
+    compared = [group for group in groups if group["baseline"] is not None]
+    labels = [f"{group['group']} ({group['comparison']}, n={group['n_seeds']})" for group in compared]
+    # Wide enough for the longest group name beside 4.5 inches of plot (about 0.075 inch a character at "small").
+    figure = _new_figure(4.5 + 0.075 * max(map(len, labels), default=0), 1.6 + 0.35 * max(len(compared), 1))
+    axes = figure.subplots()
+    positions = list(range(len(compared)))[::-1]  # the table's first group on top
+    for position, group in zip(positions, compared):
+        low, high = group["ci95_low"], group["ci95_high"]
+        error = [[group["difference"] - low], [high - group["difference"]]] if low is not None else None
+        axes.errorbar([group["difference"]], [position], xerr=error, marker="o", capsize=3, color="C0")
+    axes.axvline(0, color="grey", linewidth=1)
+    axes.set_yticks(positions, labels, fontsize="small")
+    if not compared:
+        axes.text(0.5, 0.5, f"no group has a {baseline} group with the same other settings", ha="center",
+                  va="center", transform=axes.transAxes)
+    axes.set_ylim(-0.6, max(len(compared), 1) - 0.4)
+    axes.set(xlabel=f"{_selected_top1_label({group['selected_by'] for group in compared})}\nminus {baseline}'s "
+                    "(points), 95% CI over seeds", title=f"Difference from {baseline}")
+    axes.grid(True, axis="x", alpha=0.3)
     _save(figure, path)
 
 
@@ -652,9 +883,9 @@ def summarise_runs(directories: List[str]) -> List[Dict]:
     """The rows of every run found; what is skipped or left out is named on stderr, one line each."""
     rows = []
     runs, not_runs = unique_runs(directories)
-    for run, argument in runs:
+    for (run, _), name in zip(runs, run_names(runs)):
         try:
-            row, note = summarise_run(run, run_name(run, argument))
+            row, note = summarise_run(run, name)
         except SkippedRun as reason:
             print(f"summarize.py: skipped {run}: {reason}", file=sys.stderr)
             continue
@@ -677,13 +908,15 @@ def unique_runs(directories: List[str]) -> Tuple[List[Tuple[str, str]], List[str
     return runs, not_runs
 
 
-def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str) -> None:
+def write_summary(out_dir: str, rows: List[Dict], groups: List[Dict], table: str, baseline: Optional[str]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "summary.md"), table)
     atomic_write_text(os.path.join(out_dir, "summary.csv"), csv_text(CSV_COLUMNS, rows))
     atomic_write_text(os.path.join(out_dir, "groups.csv"), csv_text(GROUP_COLUMNS, groups))
-    plot_top1_against_epoch(os.path.join(out_dir, "top1_vs_epoch.png"), rows)
+    plot_top1_against_epoch(os.path.join(out_dir, "top1_vs_epoch.png"), rows, groups)
     plot_best_against_k(os.path.join(out_dir, "best_top1_vs_K.png"), groups)
+    if baseline:
+        plot_differences_from_baseline(os.path.join(out_dir, DIFFERENCES_PLOT), groups, baseline)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -710,12 +943,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         add_baseline_comparisons(groups, args.baseline)
     table = markdown_table(rows) + "\n" + groups_markdown(groups, args.baseline)
     try:
-        write_summary(args.out_dir, rows, groups, table)
+        write_summary(args.out_dir, rows, groups, table, args.baseline)
     except OSError as error:  # OutputWriteError names the file; makedirs names the directory
         reason = str(error) if isinstance(error, OutputWriteError) else f"cannot create {args.out_dir}: {error.strerror}"
         print(f"summarize.py: {reason}; choose another --out_dir", file=sys.stderr)
         return 1
-    print(table, end="")
+    print(terminal_table(rows, groups, args.baseline), end="")
+    print(textwrap.fill(f"Full tables in {os.path.join(args.out_dir, 'summary.md')}, summary.csv and groups.csv; "
+                        "plots beside them.", TERMINAL_WIDTH))
     return 0
 
 

@@ -4,6 +4,7 @@ deviation and confidence intervals, checked against numbers worked out by hand. 
 
 import csv
 import math
+import re
 
 import pytest
 from matplotlib.container import ErrorbarContainer
@@ -54,6 +55,11 @@ def summarise(root, tmp_path, capsys, *flags):
     return groups, runs, printed
 
 
+def summary_text(tmp_path):
+    """summary.md: the full tables (the terminal gets a compact one)."""
+    return (tmp_path / "summary" / "summary.md").read_text()
+
+
 def test_runs_differing_only_in_seed_form_a_group_with_mean_and_sample_deviation(tmp_path, capsys):
     root = tmp_path / "sweep"
     three_seeds(root)
@@ -79,8 +85,9 @@ def test_runs_differing_only_in_seed_form_a_group_with_mean_and_sample_deviation
     single = groups["lr_0.002"]
     assert (single["n_seeds"], single["top1_mean"], single["top1_std"]) == ("1", "70.0", "")
     single_row = "| lr_0.002 | ConvNNAttention | 4 | all | depthwise | 2 | 1 (0) | test (optimistic) | 70.00 | - |"
-    assert single_row in printed.out
-    assert "| ConvNNAttention_K4_all | ConvNNAttention | 4 | all | depthwise | 2 | 4 (0, 1, 2, 3) |" in printed.out
+    table = summary_text(tmp_path)
+    assert single_row in table
+    assert "| ConvNNAttention_K4_all | ConvNNAttention | 4 | all | depthwise | 2 | 4 (0, 1, 2, 3) |" in table
     assert runs["ConvNNAttention_K4_all_s4"]["finished"] == "False"
 
 
@@ -113,7 +120,7 @@ def test_the_epoch_is_selected_by_validation_when_there_is_a_split_and_marked_ot
     assert sorted(groups) == ["held_out", "test_picked"]
     assert (groups["held_out"]["selected_by"], float(groups["held_out"]["top1_mean"])) == ("val", 72.5)
     assert groups["test_picked"]["selected_by"] == "test (optimistic)"
-    assert "the epoch of the best test top-1, picked on the test set itself" in printed.out
+    assert "the epoch of the best test top-1, picked on the test set itself" in summary_text(tmp_path)
 
 
 def test_a_run_whose_validation_top1_is_not_a_number_is_skipped(tmp_path, capsys):
@@ -152,9 +159,9 @@ def test_a_run_given_twice_counts_once(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def attention_seeds(root, top1s, seeds):
+def attention_seeds(root, top1s, seeds, **settings):
     # The baseline ignores the ConvNN options: a K of its own must not stop the match.
-    three_seeds(root, "Attention", top1s, seeds, layer="Attention", K=9)
+    three_seeds(root, "Attention", top1s, seeds, layer="Attention", K=9, **settings)
 
 
 def test_paired_difference_and_interval_by_hand(tmp_path, capsys):
@@ -170,7 +177,7 @@ def test_paired_difference_and_interval_by_hand(tmp_path, capsys):
     assert float(group["ci95_low"]) == pytest.approx(-1.4613, abs=1e-4)
     assert float(group["ci95_high"]) == pytest.approx(6.1279, abs=1e-4)
     assert groups["Attention"]["baseline"] == ""
-    assert "| paired | +2.33 | [-1.46, +6.13] |" in printed.out
+    assert "| paired | +2.33 | [-1.46, +6.13] |" in summary_text(tmp_path)
 
 
 def test_unpaired_welch_interval_by_hand(tmp_path, capsys):
@@ -211,7 +218,7 @@ def test_one_pair_gives_a_difference_but_no_interval(tmp_path, capsys):
     group = groups["ConvNNAttention_K4_all"]
     assert (group["comparison"], float(group["difference"]), group["ci95_low"], group["ci95_high"]) == (
         "paired", 1.5, "", "")
-    assert "| paired | +1.50 | - (needs 2 paired seeds) |" in printed.out
+    assert "| paired | +1.50 | - (needs 2 paired seeds) |" in summary_text(tmp_path)
 
 
 def test_a_group_without_a_matching_baseline_is_named_and_not_compared(tmp_path, capsys):
@@ -276,3 +283,130 @@ def test_the_accuracy_against_k_plot_has_standard_deviations_as_error_bars(tmp_p
     (band,) = axes.patches
     assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((78.0, 80.0))
     assert 79.0 in [line.get_ydata()[0] for line in axes.lines if line.get_linestyle() == "--"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: unique over several directories, and whole table cells
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise_directories(tmp_path, capsys, *directories):
+    out_dir = tmp_path / "summary"
+    assert summarize.main([*map(str, directories), "--out_dir", str(out_dir), "--baseline", "Attention"]) == 0
+    printed = capsys.readouterr()
+    with open(out_dir / "groups.csv", newline="") as handle:
+        groups = [row["group"] for row in csv.DictReader(handle)]
+    with open(out_dir / "summary.csv", newline="") as handle:
+        runs = [row["run"] for row in csv.DictReader(handle)]
+    return groups, runs, printed
+
+
+def test_two_sweeps_of_the_same_layers_get_names_that_tell_them_apart(tmp_path, capsys):
+    for lr in ("1e-3", "1e-2"):
+        three_seeds(tmp_path / f"lr{lr}", top1s=(80.0, 81.0), seeds=(0, 1), lr=lr)
+        attention_seeds(tmp_path / f"lr{lr}", (78.0, 79.0), (0, 1), lr=lr)
+
+    groups, runs, printed = summarise_directories(tmp_path, capsys, tmp_path / "lr1e-3", tmp_path / "lr1e-2")
+
+    assert sorted(runs) == sorted(f"lr{lr}/{name}_s{seed}" for lr in ("1e-3", "1e-2")
+                                  for name in ("Attention", "ConvNNAttention_K4_all") for seed in (0, 1))
+    assert sorted(groups) == ["lr1e-2/Attention", "lr1e-2/ConvNNAttention_K4_all", "lr1e-3/Attention",
+                              "lr1e-3/ConvNNAttention_K4_all"]
+    assert "| lr1e-3/ConvNNAttention_K4_all | ConvNNAttention |" in (tmp_path / "summary" / "summary.md").read_text()
+    assert "| lr1e-3/Attention |" in (tmp_path / "summary" / "summary.md").read_text()
+    assert "not compared" not in printed.err
+
+
+def test_directories_of_the_same_name_are_told_apart_by_their_parents(tmp_path, capsys):
+    for parent in ("a", "b"):
+        attention_seeds(tmp_path / parent / "sweep", (78.0,), (0,), lr=0.1 if parent == "a" else 0.2)
+    # Runs given themselves are named from their parent directory.
+    finished_run(tmp_path / "c" / "Attention_s1", 1, (50.0, 60.0), layer="Attention", lr=0.3)
+    finished_run(tmp_path / "d" / "Attention_s1", 1, (50.0, 60.0), layer="Attention", lr=0.4)
+
+    groups, runs, _ = summarise_directories(tmp_path, capsys, tmp_path / "a" / "sweep", tmp_path / "b" / "sweep",
+                                            tmp_path / "c" / "Attention_s1", tmp_path / "d" / "Attention_s1")
+
+    assert sorted(runs) == ["a/sweep/Attention_s0", "b/sweep/Attention_s0", "c/Attention_s1", "d/Attention_s1"]
+    assert sorted(groups) == ["a/sweep/Attention", "b/sweep/Attention", "c/Attention", "d/Attention"]
+
+
+def test_a_single_sweep_keeps_its_short_names(tmp_path, capsys):
+    attention_seeds(tmp_path / "sweep", (78.0, 79.0), (0, 1))
+    groups, runs, _ = summarise_directories(tmp_path, capsys, tmp_path / "sweep")
+    assert (groups, sorted(runs)) == (["Attention"], ["Attention_s0", "Attention_s1"])
+
+
+def table_column_counts(text):
+    """The number of cells of each line of the Markdown tables in ``text`` (an escaped pipe is no boundary)."""
+    return {len(re.split(r"(?<!\\)\|", line)) for line in text.splitlines() if line.startswith("|")}
+
+
+def test_group_names_of_runs_named_without_a_seed_ending_keep_the_table_whole(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for seed, name in enumerate(("trial_a", "trial_b")):
+        finished_run(root / name, seed, (50.0, 80.0 + seed), layer="Attention")
+    for seed, name in enumerate(("first", "second", "third")):
+        finished_run(root / name, seed, (50.0, 70.0 + seed), lr=0.002)
+    finished_run(root / "odd|name_s0", 0, (50.0, 60.0), lr=0.003)
+
+    groups, _, printed = summarise_directories(tmp_path, capsys, root)
+
+    assert sorted(groups) == ["first+2", "odd|name", "trial"]
+    text = (tmp_path / "summary" / "summary.md").read_text()
+    assert "odd\\|name" in text
+    for table in text.split("\n\n"):
+        assert len(table_column_counts(table)) <= 1, table
+
+
+def test_groups_of_one_name_but_different_settings_are_named_by_their_first_run(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    finished_run(root / "Attention_s0", 0, (50.0, 80.0), layer="Attention")
+    finished_run(root / "Attention_s1", 1, (50.0, 81.0), layer="Attention", lr=0.002)
+    groups, _, _ = summarise_directories(tmp_path, capsys, root)
+    assert sorted(groups) == ["Attention_s0", "Attention_s1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The terminal's compact table
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_terminal_gets_a_compact_table_with_the_intervals(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    three_seeds(root, top1s=(80.0, 81.0, 83.0))
+    attention_seeds(root, (78.0, 80.0, 79.0), (0, 1, 2))
+    _, _, printed = summarise(root, tmp_path, capsys, "--baseline", "Attention")
+    lines = printed.out.splitlines()
+    # 80, 81, 83: mean 81.33, se 1.5275 / sqrt(3) = 0.8819, t(0.975, 2) = 4.3027: 81.33 +- 3.79. The difference
+    # and its interval are worked out in test_paired_difference_and_interval_by_hand.
+    assert lines[0].split() == ["group", "/", "run", "layer", "K", "seeds", "top-1", "[95%", "CI]", "minus",
+                                "Attention", "[95%", "CI]"]
+    assert lines[1].split() == ["Attention", "Attention", "-", "3", "79.00", "[76.52,", "81.48]", "baseline"]
+    assert lines[2].split() == ["ConvNNAttention_K4_all", "ConvNNAttention", "4", "3", "81.33", "[77.54,", "85.13]",
+                                "+2.33", "[-1.46,", "+6.13]"]
+    assert "full tables" in printed.out.lower()
+
+
+def test_every_terminal_line_fits_100_columns(tmp_path, capsys):
+    long_name = "ConvNNAttention_K4_all_with_a_name_long_enough_to_need_all_the_room_there_is"
+    for lr in ("1e-3", "1e-2"):
+        three_seeds(tmp_path / f"learning_rate_{lr}_sweep_of_the_long_names", long_name, (80.0, 81.0), (0, 1), lr=lr)
+        attention_seeds(tmp_path / f"learning_rate_{lr}_sweep_of_the_long_names", (78.0, 79.0), (0, 1), lr=lr)
+    held_out = tmp_path / "learning_rate_1e-3_sweep_of_the_long_names" / "held_out_s0"
+    finished_run(held_out, 0, (60.0, 75.0), val_top1s=(50.0, 72.0), lr="1e-3")
+    unfinished = finished_run(tmp_path / "learning_rate_1e-2_sweep_of_the_long_names" / (long_name + "_s5"), 5,
+                              (50.0,), lr="1e-2")
+    (unfinished / "train_eval_results.txt").write_text("[Epoch 001] ...\n")
+    _, runs, printed = summarise_directories(tmp_path, capsys, *sorted(tmp_path.glob("learning_rate_*")))
+
+    lines = printed.out.splitlines()
+    assert max(map(len, lines)) <= 100, "\n".join(lines)
+    assert lines[0].split()[-3:] == ["Attention", "[95%", "CI]"] and " by " in lines[0]
+    # Names too long for the room left have a line of their own, above their numbers: none is cut.
+    (unfinished_name,) = [name for name in runs if name.endswith("_s5")]
+    assert unfinished_name + "*" in "".join(lines)
+    for lr in ("1e-3", "1e-2"):
+        name = f"learning_rate_{lr}_sweep_of_the_long_names/{long_name}"
+        start = lines.index(name[:100])
+        assert lines[start + 1] == name[100:]
