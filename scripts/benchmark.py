@@ -54,7 +54,7 @@ import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
 from models.vit_layers import options_from  # noqa: E402
-from train_eval import AMP_DTYPE, compile_network  # noqa: E402
+from train_eval import AMP_DTYPE, AMP_DTYPES, compile_network  # noqa: E402
 from utils import device_problem, synchronize  # noqa: E402
 
 PARTS = ("layers", "models", "data", "operations")
@@ -352,6 +352,8 @@ def argument_problems(args, parts) -> list:
         problems.append(f"--warmup: must be >= 0, got {args.warmup}")
     if args.model_batch < 1:
         problems.append(f"--model_batch: must be >= 1, got {args.model_batch}")
+    if args.amp_dtype is not None and not args.amp:
+        problems.append(f"--amp_dtype: {args.amp_dtype} applies under autocast only; add --amp")
     folder = Path(args.json).parent
     if Path(args.json).is_dir():
         problems.append(f"--json: {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'benchmark.json'}")
@@ -364,6 +366,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
+    parser.add_argument("--amp_dtype", choices=list(AMP_DTYPES), default=None,
+                        help="with --amp: the autocast dtype instead of the device's default")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed steps per row (the data part: batches timed after the first, at least 2)")
@@ -378,7 +382,9 @@ def main(argv=None):
         parser.error(problems[0])
 
     device = torch.device(args.device)
-    dtype = AMP_DTYPE[device.type] if args.amp else None
+    dtype = None
+    if args.amp:
+        dtype = AMP_DTYPES[args.amp_dtype] if args.amp_dtype else AMP_DTYPE[device.type]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"{time.strftime('%Y-%m-%d')}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
               f"torch {torch.__version__}, {'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'}")
