@@ -148,7 +148,7 @@ def chunk_budgets(text: str):
     return budgets if all(budget > 0 for budget in budgets) else None
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=197)
@@ -163,6 +163,11 @@ def main(argv=None):
                         help="with --chunks: repeat the interleaved comparison, printing each run's ratio")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
                         help="with --profile: the device to profile on (the other modes measure the CPU)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     unusable_device = device_problem(args.device)
     if unusable_device:

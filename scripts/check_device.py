@@ -12,7 +12,9 @@ For every combination of sampling, similarity, softmax, convolution type and coo
   the norm of the difference over the norm of the CPU's result). The whole layer is not compared under
   autocast: its neighbour selection, made in low precision, may pick other neighbours on another device.
 
-Prints one line per failure and a table of the largest error of each check; exits non-zero when anything failed.
+Prints one line per failure and a table of the largest error of each check; exits non-zero when anything failed,
+or when the Triton kernels could not compile or launch (ConvNN-Attention then runs the CPU's passes on the GPU,
+with a ``TritonFallbackWarning``, and the checks no longer cover the kernels).
 
     python scripts/check_device.py --device cuda
 """
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 import models.vit_layers as vit_layers_module  # noqa: E402
 from models.neighbour_conv import neighbour_conv  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
@@ -188,16 +191,37 @@ def print_report(checks: List[Check], device: torch.device) -> int:
     return len(failures)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "mps", "cpu"])
+    return parser
+
+
+def kernel_failure() -> Optional[str]:
+    """Why the GPU path's Triton kernels could not run in this process, where they failed to compile or launch
+    (the checks then compared the CPU's passes on the device instead)."""
+    failure = neighbour_conv_module._triton_failure
+    if failure is None:
+        return None
+    return f"the Triton kernels could not compile or launch ({failure}): the results above are the CPU passes'"
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     unusable_device = device_problem(args.device)
     if unusable_device:
         parser.error(f"--device: {unusable_device}")
     device = torch.device(args.device)
     failed = print_report(run_checks(device), device)
-    sys.exit(1 if failed else 0)
+    failure = kernel_failure()
+    if failure:
+        print(failure)
+    elif device.type == "cuda":
+        kernels = neighbour_conv_module.takes_gpu_path(torch.empty(0, device=device))
+        print(f"aggregation on {device}: "
+              f"{'the Triton kernels' if kernels else 'the CPU passes (no Triton, or deterministic algorithms)'}")
+    sys.exit(1 if failed or failure else 0)
 
 
 if __name__ == "__main__":
