@@ -361,6 +361,8 @@ def takes_gpu_path(source: Tensor) -> bool:
 
 
 def _raised_inside_triton(error: BaseException) -> bool:
+    """Whether ``error`` passed through Triton's own code, whose launcher and compiler drivers raise plain
+    ``RuntimeError``s and ``OSError``s that would otherwise look like anyone's."""
     traceback = error.__traceback__
     while traceback is not None:
         if traceback.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "triton":
