@@ -40,8 +40,9 @@ requested (atomic additions make float sums vary in their last bits from run to 
 GPUs take the CPU's passes, whose operations all have GPU kernels. Where Triton cannot compile or
 launch the kernels (no usable Triton, no C compiler for its launcher, a GPU its compiler does not
 support), the first failure is reported once as a ``TritonFallbackWarning`` and the process takes the
-CPU's passes from then on; a graph compiled before the failure computes the kernels' sums with plain
-tensor operations instead.
+CPU's passes from then on, the failed call included. A graph compiled before the failure computes that
+call's kernel sums with plain tensor operations instead, and is compiled anew with the CPU's passes at its
+next call (the compiler guards on the recorded failure).
 """
 
 import importlib
@@ -527,6 +528,8 @@ class _TritonNeighbourConv(torch.autograd.Function):
         size = table.numel() + weights.numel() + (0 if scale is None else scale.numel())
         accumulators = torch.zeros(size, dtype=accumulate, device=table.device)
         torch.ops.convnn.slot_gather_backward(grad_out, table, neighbours, weights, scale, slot_stride, accumulators)
+        if _triton_failure is not None:  # the kernel could not run: the CPU's passes' gradients, as later calls get
+            return _input_gradients(ctx, grad_out)
         grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
         grad_table, grad_weights = grad_table.to(table.dtype), grad_weights.to(weights.dtype)
         if scale is None:
@@ -562,5 +565,8 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
     Returns ``(B, N, C_out)``.
     """
     if _uses_triton(source):
-        return _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+        out = _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+        if _triton_failure is None:
+            return out
+        # This call found that the kernel cannot run: the CPU's passes' result, as every later call gets.
     return _forward_operator(source, neighbours, weights, kernel, value_weight)

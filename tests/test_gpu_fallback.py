@@ -147,6 +147,32 @@ def test_kernels_that_cannot_compile_or_launch_give_the_cpu_passes_results_with_
             assert torch.equal(actual, wanted)
 
 
+@pytest.mark.parametrize("failing", [("forward", "backward"), ("backward",)], ids=["forward", "backward-only"])
+@pytest.mark.parametrize("kernel_shape", [(4, 3), (5, 4, 3)], ids=["depthwise", "standard"])
+def test_the_call_that_finds_the_kernels_cannot_run_gives_exactly_the_cpu_passes_results(kernel_shape, failing,
+                                                                                       forced_gpu_path, monkeypatch):
+    if failing == ("backward",) and not triton.knobs.runtime.interpret:
+        pytest.skip("the forward kernel runs on CPU tensors only in Triton's interpreter")
+    torch.manual_seed(0)
+    source, weights = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    neighbours = torch.randint(0, 6, (2, 6, 3))
+    kernel, value_weight = torch.randn(kernel_shape, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    differentiable = [tensor.requires_grad_() for tensor in (source, weights, kernel, value_weight)]
+
+    def results():
+        out = neighbour_conv(source, neighbours, weights, kernel, value_weight)
+        return [out, *torch.autograd.grad(out.square().sum(), differentiable)]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(neighbour_conv_module, "_kernels_apply_to", lambda source: False)
+        expected = results()
+    failing_launches(monkeypatch, raise_compilation_error, which=failing)
+    with pytest.warns(TritonFallbackWarning):
+        actual = results()
+    for value, wanted in zip(actual, expected, strict=True):
+        assert torch.equal(value, wanted)
+
+
 def test_the_warning_names_the_compilers_message_not_the_source_excerpt(forced_gpu_path, monkeypatch):
     failing_launches(monkeypatch, raise_compilation_error)
     with pytest.warns(TritonFallbackWarning,
