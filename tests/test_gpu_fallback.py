@@ -298,3 +298,24 @@ def test_a_graph_compiled_before_the_kernels_fail_gives_the_cpu_passes_results(f
     for step in steps:
         for actual, wanted in zip(step, expected, strict=True):
             torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_graph_compiled_before_the_kernels_fail_is_compiled_anew_with_the_cpu_passes(forced_gpu_path, monkeypatch):
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    failing_launches(monkeypatch, raise_compilation_error)
+    compiled = torch.compile(neighbour_conv, backend=capture, fullgraph=True)
+    inputs = (torch.randn(2, 6, 4), torch.randint(0, 6, (2, 6, 3)), torch.randn(2, 6, 3), torch.randn(4, 3),
+              torch.randn(4, 4))
+    with pytest.warns(TritonFallbackWarning):
+        for _ in range(3):
+            compiled(*inputs)
+    torch._dynamo.reset()
+    assert [sorted(name for name in graph if name.startswith("convnn.")) for graph in graphs] == [
+        ["convnn.slot_gather"], ["convnn.neighbour_bags.default"]]
