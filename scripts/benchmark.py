@@ -340,7 +340,7 @@ def print_tables(layers, models, data, operations, header):
 
 def model_cases(text: str) -> Optional[Tuple[Tuple[int, int, float], ...]]:
     """The (image size, patch size, dropout) cases of ``--model_cases`` ("32/4/0.1,224/16/0.1"), or None where one
-    is not three numbers with the patch dividing the image."""
+    is not three numbers, the patch dividing the image and the dropout in [0, 1)."""
     cases = []
     for case in text.split(","):
         try:

@@ -13,7 +13,11 @@
 set -u
 
 REPOSITORY=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -x $REPOSITORY/.venv/bin/python ]]; then PYTHON=${PYTHON:-$REPOSITORY/.venv/bin/python}; else PYTHON=${PYTHON:-python3}; fi
+if [[ -x $REPOSITORY/.venv/bin/python ]]; then
+    PYTHON=${PYTHON:-$REPOSITORY/.venv/bin/python}
+else
+    PYTHON=${PYTHON:-python3}
+fi
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 DEVICE=${DEVICE:-cuda}
 DRY_RUN=${DRY_RUN:-0}
@@ -99,16 +103,17 @@ for dtype in float32 bfloat16; do
     amp=()
     [[ $dtype == bfloat16 ]] && amp=(--amp --amp_dtype bfloat16)
     if wanted "benchmark_layers_$dtype"; then
-        run_step "benchmark_layers_$dtype" "$BENCHMARK_LAYERS_SECONDS" "$PYTHON" scripts/benchmark.py --device "$DEVICE" \
-            "${amp[@]}" --parts layers,operations --repeats 20 --warmup 3 --json "$OUT/benchmark_layers_$dtype.json"
+        run_step "benchmark_layers_$dtype" "$BENCHMARK_LAYERS_SECONDS" "$PYTHON" scripts/benchmark.py \
+            --device "$DEVICE" "${amp[@]}" --parts layers,operations --repeats 20 --warmup 3 \
+            --json "$OUT/benchmark_layers_$dtype.json"
     fi
 done
 for dtype in float32 bfloat16; do
     amp=()
     [[ $dtype == bfloat16 ]] && amp=(--amp --amp_dtype bfloat16)
     if wanted "benchmark_models_$dtype"; then
-        run_step "benchmark_models_$dtype" "$BENCHMARK_MODELS_SECONDS" "$PYTHON" scripts/benchmark.py --device "$DEVICE" \
-            "${amp[@]}" --parts models --model_cases 32/4/0.1,224/16/0.1 --repeats 20 --warmup 3 \
+        run_step "benchmark_models_$dtype" "$BENCHMARK_MODELS_SECONDS" "$PYTHON" scripts/benchmark.py \
+            --device "$DEVICE" "${amp[@]}" --parts models --model_cases 32/4/0.1,224/16/0.1 --repeats 20 --warmup 3 \
             --json "$OUT/benchmark_models_$dtype.json"
     fi
 done
@@ -119,6 +124,9 @@ fi
 
 [[ $DRY_RUN == 1 ]] && exit 0
 
+# Lines of the logs that go into the summary: tables, the device check's verdict, the profile's totals.
+SUMMARY_LINES='^\||^[0-9]+ combinations|^aggregation on|Triton kernels could not|^Where one|^[A-Za-z]+: [0-9.]+ ms'
+
 # Summary: a row per step, the device check's and the benchmarks' tables, and every fallback to the CPU passes.
 {
     echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE"
@@ -126,7 +134,7 @@ fi
     echo "| step | result | seconds | limit |"
     echo "|---|---|---|---|"
     passed=0 failed=0
-    for status_file in $(ls -tr "$LOGS"/*.status 2>/dev/null); do
+    while IFS= read -r status_file; do
         name=$(basename "$status_file" .status)
         read -r code elapsed limit <"$status_file"
         case $code in
@@ -135,14 +143,17 @@ fi
             *) result="failed (exit $code)"; failed=$((failed + 1)) ;;
         esac
         echo "| $name | $result | $elapsed | $limit |"
-    done
+    done < <(ls -tr "$LOGS"/*.status 2>/dev/null)  # in the order the steps ended
     echo
     echo "$passed passed, $failed did not pass; each step's output is in logs/STEP.log."
-    fallbacks=$(grep -l "TritonFallbackWarning" "$LOGS"/*.log 2>/dev/null)
+    fallbacks=()
+    for log in "$LOGS"/*.log; do
+        grep -q TritonFallbackWarning "$log" 2>/dev/null && fallbacks+=("$(basename "$log")")
+    done
     echo
-    if [[ -n $fallbacks ]]; then
-        echo "The Triton kernels could not compile or launch (the CPU passes ran instead) in: $(basename -a $fallbacks | tr '\n' ' ')"
-        grep -h -m1 "TritonFallbackWarning" $fallbacks | head -1
+    if ((${#fallbacks[@]})); then
+        echo "The Triton kernels could not compile or launch (the CPU passes ran instead) in: ${fallbacks[*]}"
+        grep -h -m1 TritonFallbackWarning "$LOGS/${fallbacks[0]}"
     else
         echo "No step fell back from the Triton kernels to the CPU passes."
     fi
@@ -152,8 +163,7 @@ fi
             echo
             echo "## $log"
             echo
-            grep -E '^\||^[0-9]+ combinations|^aggregation on|Triton kernels could not|^Where one|^[A-Za-z]+: [0-9.]+ ms' \
-                "$LOGS/$log.log"
+            grep -E "$SUMMARY_LINES" "$LOGS/$log.log"
         fi
     done
 } >"$OUT/summary.md"
