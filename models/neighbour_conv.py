@@ -37,14 +37,23 @@ forward and one backward (``models/neighbour_conv_triton.py``), around the proje
 products: the backward adds into the gradients of ``v`` and of the kernel atomically. Triton is
 imported only there, and only used where installed and where deterministic algorithms are not
 requested (atomic additions make float sums vary in their last bits from run to run); otherwise
-GPUs take the CPU's passes, whose operations all have GPU kernels.
+GPUs take the CPU's passes, whose operations all have GPU kernels. Where Triton cannot compile or
+launch the kernels (no usable Triton, no C compiler for its launcher, a GPU its compiler does not
+support), the first failure is reported once as a ``TritonFallbackWarning`` and the process takes the
+CPU's passes from then on, the failed call included. A graph compiled before the failure computes that
+call's kernel sums with plain tensor operations instead, and is compiled anew with the CPU's passes at its
+next call (the compiler guards on the recorded failure).
 """
 
 import importlib
 import importlib.util
 import itertools
+import subprocess
+import sys
 import threading
-from typing import List, NamedTuple, Optional, Tuple
+import warnings
+from types import ModuleType
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -326,9 +335,25 @@ def _input_gradients(ctx, grad_out: Tensor):
 _forward_operator.register_autograd(_input_gradients, setup_context=_save_inputs)
 
 
-def _uses_triton(source: Tensor) -> bool:
-    """Whether the aggregation takes the GPU path (the tests force it, to run its kernels interpreted)."""
+class TritonFallbackWarning(RuntimeWarning):
+    """Triton could not compile or launch the aggregation's kernels here; the CPU's passes run instead."""
+
+
+# Why Triton could not compile or launch the kernels in this process, once a launch has failed; from then on the
+# aggregation takes the CPU's passes, without trying the kernels again.
+_triton_failure: Optional[str] = None
+
+
+def _kernels_apply_to(source: Tensor) -> bool:
+    """Whether the Triton kernels are meant for ``source``: on a CUDA device, with Triton installed, and without
+    deterministic algorithms requested (the tests force it, to run the kernels interpreted)."""
     return source.is_cuda and _TRITON_INSTALLED and not torch.are_deterministic_algorithms_enabled()
+
+
+def _uses_triton(source: Tensor) -> bool:
+    """Whether the aggregation takes the GPU path: the kernels are meant for ``source`` and have not failed to
+    compile or launch in this process."""
+    return _triton_failure is None and _kernels_apply_to(source)
 
 
 def takes_gpu_path(source: Tensor) -> bool:
@@ -336,16 +361,91 @@ def takes_gpu_path(source: Tensor) -> bool:
     return _uses_triton(source)
 
 
-def _triton_kernels():
-    return importlib.import_module("models.neighbour_conv_triton")
+def _raised_inside_triton(error: BaseException) -> bool:
+    """Whether ``error`` passed through Triton's own code, whose launcher and compiler drivers raise plain
+    ``RuntimeError``s and ``OSError``s that would otherwise look like anyone's."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "triton":
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _cannot_compile_or_launch(error: Exception) -> bool:
+    """Whether ``error``, raised while importing or launching the kernels, says that Triton cannot compile or
+    launch them here (a Triton that does not import, a kernel its compiler rejects, no C compiler for its
+    launcher, a driver or GPU it does not support) rather than something the CPU's passes would only hide: a
+    memory shortage, a bad argument, a kernel failing in Triton's interpreter."""
+    if isinstance(error, ImportError):
+        return True
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    interpreter_errors = sys.modules.get("triton.runtime.errors")
+    if interpreter_errors is not None and isinstance(error, interpreter_errors.InterpreterError):
+        return False
+    triton_errors = sys.modules.get("triton.errors")
+    if triton_errors is not None and isinstance(error, triton_errors.TritonError):
+        return True
+    return isinstance(error, (RuntimeError, OSError, subprocess.SubprocessError)) and _raised_inside_triton(error)
+
+
+def _failure_summary(error: Exception) -> str:
+    """``error``'s type and the first line of its message (a compilation error's is the compiler's, not the
+    source excerpt before it)."""
+    message = getattr(error, "error_message", None) or str(error)
+    first_line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first_line[:300]}" if first_line else type(error).__name__
+
+
+def _launched(launch: Callable[[ModuleType], None]) -> bool:
+    """Runs ``launch`` with the kernels' module; False, without running it, once Triton could not compile or
+    launch a kernel in this process. The first such failure warns, once per process; other errors are raised."""
+    global _triton_failure
+    if _triton_failure is not None:
+        return False
+    try:
+        launch(importlib.import_module("models.neighbour_conv_triton"))
+        return True
+    except Exception as error:
+        if not _cannot_compile_or_launch(error):
+            raise
+        _triton_failure = _failure_summary(error)
+    warnings.warn(f"ConvNN-Attention: Triton cannot compile or launch its kernels here ({_triton_failure}); "
+                  "the aggregation takes the CPU's passes (same results, slower) from now on",
+                  TritonFallbackWarning, stacklevel=2)
+    return False
+
+
+def _accumulation_dtype(table: Tensor) -> torch.dtype:
+    return torch.float64 if table.dtype == torch.float64 else torch.float32
+
+
+def _slot_rows(neighbours: Tensor, slot_stride: int) -> Tensor:
+    """``(B, N, K)``: the row that token ``i``'s slot ``k`` reads in the table viewed as ``(-1, C)`` (rows of one
+    segment per slot, with a slot stride, as rows of their own)."""
+    batch, seq_len, slots = neighbours.shape
+    rows = neighbours + torch.arange(batch, device=neighbours.device).view(batch, 1, 1) * seq_len
+    return rows * slots + torch.arange(slots, device=neighbours.device) if slot_stride else rows
+
+
+def _gathered_slots(table: Tensor, neighbours: Tensor, scale: Optional[Tensor], slot_stride: int,
+                    channels: int) -> Tensor:
+    """``(B, N, K, C)``: ``scale[:, k] * table[row(i,k), k]`` in the kernels' accumulation type."""
+    gathered = table.reshape(-1, channels)[_slot_rows(neighbours, slot_stride)].to(_accumulation_dtype(table))
+    return gathered if scale is None else gathered * scale.t().to(gathered.dtype)
 
 
 @torch.library.custom_op("convnn::slot_gather", mutates_args=())
 def _slot_gather(table: Tensor, neighbours: Tensor, weights: Tensor, scale: Optional[Tensor], slot_stride: int,
                  channels: int) -> Tensor:
-    """``out_i = sum_k w_ik scale[:, k] * table[row(i,k), k]`` in one kernel (see ``neighbour_conv_triton``)."""
+    """``out_i = sum_k w_ik scale[:, k] * table[row(i,k), k]`` in one kernel (see ``neighbour_conv_triton``), or
+    with tensor operations where the kernel cannot run (after the GPU path was traced into a compiled graph)."""
     out = table.new_empty(neighbours.shape[0], neighbours.shape[1], channels)
-    _triton_kernels().forward(table, neighbours.contiguous(), weights.contiguous(), scale, slot_stride, out)
+    neighbours, weights = neighbours.contiguous(), weights.contiguous()
+    if not _launched(lambda kernels: kernels.forward(table, neighbours, weights, scale, slot_stride, out)):
+        gathered = _gathered_slots(table, neighbours, scale, slot_stride, channels)
+        out.copy_((weights.to(gathered.dtype).unsqueeze(-2) @ gathered).squeeze(-2))
     return out
 
 
@@ -369,8 +469,21 @@ def _slot_gather_backward(grad_out: Tensor, table: Tensor, neighbours: Tensor, w
     """Adds the gradients of the table, of the weights and of the scale, in that order, into ``accumulators``
     (zeroed by the caller): one kernel."""
     grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
-    _triton_kernels().backward(grad_out.contiguous(), table, neighbours.contiguous(), weights.contiguous(), scale,
-                               slot_stride, grad_table, grad_scale, grad_weights)
+    grad_out, neighbours, weights = grad_out.contiguous(), neighbours.contiguous(), weights.contiguous()
+    if _launched(lambda kernels: kernels.backward(grad_out, table, neighbours, weights, scale, slot_stride,
+                                                  grad_table, grad_scale, grad_weights)):
+        return
+    channels = grad_out.shape[-1]
+    values = _gathered_slots(table, neighbours, None, slot_stride, channels)
+    grad = grad_out.to(values.dtype).unsqueeze(-2)
+    token_weights = weights.to(values.dtype)
+    if scale is not None:
+        grad_scale.copy_(torch.einsum("bnk,bnkc->ck", token_weights, grad * values))
+        grad = grad * scale.t().to(values.dtype)
+    grad_weights.copy_((grad * values).sum(-1))
+    slot_grads = (token_weights.unsqueeze(-1) * grad).expand_as(values)
+    grad_table.zero_().view(-1, channels).index_add_(0, _slot_rows(neighbours, slot_stride).reshape(-1),
+                                                     slot_grads.reshape(-1, channels))
 
 
 @_slot_gather_backward.register_fake
@@ -415,6 +528,8 @@ class _TritonNeighbourConv(torch.autograd.Function):
         size = table.numel() + weights.numel() + (0 if scale is None else scale.numel())
         accumulators = torch.zeros(size, dtype=accumulate, device=table.device)
         torch.ops.convnn.slot_gather_backward(grad_out, table, neighbours, weights, scale, slot_stride, accumulators)
+        if _triton_failure is not None:  # the kernel could not run: the CPU's passes' gradients, as later calls get
+            return _input_gradients(ctx, grad_out)
         grad_table, grad_weights, grad_scale = _accumulated(accumulators, table, weights, scale)
         grad_table, grad_weights = grad_table.to(table.dtype), grad_weights.to(weights.dtype)
         if scale is None:
@@ -450,5 +565,8 @@ def neighbour_conv(source: Tensor, neighbours: Tensor, weights: Tensor, kernel: 
     Returns ``(B, N, C_out)``.
     """
     if _uses_triton(source):
-        return _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+        out = _TritonNeighbourConv.apply(source, neighbours, weights, kernel, value_weight)
+        if _triton_failure is None:
+            return out
+        # This call found that the kernel cannot run: the CPU's passes' result, as every later call gets.
     return _forward_operator(source, neighbours, weights, kernel, value_weight)

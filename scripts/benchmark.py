@@ -53,9 +53,9 @@ import models.neighbour_conv as neighbour_conv_module  # noqa: E402
 import dataset  # noqa: E402
 from models.vit import ViT, build_layer  # noqa: E402
 from models.vit_layers import options_from  # noqa: E402
-from settings import CommandLineParser  # noqa: E402
-from train_eval import AMP_DTYPE, compile_network  # noqa: E402
+from train_eval import AMP_DTYPE, AMP_DTYPES, compile_network  # noqa: E402
 from utils import device_problem, synchronize  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 
 PARTS = ("layers", "models", "data", "operations")
 SHAPES = ((32, 65), (32, 197), (8, 1025))
@@ -258,7 +258,11 @@ def model_table(device, dtype, repeats, warmup, batch, compile_modes, cases=MODE
                 runnable = compile_network(model, "default", device) if compiled else model
                 names.append((layer, "compiled" if compiled else "eager"))
                 steps.append(training_step(runnable, optimizer, images, labels, dtype, device))
+        started = time.perf_counter()
         measured = dict(zip(names, interleaved_timings(steps, repeats, warmup, device)))
+        # Compiling takes most of this table's time: a line per case shows how far a run that was stopped got.
+        print(f"models: {img_size} px / patch {patch}, dropout {dropout:g} measured in "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         for (layer, mode), timing in measured.items():
             attention = measured[("Attention", mode)]
             # Images per second compare as the inverse of the times: Attention's time over this layer's.
@@ -334,6 +338,21 @@ def print_tables(layers, models, data, operations, header):
             print(f"| {r['layer']} | {r['operations']} | {largest} |")
 
 
+def model_cases(text: str) -> Optional[Tuple[Tuple[int, int, float], ...]]:
+    """The (image size, patch size, dropout) cases of ``--model_cases`` ("32/4/0.1,224/16/0.1"), or None where one
+    is not three numbers, the patch dividing the image and the dropout in [0, 1)."""
+    cases = []
+    for case in text.split(","):
+        try:
+            image, patch, dropout = case.split("/")
+            cases.append((int(image), int(patch), float(dropout)))
+        except ValueError:
+            return None
+    if not all(image > 0 and patch > 0 and image % patch == 0 and 0 <= dropout < 1 for image, patch, dropout in cases):
+        return None
+    return tuple(cases)
+
+
 def argument_problems(args, parts) -> list:
     """One line per flag the run could not use, found before anything is measured."""
     problems = []
@@ -352,6 +371,11 @@ def argument_problems(args, parts) -> list:
         problems.append(f"--warmup: must be >= 0, got {args.warmup}")
     if args.model_batch < 1:
         problems.append(f"--model_batch: must be >= 1, got {args.model_batch}")
+    if model_cases(args.model_cases) is None:
+        problems.append(f"--model_cases: comma-separated IMAGE/PATCH/DROPOUT cases, the patch dividing the image and "
+                        f"the dropout in [0, 1), e.g. 32/4/0.1,224/16/0.1; got {args.model_cases}")
+    if args.amp_dtype is not None and not args.amp:
+        problems.append(f"--amp_dtype: {args.amp_dtype} applies under autocast only; add --amp")
     folder = Path(args.json).parent
     if Path(args.json).is_dir():
         problems.append(f"--json: {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'benchmark.json'}")
@@ -360,10 +384,12 @@ def argument_problems(args, parts) -> list:
     return problems
 
 
-def main(argv=None):
+def build_parser() -> CommandLineParser:
     parser = CommandLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA/MPS, bfloat16 on CPU)")
+    parser.add_argument("--amp_dtype", choices=list(AMP_DTYPES), default=None,
+                        help="with --amp: the autocast dtype instead of the device's default")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed steps per row (the data part: batches timed after the first, at least 2)")
@@ -371,6 +397,14 @@ def main(argv=None):
     parser.add_argument("--model_batch", type=int, default=32)
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled whole-model rows")
     parser.add_argument("--json", default="benchmark.json")
+    parser.add_argument("--model_cases", default=",".join(f"{image}/{patch}/{dropout:g}"
+                                                          for image, patch, dropout in MODEL_CASES),
+                        help="the model table's IMAGE/PATCH/DROPOUT cases, comma-separated")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     problems = argument_problems(args, parts)
@@ -378,15 +412,17 @@ def main(argv=None):
         parser.error(problems[0])
 
     device = torch.device(args.device)
-    dtype = AMP_DTYPE[device.type] if args.amp else None
+    dtype = None
+    if args.amp:
+        dtype = AMP_DTYPES[args.amp_dtype] if args.amp_dtype else AMP_DTYPE[device.type]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"{time.strftime('%Y-%m-%d')}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
               f"torch {torch.__version__}, {'AMP ' + str(dtype).split('.')[-1] if dtype else 'float32'}")
     torch.manual_seed(0)
     layers = layer_table(device, dtype, args.repeats, args.warmup) if "layers" in parts else []
     compile_modes = (False,) if args.no_compile else (False, True)
-    models = (model_table(device, dtype, args.repeats, args.warmup, args.model_batch, compile_modes)
-              if "models" in parts else [])
+    models = (model_table(device, dtype, args.repeats, args.warmup, args.model_batch, compile_modes,
+                          model_cases(args.model_cases)) if "models" in parts else [])
     data = data_table(device, batches=args.repeats, batch_size=args.model_batch) if "data" in parts else []
     operations = operation_table(device) if "operations" in parts else []
     print_tables(layers, models, data, operations, header)

@@ -7,7 +7,8 @@ markdown table of both and their ratios.
     python scripts/benchmark_convnn.py --batch 32 --tokens 197 --width 192 --K 9
 
 With ``--profile`` it prints instead where the time of a forward+backward step goes, by operator
-(``torch.profiler``, self CPU time), for ConvNN-Attention and for ``Attention``; with ``--chunks 2,4,6,8``
+(``torch.profiler``, self CPU time, and with ``--device cuda`` also self GPU time, kernel by kernel), for
+ConvNN-Attention and for ``Attention``; with ``--chunks 2,4,6,8``
 the layer's forward+backward time at each chunk budget of the CPU aggregation (MiB), side by side with
 ``Attention``'s, and with ``--runs 5`` that comparison five times over, since one run on a shared machine
 can be off by more than the difference it measures.
@@ -27,6 +28,7 @@ from benchmark import interleaved_medians, saved_bytes  # noqa: E402
 from models.vit import build_layer  # noqa: E402
 from models.vit_layers import MultiHeadConvNNAttention, options_from  # noqa: E402
 from scripts.convnn_reference import reference_convnn  # noqa: E402
+from utils import device_problem, synchronize  # noqa: E402
 from settings import CommandLineParser  # noqa: E402
 
 
@@ -52,40 +54,51 @@ def compare_with_reference(args):
               f"| {fast_saved / 2**20:.1f} | {plain_saved / 2**20:.1f} | {fast_saved / plain_saved:.3f} |")
 
 
-def operator_shares(step, steps: int):
-    """Self CPU milliseconds per step, and ``(operator, share of that time, calls per step)`` largest first."""
+def operator_shares(step, steps: int, device: torch.device = torch.device("cpu")):
+    """Per kind of time (``"CPU"``, and ``"GPU"`` on CUDA): self milliseconds per step, and ``(operator, share of
+    that time, calls per step)`` largest first. GPU time is that of the kernels, each named as launched."""
     for _ in range(2):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiled:
         for _ in range(steps):
             step()
-    events = [event for event in profiled.key_averages() if event.self_cpu_time_total > 0]
-    total = sum(event.self_cpu_time_total for event in events)
-    shares = sorted(((event.key, event.self_cpu_time_total / total, event.count / steps) for event in events),
-                    key=lambda share: -share[1])
-    return total / steps / 1e3, shares
+        synchronize(device)
+    kinds = {"CPU": "self_cpu_time_total"}
+    if device.type == "cuda":
+        kinds["GPU"] = "self_device_time_total"
+    result = {}
+    for kind, attribute in kinds.items():
+        events = [event for event in profiled.key_averages() if getattr(event, attribute) > 0]
+        total = sum(getattr(event, attribute) for event in events)
+        shares = sorted(((event.key, getattr(event, attribute) / total, event.count / steps) for event in events),
+                        key=lambda share: -share[1])
+        result[kind] = (total / steps / 1e3, shares)
+    return result
 
 
 def print_profile(args, top: int = 8):
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
-    print(f"Where one forward+backward goes, B={args.batch} N={args.tokens} D={args.width} K={args.K}, "
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, args.tokens, args.width, device=device, requires_grad=True)
+    print(f"Where one forward+backward goes on {device}, B={args.batch} N={args.tokens} D={args.width} K={args.K}, "
           f"depthwise, sampling all, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in ("ConvNNAttention", "Attention"):
         layer = build_layer(name, d_hidden=args.width, num_heads=3, attention_dropout=0.0, num_tokens=args.tokens,
-                            **options_from(name, dict(K=args.K))).train()
+                            **options_from(name, dict(K=args.K))).to(device).train()
 
         def step(layer=layer):
             layer(x).sum().backward()
             x.grad = None
             layer.zero_grad(set_to_none=True)  # as a training step does, so no gradient is accumulated
 
-        per_step, shares = operator_shares(step, args.repeats)
-        print(f"\n{name}: {per_step:.1f} ms of self CPU time per step (under the profiler)\n")
-        print("| operator | share | calls per step |")
-        print("|---|---|---|")
-        for key, share, calls in shares[:top]:
-            print(f"| `{key}` | {share:.0%} | {calls:g} |")
+        for kind, (per_step, shares) in operator_shares(step, args.repeats, device).items():
+            print(f"\n{name}: {per_step:.2f} ms of self {kind} time per step (under the profiler)\n")
+            print("| operator | share | calls per step |")
+            print("|---|---|---|")
+            for key, share, calls in shares[:top]:
+                print(f"| `{key}` | {share:.0%} | {calls:g} |")
 
 
 def compare_chunk_budgets(args):
@@ -135,7 +148,7 @@ def chunk_budgets(text: str):
     return budgets if all(budget > 0 for budget in budgets) else None
 
 
-def main(argv=None):
+def build_parser() -> CommandLineParser:
     parser = CommandLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=197)
@@ -148,7 +161,19 @@ def main(argv=None):
     parser.add_argument("--chunks", help="comma-separated chunk budgets in MiB to compare instead")
     parser.add_argument("--runs", type=int, default=1,
                         help="with --chunks: repeat the interleaved comparison, printing each run's ratio")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
+                        help="with --profile: the device to profile on (the other modes measure the CPU)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    unusable_device = device_problem(args.device)
+    if unusable_device:
+        parser.error(f"--device: {unusable_device}")
+    if args.device != "cpu" and not args.profile:
+        parser.error(f"--device: only --profile runs on {args.device}; the other modes measure the CPU")
     for flag in ("batch", "tokens", "width", "K", "repeats", "runs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
