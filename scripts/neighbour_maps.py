@@ -329,7 +329,7 @@ def draw_attention_panel(axes, picture: Tensor, side: int, query: int, probabili
     faded = 0.5 + 0.5 * (picture - 0.5)
     axes.imshow(faded.numpy(), extent=(0, side, side, 0), interpolation="nearest")
     heat = probabilities[1:].view(side, side)
-    axes.imshow(heat.numpy(), extent=(0, side, side, 0), interpolation="nearest", cmap="Oranges", alpha=0.75,
+    axes.imshow(heat.numpy(), extent=(0, side, side, 0), interpolation="nearest", cmap="Oranges", alpha=0.6,
                 vmin=0.0, vmax=max(heat.max().item(), 1e-12))
     _badge(axes, f"CLS: {probabilities[CLASS_TOKEN].item():.2f}")
     if query != CLASS_TOKEN:

@@ -69,6 +69,17 @@ def draw_spectrum(path: str, measured: List[Tuple[str, List[Dict]]], uniform_dis
     neighbour_maps.save_figure(figure, path, DPI)
 
 
+def spectrum_table(measured: List[Tuple[str, List[Dict]]]) -> str:
+    """A line per run (and branch): its mean distance per block, then its class-token share per block."""
+    lines = []
+    for label, rows in measured:
+        for name, _, members in run_series(label, rows):
+            distances = " ".join(f"{row['mean_distance']:.3f}" for row in members)
+            shares = " ".join(f"{row['class_token_fraction']:.3f}" for row in members)
+            lines.append(f"{name}: distance per block {distances}; class-token share {shares}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> str:
-    """Measures the runs, draws the figure, prints and returns its path."""
+    """Measures the runs, draws the figure, prints the numbers and the figure's path, and returns the path."""
     parser = build_parser()
     options = parser.parse_args(argv)
     for flag in ("max_images", "batch_size"):
@@ -115,6 +126,8 @@ def main(argv: Optional[List[str]] = None) -> str:
     uniform = neighbour_maps.reference_distances(sides[0])["uniform patch"]
     title = f"Convolution-to-attention spectrum on the {sides[0]}x{sides[0]} patch grid ({loaded[0][2].dataset})"
     draw_spectrum(options.output, list(zip(labels, measured)), uniform, title)
+    print(spectrum_table(list(zip(labels, measured))))
+    print(f"uniform patch: {uniform:.3f}")
     print(options.output)
     return options.output
 
