@@ -152,9 +152,11 @@ def test_maps_and_summary_of_a_trained_run(tiny_argv, tmp_path, capsys, K, flags
     for path in paths[:2]:
         assert open(path, "rb").read(8) == PNG_SIGNATURE
     rows = read_summary(out / "summary.csv")
-    assert len(rows) == 2  # one per block
+    convnn_rows = [row for row in rows if row["kind"] == "ConvNN"]
+    assert [row["block"] for row in convnn_rows] == ["0", "1"]
+    assert len(rows) == (4 if flags[1] == "BranchConv" else 2)  # BranchConv: also its Conv1d branch per block
     farthest = math.dist((0, 0), (GRID_SIDE - 1, GRID_SIDE - 1))
-    for row in rows:
+    for row in convnn_rows:
         assert 0 <= float(row["mean_distance"]) <= farthest
         assert 0 <= float(row["class_token_fraction"]) <= 1
         assert int(row["patch_selections"]) + int(row["class_token_selections"]) == 40 * 16 * K  # images x patches x K
