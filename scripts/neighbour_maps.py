@@ -22,6 +22,7 @@ The neighbours and probabilities are those the layers' own forward pass used (``
 import argparse
 import csv
 import io
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -485,7 +486,8 @@ def layer_rows(name: str, kind: str, tallies: List[DistanceTally]) -> List[Dict]
         values = {"layer": name, "label": row_label, "kind": kind, "block": block_index(name), "head": head,
                   "mean_distance": tally.mean_distance, "class_token_fraction": tally.class_token_fraction}
         if kind == CONVNN:
-            values.update(patch_selections=round(tally.patch_mass), class_token_selections=round(tally.class_token_mass))
+            values.update(patch_selections=round(tally.patch_mass),
+                          class_token_selections=round(tally.class_token_mass))
         return values
 
     pooled = row("all", sum(tallies, DistanceTally()), label)
@@ -543,6 +545,7 @@ def reference_distances(side: int, K: Optional[int] = None) -> Dict[str, float]:
     return references
 
 
+REFERENCE_STYLES = {"K nearest patches": "--", "uniform patch": ":"}
 SUMMARY_COLUMNS = ["layer", "kind", "block", "head", "mean_distance", "class_token_fraction", "patch_selections",
                    "class_token_selections"]
 
@@ -566,7 +569,9 @@ def summary_table(rows: List[Dict]) -> str:
 def series_name(row: Dict) -> str:
     """The line a summary row belongs to in the figures: the layer kind, or the branch of a branching layer."""
     branch = branch_name(row["layer"])
-    return f"{branch} branch" if branch else {ATTENTION: "attention", CONVNN: "ConvNN", CONVOLUTION: "Conv1d"}[row["kind"]]
+    if branch:
+        return f"{branch} branch"
+    return {ATTENTION: "attention", CONVNN: "ConvNN", CONVOLUTION: "Conv1d"}[row["kind"]]
 
 
 def draw_summary(path: str, rows: List[Dict], references: Dict[str, float], title: str) -> None:
@@ -587,9 +592,11 @@ def draw_summary(path: str, rows: List[Dict], references: Dict[str, float], titl
                                   color=colour, alpha=0.5)
         share_axes.bar([block + (number - (len(series) - 1) / 2) * width for block in blocks],
                        [row["class_token_fraction"] for row in members], width=width, color=colour, label=name)
-    for (name, value), style in zip(references.items(), ("--", ":")):
-        distance_axes.axhline(value, color="grey", linestyle=style, label=f"{name}: {value:.2f}")
-    distance_axes.set(ylabel="mean distance (patches)", ylim=(0, None))
+    for name, value in references.items():
+        distance_axes.axhline(value, color="grey", linestyle=REFERENCE_STYLES[name], label=f"{name}: {value:.2f}")
+    drawn = [row["mean_distance"] for row in rows if not math.isnan(row["mean_distance"])] + list(references.values())
+    # Headroom above the highest line keeps the legend off it.
+    distance_axes.set(ylabel="mean distance (patches)", ylim=(0, 1.3 * max(drawn)))
     distance_axes.set_title("Distance from a patch to the patches\nit selects or attends to (dots: heads)",
                             fontsize=9)
     distance_axes.legend(fontsize=7)

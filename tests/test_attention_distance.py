@@ -122,7 +122,8 @@ def test_collected_records_follow_forward_order_and_recording_is_switched_off():
                 d_hidden=16, d_mlp=16, layer_options={"K": 3}).eval()
     records = neighbour_maps.collect_records(model, torch.randn(2, 3, 32, 32))
     assert [neighbour_maps.layer_label(record.name) for record in records] == [
-        "block 0 (ConvNN branch)", "block 0 (attention branch)", "block 1 (ConvNN branch)", "block 1 (attention branch)"]
+        "block 0 (ConvNN branch)", "block 0 (attention branch)",
+        "block 1 (ConvNN branch)", "block 1 (attention branch)"]
     assert records[1].probabilities.shape == (2, 2, TOKENS, TOKENS)
     branches = [module for module in model.modules() if isinstance(module, MultiHeadBranchingAttention)]
     assert all(not b.attention.record_attention and b.attention.last_attention is None for b in branches)

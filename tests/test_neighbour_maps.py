@@ -107,7 +107,8 @@ def test_candidates_are_shaded_and_a_selected_class_token_gets_a_badge():
 def test_summary_titles_fit_the_figure(tmp_path, saved_figures, blocks, branch):
     names = [".attention.convnn", ".attention.attention"] if branch else [".attention"]
     rows = [{"layer": f"transformer_encoder.{block}{suffix}", "kind": kind, "block": block, "head": "all",
-             "mean_distance": 3.0, "class_token_fraction": 0.05, "head_distances": [2.5, 3.5] if kind == "attention" else []}
+             "mean_distance": 3.0, "class_token_fraction": 0.05,
+             "head_distances": [2.5, 3.5] if kind == "attention" else []}
             for block in range(blocks) for suffix, kind in zip(names, ["ConvNN", "attention"])]
     references = neighbour_maps.reference_distances(8, 9)
     title = "BranchAttention K=9, spatial sampling, Cosine similarity"
