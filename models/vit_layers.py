@@ -53,7 +53,31 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, seq_len, heads * head_width)
 
 
-class MultiHeadAttention(nn.Module):
+class RecordsAttention(nn.Module):
+    """A layer that forms softmax attention probabilities ``(B, H, N, N)`` (query rows, key columns).
+
+    Set ``record_attention`` to keep those of the latest forward pass, before dropout, in ``last_attention``,
+    for inspecting where the layer attends; off, it costs nothing.
+    """
+
+    record_attention = False
+    last_attention: Optional[Tensor] = None
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``scaled_dot_product_attention(q, k, v, mask)`` with the layer's dropout; while recording, the same
+        computed step by step, because the fused kernel does not return the probabilities."""
+        dropout = self.attention_dropout if self.training else 0.0
+        if not self.record_attention:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1)
+        self.last_attention = probabilities.detach()
+        return F.dropout(probabilities, dropout) @ v
+
+
+class MultiHeadAttention(RecordsAttention):
     """Standard multi-head self-attention through PyTorch's fused kernel."""
 
     options = ()
@@ -71,9 +95,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.W_q, self.W_k, self.W_v))
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return self.W_o(_merge_heads(out))
+        return self.W_o(_merge_heads(self._attend(q, k, v)))
 
 
 def _token_coordinates(seq_len: int, like: Tensor) -> Tensor:
@@ -356,7 +378,7 @@ class MultiHeadConvNNAttention(nn.Module):
         return self.W_o(self.dropout(self._aggregate(x, neighbours, weights)))
 
 
-class MultiHeadKvtAttention(nn.Module):
+class MultiHeadKvtAttention(RecordsAttention):
     """k-NN attention (KVT): each query keeps exactly its ``K`` largest scores before the softmax."""
 
     options = ("K",)
@@ -381,8 +403,10 @@ class MultiHeadKvtAttention(nn.Module):
         scores = (q @ k.transpose(-1, -2)) * self.scale
         kept, index = torch.topk(scores, self.K, dim=-1)
         scores = torch.full_like(scores, float("-inf")).scatter(-1, index, kept)
-        probabilities = self.dropout(torch.softmax(scores, dim=-1))
-        return self.proj(_merge_heads(probabilities @ v))
+        probabilities = torch.softmax(scores, dim=-1)
+        if self.record_attention:
+            self.last_attention = probabilities.detach()
+        return self.proj(_merge_heads(self.dropout(probabilities) @ v))
 
 
 def rotary_tables(seq_len: int, head_width: int, device, dtype, base: float = 10000.0) -> Tuple[Tensor, Tensor]:
@@ -399,7 +423,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-class MultiHeadLocalAttention(nn.Module):
+class MultiHeadLocalAttention(RecordsAttention):
     """Windowed attention with heads of width 64 and rotary positions (SPEC 2.6)."""
 
     head_width = 64
@@ -425,12 +449,10 @@ class MultiHeadLocalAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         positions = torch.arange(seq_len, device=x.device)
         within = (positions.view(-1, 1) - positions.view(1, -1)).abs() <= self.window
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=within, dropout_p=dropout)
-        return self.to_out(_merge_heads(out))
+        return self.to_out(_merge_heads(self._attend(q, k, v, within)))
 
 
-class MultiHeadSparseAttention(nn.Module):
+class MultiHeadSparseAttention(RecordsAttention):
     """Multi-head attention under a fixed bidirectional sparsity mask (SPEC 2.7)."""
 
     options = ("sparse_mode", "sparse_context_window")
@@ -462,9 +484,7 @@ class MultiHeadSparseAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(x.shape[1], x.device), dropout_p=dropout)
-        return self.out_proj(_merge_heads(out))
+        return self.out_proj(_merge_heads(self._attend(q, k, v, self.mask(x.shape[1], x.device))))
 
 
 class MultiHeadConv1dAttention(nn.Module):

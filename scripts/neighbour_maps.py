@@ -1,28 +1,35 @@
-"""Draw which patches each ConvNN-Attention layer of a trained ViT selects as neighbours.
+"""Draw which patches each ConvNN-Attention layer of a trained ViT selects, and where each attention layer attends.
 
-For a few test images, one PNG per image: a row per query token and a column per ConvNN-Attention
-layer (the ConvNN part of ``BranchConv`` / ``BranchAttention`` layers). Each panel shows the image
-with the query patch outlined in cyan and its ``K`` selected patches outlined in orange, numbered by
-slot (0 = best). With ``random`` or ``spatial`` sampling the candidate patches are shaded white.
-The class token has no patch: as a query its row is labelled ``query CLS``, and a panel whose query
-selected the class token says so in a corner badge.
+For a few test images, one PNG per image: a row per query token and a column per layer. A ConvNN-Attention
+panel (also the ConvNN part of ``BranchConv`` / ``BranchAttention`` layers) shows the image with the query
+patch outlined in cyan and its ``K`` selected patches outlined in orange, numbered by slot (0 = best); with
+``random`` or ``spatial`` sampling the candidate patches are shaded white. An attention panel shades the
+patches by the query's attention probabilities, averaged over the heads. The class token has no patch: as a
+query its row is labelled ``query CLS``; a ConvNN panel whose query selected the class token says so in a
+corner badge, and an attention panel gives the probability on the class token there.
 
-With ``--summary`` it also measures, over the test split, the mean distance on the patch grid
-between a patch and the patches it selects, per layer, and the share of the patches' selections that
-are the class token, and writes ``summary.png`` and ``summary.csv``.
+With ``--summary`` it also measures, over the test split, for every layer (every head of attention
+layers) the mean distance on the patch grid between a patch and the patches it selects or attends to, and
+the share of the patches' selections or attention that is on the class token; for a convolution, the reach
+of its kernel. It writes ``summary.png`` and ``summary.csv``.
 
-The neighbours are those the layers' own forward pass used (``record_selection``), not recomputed.
+The neighbours and probabilities are those the layers' own forward pass used (``record_selection``,
+``record_attention``), not recomputed.
 
     python scripts/neighbour_maps.py ./Output/run --images 0 1 2 --queries 0 10 36 --summary
 """
 
 import argparse
 import csv
+import io
+import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from matplotlib.figure import Figure
@@ -36,7 +43,8 @@ import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import vit_main  # noqa: E402
 from models.vit import ViT  # noqa: E402
-from models.vit_layers import MultiHeadConvNNAttention  # noqa: E402
+from models.vit_layers import MultiHeadConv1dAttention, MultiHeadConvNNAttention, RecordsAttention  # noqa: E402
+from run_files import atomic_write, atomic_write_text  # noqa: E402
 from settings import CommandLineParser  # noqa: E402
 
 CLASS_TOKEN = 0
@@ -113,8 +121,11 @@ def load_test_split(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the layers selected
+# What the layers selected and where they attended
 # ---------------------------------------------------------------------------------------------
+
+ATTENTION, CONVNN, CONVOLUTION = "attention", "ConvNN", "convolution"
+BRANCH_NAMES = {"convnn": "ConvNN", "attention": "attention", "conv1d": "Conv1d"}
 
 
 @dataclass
@@ -127,38 +138,103 @@ class Selection:
     candidates: Optional[Tensor]  # (r,) candidate tokens of sampled modes, None for "all"
 
 
+@dataclass
+class AttentionMap:
+    """The softmax attention probabilities of one attention layer's latest forward pass."""
+
+    name: str
+    probabilities: Tensor  # (B, H, N, N): query rows, key columns
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """How a token-mixing layer is measured: by its selections, its attention probabilities or its kernel's
+    reach; None for modules that mix no tokens themselves (the branching wrappers, linear maps)."""
+    if isinstance(module, MultiHeadConvNNAttention):
+        return CONVNN
+    if isinstance(module, RecordsAttention):
+        return ATTENTION
+    if isinstance(module, MultiHeadConv1dAttention):
+        return CONVOLUTION
+    return None
+
+
+def measured_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """``(name, layer, kind)`` of every token-mixing layer of ``model`` in forward order; a branching layer
+    gives its two branches."""
+    return [(name, module, layer_kind(module)) for name, module in model.named_modules() if layer_kind(module)]
+
+
 def convnn_layers(model: nn.Module) -> List[Tuple[str, MultiHeadConvNNAttention]]:
     """Every ConvNN-Attention layer of ``model`` in forward order, the ConvNN part of branching layers included."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MultiHeadConvNNAttention)]
+    return [(name, module) for name, module, kind in measured_layers(model) if kind == CONVNN]
+
+
+def attention_layers(model: nn.Module) -> List[Tuple[str, RecordsAttention]]:
+    """Every layer of ``model`` that forms softmax attention probabilities, in forward order."""
+    return [(name, module) for name, module, kind in measured_layers(model) if kind == ATTENTION]
+
+
+@contextmanager
+def recording(model: nn.Module):
+    """Within the block every ConvNN-Attention layer records its selection and every attention layer its
+    probabilities; recording is switched off and the recorded tensors are freed after."""
+    convnn, attention = [layer for _, layer in convnn_layers(model)], [layer for _, layer in attention_layers(model)]
+    for layer in convnn:
+        layer.record_selection = True
+    for layer in attention:
+        layer.record_attention = True
+    try:
+        yield
+    finally:
+        for layer in convnn:
+            layer.record_selection = False
+            layer.last_selection = None
+        for layer in attention:
+            layer.record_attention = False
+            layer.last_attention = None
 
 
 @torch.no_grad()
+def collect_records(model: nn.Module, inputs: Tensor) -> List[Union[Selection, AttentionMap]]:
+    """Runs ``model(inputs)`` once and returns what each ConvNN-Attention layer selected and each attention
+    layer's probabilities, one record per layer in forward order (Conv1d layers record nothing)."""
+    records: List[Union[Selection, AttentionMap]] = []
+    with recording(model):
+        model(inputs)
+        for name, layer, kind in measured_layers(model):
+            if kind == CONVNN:
+                neighbours, weights, candidates = layer.last_selection
+                records.append(Selection(name, neighbours.cpu(), weights.cpu(),
+                                         None if candidates is None else candidates.cpu()))
+            elif kind == ATTENTION:
+                records.append(AttentionMap(name, layer.last_attention.cpu()))
+    return records
+
+
 def collect_selections(model: nn.Module, inputs: Tensor) -> List[Selection]:
     """Runs ``model(inputs)`` once with every ConvNN-Attention layer recording its selection and
-    returns those selections, one per layer in forward order. Recording is switched off again after."""
-    layers = convnn_layers(model)
-    for _, layer in layers:
-        layer.record_selection = True
-    try:
-        model(inputs)
-        selections = []
-        for name, layer in layers:
-            neighbours, weights, candidates = layer.last_selection
-            selections.append(Selection(name, neighbours.cpu(), weights.cpu(),
-                                        None if candidates is None else candidates.cpu()))
-    finally:
-        for _, layer in layers:
-            layer.record_selection = False
-            layer.last_selection = None  # free the recorded tensors
-    return selections
+    returns those selections, one per layer in forward order."""
+    return [record for record in collect_records(model, inputs) if isinstance(record, Selection)]
+
+
+def block_index(name: str) -> Optional[int]:
+    """``transformer_encoder.3.attention.convnn`` -> 3; None for a layer outside the encoder blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "transformer_encoder" else None
+
+
+def branch_name(name: str) -> Optional[str]:
+    """``transformer_encoder.3.attention.convnn`` -> ``ConvNN``; None for a layer that is no branch."""
+    parts = name.split(".")
+    return BRANCH_NAMES.get(parts[-1]) if len(parts) > 3 else None
 
 
 def layer_label(name: str) -> str:
     """``transformer_encoder.3.attention.convnn`` -> ``block 3 (ConvNN branch)``."""
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[0] == "transformer_encoder":
-        return f"block {parts[1]}" + (" (ConvNN branch)" if parts[-1] == "convnn" else "")
-    return name or "layer"
+    block, branch = block_index(name), branch_name(name)
+    if block is None:
+        return name or "layer"
+    return f"block {block}" + (f" ({branch} branch)" if branch else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,28 +325,52 @@ def query_label(query: int, side: int) -> str:
     return f"query {query}\n(row {row}, col {col})"
 
 
-def draw_image_maps(path: str, picture: Tensor, selections: List[Selection], sample: int, queries: Sequence[int],
-                    side: int, title: str) -> None:
+def draw_attention_panel(axes, picture: Tensor, side: int, query: int, probabilities: Tensor) -> None:
+    """One attention layer's probabilities ``(N,)`` for one query, averaged over its heads: shaded over the
+    patches, with the class token's share in a corner badge."""
+    faded = 0.5 + 0.5 * (picture - 0.5)
+    axes.imshow(faded.numpy(), extent=(0, side, side, 0), interpolation="nearest")
+    heat = probabilities[1:].view(side, side)
+    axes.imshow(heat.numpy(), extent=(0, side, side, 0), interpolation="nearest", cmap="Oranges", alpha=0.6,
+                vmin=0.0, vmax=max(heat.max().item(), 1e-12))
+    _badge(axes, f"CLS: {probabilities[CLASS_TOKEN].item():.2f}")
+    if query != CLASS_TOKEN:
+        _outline(axes, query, side, QUERY_COLOUR, 2.5)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def draw_image_maps(path: str, picture: Tensor, records: List[Union[Selection, AttentionMap]], sample: int,
+                    queries: Sequence[int], side: int, title: str) -> None:
     """A figure with a row per query and a column per layer for image ``sample`` of the batch."""
-    rows, cols = len(queries), len(selections)
+    rows, cols = len(queries), len(records)
     figure = Figure(figsize=(1.9 * cols + 0.6, 1.9 * rows + 0.6))
     axes_grid = figure.subplots(rows, cols, squeeze=False)
     for row, query in enumerate(queries):
-        for col, selection in enumerate(selections):
+        for col, record in enumerate(records):
             axes = axes_grid[row][col]
-            draw_panel(axes, picture, side, query, selection.neighbours[sample, query].tolist(), selection.candidates)
+            if isinstance(record, Selection):
+                draw_panel(axes, picture, side, query, record.neighbours[sample, query].tolist(), record.candidates)
+            else:
+                draw_attention_panel(axes, picture, side, query, record.probabilities[sample, :, query].mean(0))
             if row == 0:
-                axes.set_title(layer_label(selection.name), fontsize=8)
+                kind = "" if branch_name(record.name) or isinstance(record, Selection) else " (attention)"
+                axes.set_title(layer_label(record.name) + kind, fontsize=8)
             if col == 0:
                 axes.set_ylabel(query_label(query, side), fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    save_figure(figure, path, dpi=80)
+
+
+def save_figure(figure: Figure, path: str, dpi: float) -> None:
+    """Saves ``figure`` as a PNG that replaces ``path`` whole or not at all."""
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi))
 
 
 def draw_maps(model: ViT, args: argparse.Namespace, images: Sequence[int], queries: Sequence[int],
               out: str) -> List[str]:
-    """Draws the neighbour maps of the test images ``images``; returns the PNG paths."""
+    """Draws the neighbour and attention maps of the test images ``images``; returns the PNG paths."""
     side = grid_side(args)
     tokens = side * side + 1
     bad = [query for query in queries if not 0 <= query < tokens]
@@ -282,13 +382,14 @@ def draw_maps(model: ViT, args: argparse.Namespace, images: Sequence[int], queri
     if missing:
         raise ValueError(f"--images: {missing} outside the {len(split)} test images 0..{len(split) - 1}")
     batch = torch.stack([split[index][0] for index in images])
-    selections = collect_selections(model, batch)
+    records = collect_records(model, batch)
     paths = []
     for sample, index in enumerate(images):
         path = os.path.join(out, f"image_{index}.png")
-        title = (f"test image {index}\n{args.layer}, {args.sampling_type} sampling, K={args.K},\n"
-                 f"{args.similarity_type} similarity ({args.magnitude_type})")
-        draw_image_maps(path, displayable(batch[sample], args.dataset), selections, sample, queries, side, title)
+        title = f"test image {index}\n{describe_run(args)}"
+        if convnn_layers(model):
+            title += f",\n{args.sampling_type} sampling, {args.similarity_type} similarity ({args.magnitude_type})"
+        draw_image_maps(path, displayable(batch[sample], args.dataset), records, sample, queries, side, title)
         paths.append(path)
     return paths
 
@@ -305,107 +406,242 @@ def patch_coordinates(side: int) -> Tensor:
     return torch.stack([rows, cols], dim=-1).float()
 
 
+def patch_distances(side: int) -> Tensor:
+    """``(P, P)`` float64 Euclidean distance, in patches, between the (row, column) positions of every two patches."""
+    coordinates = patch_coordinates(side)[1:].double()
+    return torch.cdist(coordinates, coordinates)
+
+
 @dataclass
-class LayerTally:
-    """Running sums of one layer's selections made by patch queries."""
+class DistanceTally:
+    """Running sums over the patch queries of one layer (or one head of it).
+
+    A query spreads mass over the tokens: its attention probabilities, its count of selections of each token
+    (ConvNN-Attention), or its count of kernel taps on each token (a convolution). The tally keeps the mass on
+    patches, that mass times the patch's grid distance from the query, and the mass on the class token. The
+    class token has no position: it is left out as a query and as a key, and its mass is reported apart.
+    """
 
     distance_sum: float = 0.0
-    patch_picks: int = 0
-    class_token_picks: int = 0
+    patch_mass: float = 0.0
+    class_token_mass: float = 0.0
 
-    def add(self, neighbours: Tensor, coordinates: Tensor) -> None:
-        picks = neighbours[:, 1:, :]  # queries that are patches; the class token has no position
-        is_patch = picks != CLASS_TOKEN
-        query_xy = coordinates[1:].view(1, -1, 1, 2)
-        distances = (coordinates[picks] - query_xy).norm(dim=-1)
-        self.distance_sum += distances[is_patch].sum().item()
-        self.patch_picks += int(is_patch.sum())
-        self.class_token_picks += int((~is_patch).sum())
+    def add(self, mass: Tensor, distances: Tensor) -> None:
+        """``mass``: ``(..., N, N)``, query rows and key columns in token order, summed over the leading
+        dimensions; ``distances``: :func:`patch_distances` of the grid."""
+        patch_queries = mass[..., 1:, :].double()
+        self.distance_sum += (patch_queries[..., 1:] * distances).sum().item()
+        self.patch_mass += patch_queries[..., 1:].sum().item()
+        self.class_token_mass += patch_queries[..., 0].sum().item()
 
-    def row(self) -> Dict:
-        total = self.patch_picks + self.class_token_picks
-        return {
-            "mean_distance": self.distance_sum / self.patch_picks if self.patch_picks else float("nan"),
-            "class_token_fraction": self.class_token_picks / total if total else float("nan"),
-            "patch_selections": self.patch_picks,
-            "class_token_selections": self.class_token_picks,
-        }
+    def __add__(self, other: "DistanceTally") -> "DistanceTally":
+        return DistanceTally(self.distance_sum + other.distance_sum, self.patch_mass + other.patch_mass,
+                             self.class_token_mass + other.class_token_mass)
+
+    @property
+    def mean_distance(self) -> float:
+        """The distance per unit of mass on patches: ``sum p * d / sum p`` over patch queries and patch keys."""
+        return self.distance_sum / self.patch_mass if self.patch_mass else float("nan")
+
+    @property
+    def class_token_fraction(self) -> float:
+        """The share of the patch queries' mass that is on the class token."""
+        total = self.patch_mass + self.class_token_mass
+        return self.class_token_mass / total if total else float("nan")
+
+
+def selection_counts(neighbours: Tensor, seq_len: int) -> Tensor:
+    """``(B, N, N)``: how many of each query's ``K`` slots hold each token."""
+    counts = torch.zeros(*neighbours.shape[:-1], seq_len, dtype=torch.float64, device=neighbours.device)
+    return counts.scatter_add_(-1, neighbours, torch.ones_like(neighbours, dtype=torch.float64))
+
+
+def kernel_coverage(kernel_size: int, seq_len: int) -> Tensor:
+    """``(N, N)``: 1 where the output at sequence position ``i`` of a 1-D convolution with padding ``same``
+    reads position ``j``, i.e. ``i - (k - 1) // 2 <= j <= i + k // 2`` (PyTorch puts an even kernel's extra tap
+    on the right); padding outside ``0..N-1`` is no token."""
+    offsets = torch.arange(seq_len).view(1, -1) - torch.arange(seq_len).view(-1, 1)
+    return ((offsets >= -((kernel_size - 1) // 2)) & (offsets <= kernel_size // 2)).double()
+
+
+def _tally_recorded(tallies: List[DistanceTally], distances: Tensor, layer: nn.Module, _inputs, _output) -> None:
+    """Forward hook: adds what ``layer`` recorded in this forward pass to its tallies (one per head) and frees it."""
+    if isinstance(layer, MultiHeadConvNNAttention):
+        neighbours = layer.last_selection[0]
+        per_head = [selection_counts(neighbours, neighbours.shape[1])]
+        layer.last_selection = None
+    else:
+        per_head = list(layer.last_attention.unbind(1))
+        layer.last_attention = None
+    if not tallies:
+        tallies.extend(DistanceTally() for _ in per_head)
+    for tally, mass in zip(tallies, per_head):
+        tally.add(mass, distances.to(mass.device))
+
+
+def layer_rows(name: str, kind: str, tallies: List[DistanceTally]) -> List[Dict]:
+    """The summary rows of one layer: ``head`` ``all`` (its heads pooled), then one per head when it has several."""
+    label = layer_label(name)
+
+    def row(head, tally: DistanceTally, row_label: str) -> Dict:
+        values = {"layer": name, "label": row_label, "kind": kind, "block": block_index(name), "head": head,
+                  "mean_distance": tally.mean_distance, "class_token_fraction": tally.class_token_fraction}
+        if kind == CONVNN:
+            values.update(patch_selections=round(tally.patch_mass),
+                          class_token_selections=round(tally.class_token_mass))
+        return values
+
+    pooled = row("all", sum(tallies, DistanceTally()), label)
+    if len(tallies) == 1:
+        return [{**pooled, "head_distances": []}]
+    pooled["head_distances"] = [tally.mean_distance for tally in tallies]
+    return [pooled] + [row(head, tally, f"{label} head {head}") for head, tally in enumerate(tallies)]
 
 
 def summarise(model: ViT, args: argparse.Namespace, max_images: Optional[int], batch_size: int) -> List[Dict]:
-    """Per layer: the mean grid distance between a patch and the patches it selects (the patch itself,
-    at distance 0, counts when selected) and the share of patch selections that are the class token."""
-    split = load_test_split(args)
-    if max_images is not None:
-        split = Subset(split, range(min(max_images, len(split))))
-    coordinates = patch_coordinates(grid_side(args))
-    tallies: Optional[List[LayerTally]] = None
-    names: List[str] = []
-    for images, _ in DataLoader(split, batch_size=batch_size, shuffle=False):
-        selections = collect_selections(model, images)
-        if tallies is None:
-            tallies, names = [LayerTally() for _ in selections], [s.name for s in selections]
-        for tally, selection in zip(tallies, selections):
-            tally.add(selection.neighbours, coordinates)
-    return [{"layer": name, "label": layer_label(name), **tally.row()} for name, tally in zip(names, tallies)]
+    """Rows of the distance summary over the test split, for every token-mixing layer in forward order (see
+    :class:`DistanceTally`): for a ConvNN-Attention layer the mass is its selections (the patch itself, at
+    distance 0, counts when selected), for an attention layer its probabilities (per head), for a convolution
+    its kernel's taps on the flattened token sequence (:func:`kernel_coverage`, the same for every image)."""
+    side = grid_side(args)
+    distances = patch_distances(side)
+    layers = measured_layers(model)
+    tallies: Dict[str, List[DistanceTally]] = {name: [] for name, _, _ in layers}
+    recorded = [(name, layer) for name, layer, kind in layers if kind != CONVOLUTION]
+    if recorded:
+        split = load_test_split(args)
+        if max_images is not None:
+            split = Subset(split, range(min(max_images, len(split))))
+        hooks = [layer.register_forward_hook(partial(_tally_recorded, tallies[name], distances))
+                 for name, layer in recorded]
+        try:
+            with recording(model), torch.no_grad():
+                for images, _ in DataLoader(split, batch_size=batch_size, shuffle=False):
+                    model(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    for name, layer, kind in layers:
+        if kind == CONVOLUTION:
+            tallies[name].append(DistanceTally())
+            tallies[name][0].add(kernel_coverage(layer.conv.kernel_size[0], side * side + 1), distances)
+    return [row for name, _, kind in layers for row in layer_rows(name, kind, tallies[name])]
 
 
-def reference_distances(side: int, K: int) -> Dict[str, float]:
-    """Two yardsticks on the patch grid: the mean distance to the K nearest patches (itself included),
-    which a convolution would pick, and to a uniformly drawn patch, which spread-out attention tends to."""
-    coordinates = patch_coordinates(side)[1:]
-    distances = torch.cdist(coordinates, coordinates)
-    nearest = distances.sort(dim=-1).values[:, : min(K, distances.shape[1])]
-    return {"K nearest patches": nearest.mean().item(), "uniform patch": distances.mean().item()}
+def block_rows(rows: List[Dict]) -> List[Dict]:
+    """The rows that pool a layer's heads: one per layer."""
+    return [row for row in rows if row["head"] == "all"]
+
+
+def reference_distances(side: int, K: Optional[int] = None) -> Dict[str, float]:
+    """Yardsticks on the patch grid: the mean distance to a uniformly drawn patch, which spread-out attention
+    tends to, and with ``K`` the mean distance to the K nearest patches (itself included), which a
+    convolution would pick."""
+    distances = patch_distances(side)
+    references = {}
+    if K is not None:
+        nearest = distances.sort(dim=-1).values[:, : min(K, distances.shape[1])]
+        references["K nearest patches"] = nearest.mean().item()
+    references["uniform patch"] = distances.mean().item()
+    return references
+
+
+REFERENCE_STYLES = {"K nearest patches": "--", "uniform patch": ":"}
+SUMMARY_COLUMNS = ["layer", "kind", "block", "head", "mean_distance", "class_token_fraction", "patch_selections",
+                   "class_token_selections"]
 
 
 def write_summary_csv(path: str, rows: List[Dict]) -> None:
-    columns = ["layer", "mean_distance", "class_token_fraction", "patch_selections", "class_token_selections"]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def summary_table(rows: List[Dict]) -> str:
-    lines = [f"{'layer':<28} {'mean distance':>13} {'CLS fraction':>12}"]
-    lines += [f"{row['label']:<28} {row['mean_distance']:>13.3f} {row['class_token_fraction']:>12.3f}" for row in rows]
+    lines = [f"{'layer':<30} {'mean distance':>13} {'CLS fraction':>12}  per head"]
+    for row in block_rows(rows):
+        heads = " ".join(f"{value:.3f}" for value in row["head_distances"])
+        lines.append(f"{row['label']:<30} {row['mean_distance']:>13.3f} {row['class_token_fraction']:>12.3f}  {heads}")
     return "\n".join(lines)
 
 
+def series_name(row: Dict) -> str:
+    """The line a summary row belongs to in the figures: the layer kind, or the branch of a branching layer."""
+    branch = branch_name(row["layer"])
+    if branch:
+        return f"{branch} branch"
+    return {ATTENTION: "attention", CONVNN: "ConvNN", CONVOLUTION: "Conv1d"}[row["kind"]]
+
+
 def draw_summary(path: str, rows: List[Dict], references: Dict[str, float], title: str) -> None:
-    labels = [row["label"].replace(" (ConvNN branch)", "\n(ConvNN)") for row in rows]
-    positions = range(len(rows))
+    """Distance and class-token share per block, a line per branch; the heads of attention layers as dots."""
     # Laid out at the dpi it is saved at: text does not scale exactly with the dpi.
-    figure = Figure(figsize=(max(7.0, 1.1 * len(rows) + 2.5), 3.8), dpi=SUMMARY_DPI)
+    figure = Figure(figsize=(8.0, 3.8), dpi=SUMMARY_DPI)
     distance_axes, share_axes = figure.subplots(1, 2)
-    distance_axes.plot(positions, [row["mean_distance"] for row in rows], marker="o", color="tab:blue")
-    for (name, value), style in zip(references.items(), ("--", ":")):
-        distance_axes.axhline(value, color="grey", linestyle=style, label=f"{name}: {value:.2f}")
-    distance_axes.set(ylabel="mean distance (patches)", ylim=(0, None))
-    distance_axes.set_title("Distance from a patch\nto its selected patches", fontsize=10)
+    series: Dict[str, List[Dict]] = {}
+    for row in block_rows(rows):
+        series.setdefault(series_name(row), []).append(row)
+    width = 0.8 / len(series)
+    for number, (name, members) in enumerate(series.items()):
+        colour = f"C{number}"
+        blocks = [row["block"] for row in members]
+        distance_axes.plot(blocks, [row["mean_distance"] for row in members], marker="o", color=colour, label=name)
+        for row in members:
+            distance_axes.scatter([row["block"]] * len(row["head_distances"]), row["head_distances"], s=8,
+                                  color=colour, alpha=0.5)
+        share_axes.bar([block + (number - (len(series) - 1) / 2) * width for block in blocks],
+                       [row["class_token_fraction"] for row in members], width=width, color=colour, label=name)
+    for name, value in references.items():
+        distance_axes.axhline(value, color="grey", linestyle=REFERENCE_STYLES[name], label=f"{name}: {value:.2f}")
+    drawn = [row["mean_distance"] for row in rows if not math.isnan(row["mean_distance"])] + list(references.values())
+    # Headroom above the highest line keeps the legend off it.
+    distance_axes.set(ylabel="mean distance (patches)", ylim=(0, 1.3 * max(drawn)))
+    distance_axes.set_title("Distance from a patch to the patches\nit selects or attends to (dots: heads)",
+                            fontsize=9)
     distance_axes.legend(fontsize=7)
-    share_axes.bar(positions, [row["class_token_fraction"] for row in rows], color="tab:orange")
     share_axes.set(ylabel="fraction", ylim=(0, 1))
-    share_axes.set_title("Share of the patches' selections\nthat pick the class token", fontsize=10)
+    share_axes.set_title("Share of the patches' selections\nor attention on the class token", fontsize=9)
+    blocks = sorted({row["block"] for row in rows})
     for axes in (distance_axes, share_axes):
-        axes.set_xticks(list(positions), labels, fontsize=7)
+        axes.set_xticks(blocks, [str(block) for block in blocks], fontsize=7)
+        axes.set_xlabel("block", fontsize=8)
         axes.grid(True, alpha=0.3)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=SUMMARY_DPI)
+    save_figure(figure, path, SUMMARY_DPI)
+
+
+def describe_run(args: argparse.Namespace) -> str:
+    """The layer and the options that set its reach, e.g. ``ConvNNAttention K=9``, ``Conv1d kernel 9``."""
+    layer = args.layer
+    if layer in ("ConvNNAttention", "KvtAttention", "BranchConv", "BranchAttention"):
+        return f"{layer} K={args.K}"
+    if layer == "Conv1d":
+        return f"{layer} kernel {args.kernel_size}"
+    if layer == "LocalAttention":
+        return f"{layer} window {args.local_window}"
+    if layer == "SparseAttention":
+        return f"{layer} {args.sparse_mode}" + ("" if args.sparse_mode == "all" else f" c={args.sparse_context_window}")
+    return layer
+
+
+def summary_title(args: argparse.Namespace) -> str:
+    if args.layer in ("ConvNNAttention", "BranchConv", "BranchAttention"):
+        return f"{describe_run(args)}, {args.sampling_type} sampling, {args.similarity_type} similarity"
+    return describe_run(args)
 
 
 def write_summary(model: ViT, args: argparse.Namespace, out: str, max_images: Optional[int],
                   batch_size: int) -> Tuple[List[str], List[Dict]]:
     rows = summarise(model, args, max_images, batch_size)
-    references = reference_distances(grid_side(args), args.K)
+    references = reference_distances(grid_side(args), args.K if convnn_layers(model) else None)
     print(summary_table(rows))
     print("references: " + ", ".join(f"{name} {value:.3f}" for name, value in references.items()))
     csv_path, png_path = os.path.join(out, "summary.csv"), os.path.join(out, "summary.png")
     write_summary_csv(csv_path, rows)
-    title = f"{args.layer}, {args.sampling_type} sampling, K={args.K}, {args.similarity_type} similarity"
-    draw_summary(png_path, rows, references, title)
+    draw_summary(png_path, rows, references, summary_title(args))
     return [png_path, csv_path], rows
 
 
@@ -418,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", help="a run's output directory (uses best.pt, else last.pt) or a checkpoint file")
-    parser.add_argument("--images", type=int, nargs="*", default=[0],
-                        help="indices of test images to draw; give none to draw no maps")
+    parser.add_argument("--images", type=int, nargs="*", default=None,
+                        help="indices of test images to draw; give none to draw no maps (default: image 0, or none "
+                             "for a model without ConvNN-Attention or attention layers)")
     parser.add_argument("--queries", type=int, nargs="+", default=None,
                         help="query tokens: 0 is the class token, 1.. the patches in raster order "
                              "(default: the class token and four patches spread over the grid)")
@@ -444,14 +681,17 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         parser.error(str(error))
     if options.data_path is not None:
         args.data_path = options.data_path
-    if not convnn_layers(model):
-        parser.error(f"{options.run}: the {args.layer} model has no ConvNN-Attention layer to show")
+    drawable = convnn_layers(model) or attention_layers(model)
+    if options.images and not drawable:
+        parser.error(f"--images: the {args.layer} model has no ConvNN-Attention or attention layer to draw; "
+                     "give --images with no index (and --summary for its kernel's reach)")
+    images = options.images if options.images is not None else ([0] if drawable else [])
     run_directory = options.run if os.path.isdir(options.run) else os.path.dirname(os.path.abspath(options.run))
     out = options.out or os.path.join(run_directory, "neighbour_maps")
     os.makedirs(out, exist_ok=True)
     queries = options.queries if options.queries is not None else default_queries(grid_side(args))
     try:
-        paths = draw_maps(model, args, options.images, queries, out) if options.images else []
+        paths = draw_maps(model, args, images, queries, out) if images else []
         if options.summary:
             paths += write_summary(model, args, out, options.max_images, options.batch_size)[0]
     except (ValueError, dataset.DatasetUnavailableError) as error:

@@ -13,7 +13,7 @@ import vit_main
 from models.vit import ViT
 from models.vit_layers import MultiHeadConvNNAttention, spatial_grid
 from scripts import neighbour_maps
-from tests.helpers import texts_outside_or_overlapping
+from tests.helpers import expect_one_line_error, texts_outside_or_overlapping
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GRID_SIDE = 4  # the tiny runs: 32 px images, patch 8
@@ -106,11 +106,13 @@ def test_candidates_are_shaded_and_a_selected_class_token_gets_a_badge():
 @pytest.mark.parametrize("blocks", [1, 4, 12])
 @pytest.mark.parametrize("branch", [False, True], ids=["ConvNN", "branch"])
 def test_summary_titles_fit_the_figure(tmp_path, saved_figures, blocks, branch):
-    suffix = ".attention.convnn" if branch else ".attention"
-    rows = [{"label": neighbour_maps.layer_label(f"transformer_encoder.{block}{suffix}"), "mean_distance": 3.0,
-             "class_token_fraction": 0.05} for block in range(blocks)]
+    names = [".attention.convnn", ".attention.attention"] if branch else [".attention"]
+    rows = [{"layer": f"transformer_encoder.{block}{suffix}", "kind": kind, "block": block, "head": "all",
+             "mean_distance": 3.0, "class_token_fraction": 0.05,
+             "head_distances": [2.5, 3.5] if kind == "attention" else []}
+            for block in range(blocks) for suffix, kind in zip(names, ["ConvNN", "attention"])]
     references = neighbour_maps.reference_distances(8, 9)
-    title = "BranchAttention, spatial sampling, K=9, Cosine similarity"
+    title = "BranchAttention K=9, spatial sampling, Cosine similarity"
 
     neighbour_maps.draw_summary(str(tmp_path / "summary.png"), rows, references, title)
 
@@ -152,9 +154,11 @@ def test_maps_and_summary_of_a_trained_run(tiny_argv, tmp_path, capsys, K, flags
     for path in paths[:2]:
         assert open(path, "rb").read(8) == PNG_SIGNATURE
     rows = read_summary(out / "summary.csv")
-    assert len(rows) == 2  # one per block
+    convnn_rows = [row for row in rows if row["kind"] == "ConvNN"]
+    assert [row["block"] for row in convnn_rows] == ["0", "1"]
+    assert len(rows) == (4 if flags[1] == "BranchConv" else 2)  # BranchConv: also its Conv1d branch per block
     farthest = math.dist((0, 0), (GRID_SIDE - 1, GRID_SIDE - 1))
-    for row in rows:
+    for row in convnn_rows:
         assert 0 <= float(row["mean_distance"]) <= farthest
         assert 0 <= float(row["class_token_fraction"]) <= 1
         assert int(row["patch_selections"]) + int(row["class_token_selections"]) == 40 * 16 * K  # images x patches x K
@@ -203,12 +207,11 @@ def save_untrained_run(tiny_argv, output_dir, layer):
     torch.save({"model": model.state_dict(), "args": vars(args)}, output_dir / "best.pt")
 
 
-def test_a_model_without_convnn_layers_is_refused(tiny_argv, tmp_path, capsys):
-    save_untrained_run(tiny_argv, tmp_path, "Attention")
-    with pytest.raises(SystemExit) as exit_info:
-        neighbour_maps.main([str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "no ConvNN-Attention layer" in capsys.readouterr().err
+def test_maps_of_a_model_without_convnn_or_attention_layers_are_refused(tiny_argv, tmp_path, capsys):
+    save_untrained_run(tiny_argv, tmp_path, "Conv1d")
+    expect_one_line_error(capsys, [tmp_path, "--images", "0"], 2,
+                          "--images: the Conv1d model has no ConvNN-Attention or attention layer to draw",
+                          main=neighbour_maps.main)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -222,3 +225,8 @@ def test_impossible_options_are_usage_errors(tiny_argv, tmp_path, capsys, option
         neighbour_maps.main([str(tmp_path), *options])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_directory_without_checkpoint_is_a_usage_error(tmp_path, capsys):
+    expect_one_line_error(capsys, [tmp_path, "--summary"], 2, f"{tmp_path}: neither a checkpoint file nor a run",
+                          main=neighbour_maps.main)
