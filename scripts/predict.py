@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, TextIO, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,10 +81,12 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        path = os.path.join(self.root, self.paths[index])
         try:
-            image = datasets.folder.default_loader(os.path.join(self.root, self.paths[index]))
+            image = datasets.folder.default_loader(path)
         except dataset.UNREADABLE_IMAGE_ERRORS as error:
-            return index, None, f"not a readable image ({' '.join(str(error).split()) or type(error).__name__})"
+            reason = "an empty file" if os.path.getsize(path) == 0 else " ".join(str(error).split())
+            return index, None, f"not a readable image ({reason or type(error).__name__})"
         side = self.native_side
         if side is not None and image.size != (side, side):
             width, height = image.size
@@ -244,9 +247,11 @@ def label_images(model: ViT, settings: argparse.Namespace, names: List[str], roo
     with replaced_at_end(output) as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(csv_header(top_k))
-        for indices, images, unusable in loader:
+        for indices, images, unusable in tqdm(loader, desc="labelling", leave=False, dynamic_ncols=True,
+                                              disable=not train_eval.show_progress_bars()):
             for index, reason in unusable:
-                print(f"skipped {os.path.join(root, paths[index])}: {reason}", file=sys.stderr, flush=True)
+                # tqdm.write keeps the line from tearing a progress bar still on screen.
+                tqdm.write(f"skipped {os.path.join(root, paths[index])}: {reason}", file=sys.stderr)
             skipped += len(unusable)
             if images is None:
                 continue
@@ -266,19 +271,21 @@ def label_images(model: ViT, settings: argparse.Namespace, names: List[str], roo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by training")
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
     parser.add_argument("--output", required=True, metavar="FILE.csv", help="CSV to write (replaced when present)")
     parser.add_argument("--top_k", type=int, default=None,
-                        help="classes listed per image, most probable first (default: 5, or all when fewer)")
+                        help=f"classes listed per image, most probable first (default: {DEFAULT_TOP_K}, or all "
+                             "the model's when it has fewer)")
     parser.add_argument("--weights", default="trained", choices=WEIGHTS,
-                        help="the trained weights, or their moving average (runs trained with --ema_decay)")
+                        help="the trained weights, or their moving average (runs trained with --ema_decay) "
+                             "(default: trained)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
                         help="device (default: cuda when available, else cpu)")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per batch (default: the run's)")
-    parser.add_argument("--num_workers", type=int, default=4, help="image-reading processes")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per batch (default: the run's --batch_size)")
+    parser.add_argument("--num_workers", type=int, default=4, help="image-reading processes (default: 4)")
     return parser
 
 
@@ -295,12 +302,13 @@ def option_problems(options: argparse.Namespace) -> List[str]:
         problems.append(f"--device: {utils.device_problem(options.device)}")
     if not os.path.isdir(options.images):
         problems.append(f"--images: no folder {options.images}")
+    folder = os.path.dirname(os.path.abspath(options.output))
     if os.path.isdir(options.output):
         problems.append(f"--output: {options.output} is a folder; give the path of the CSV file to write")
-    else:
-        directory_problem = run_files.directory_problem(os.path.dirname(os.path.abspath(options.output)))
-        if directory_problem:
-            problems.append(f"--output: {directory_problem}")
+    elif not os.path.isdir(folder):
+        problems.append(f"--output: no folder {folder} to write {os.path.basename(options.output)} in; create it first")
+    elif not os.access(folder, os.W_OK):
+        problems.append(f"--output: cannot write to {folder}; give a CSV path in a writable folder")
     return problems
 
 
@@ -338,7 +346,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{parser.prog}: error: --output: cannot write {options.output} ({error.strerror or error})",
               file=sys.stderr)
         sys.exit(runs.RUNTIME_FAULT)
-    print(f"Labelled {labelled} images into {options.output}; skipped {skipped} unreadable")
+    reported = " (reported above)" if skipped else ""
+    print(f"Labelled {labelled} images into {options.output}; skipped {skipped} that could not be used{reported}")
 
 
 if __name__ == "__main__":

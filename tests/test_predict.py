@@ -304,3 +304,13 @@ def test_bad_input_is_one_line_before_any_image_is_read(trained, tmp_path, capsy
     line = expect_one_line_error(capsys, predict_argv(path, folders[images], tmp_path / "out.csv", *flags), 2,
                                  starts_with, main=predict.main)
     assert not (tmp_path / "out.csv").exists(), line
+
+
+@pytest.mark.parametrize("output, starts_with", [("missing/out.csv", "--output: no folder"),
+                                                 ("folder", "--output: ")])
+def test_an_output_that_cannot_be_written_is_refused_first(trained, tmp_path, capsys, output, starts_with):
+    run, images = trained
+    (tmp_path / "folder").mkdir()
+    expect_one_line_error(capsys, predict_argv(run / "no_such.pt", images / "val", tmp_path / output), 2,
+                          starts_with, main=predict.main)
+    assert not (tmp_path / "missing").exists()
