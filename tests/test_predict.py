@@ -5,6 +5,9 @@ input is refused in one line before any image is read; the training checkpoints 
 import csv
 import io
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from scripts import predict
 from models.vit import ViT
 from tests.helpers import TINY_MODEL_FLAGS, expect_one_line_error, train_small_run, write_cifar10, write_cifar100
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
 CLASSES = ("cat", "dog", "fox")
 PER_CLASS = 5
 IMAGENET_FLAGS = ["--dataset", "imagenet", "--resize", "32"]
@@ -74,7 +78,7 @@ def test_predictions_on_val_give_test_only_top1_exactly(trained, tmp_path, tiny_
     output = tmp_path / "val.csv"
     predict.main(predict_argv(run / "last.pt", images / "val", output, "--weights", weights))
     rows = read_rows(output)
-    assert len(rows) == len(CLASSES) * PER_CLASS
+    assert len(rows) == len(CLASSES) * PER_CLASS and list(rows[0]) == predict.csv_header(len(CLASSES))
     correct = [row["path"].split("/")[0] == row["prediction"] for row in rows]
     top1 = re.search(r"Top1: ([0-9.]+)%", (run / "test_results.txt").read_text()).group(1)
     assert f"{100.0 * sum(correct) / len(rows):.4f}" == top1
@@ -111,6 +115,19 @@ def test_csv_lists_the_top_k_classes_of_every_image_in_sorted_order(trained, tmp
         probabilities = [float(value) for value in row[2::2]]
         assert probabilities == sorted(probabilities, reverse=True)
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_script_runs_from_the_command_line_with_worker_processes(trained, tmp_path):
+    run, images = trained
+    output = tmp_path / "val.csv"
+    argv = predict_argv(run / "last.pt", images / "val", output)
+    argv[argv.index("--num_workers") + 1] = "2"
+    finished = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert f"Labelled {len(CLASSES) * PER_CLASS} images" in finished.stdout
+    predict.main(predict_argv(run / "last.pt", images / "val", tmp_path / "in_process.csv"))
+    assert output.read_text() == (tmp_path / "in_process.csv").read_text()
 
 
 def test_predictions_are_the_models_own(trained, tmp_path):
