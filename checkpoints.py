@@ -74,8 +74,10 @@ def model_weights(checkpoint: Dict) -> Dict:
 
 
 def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_arguments: Dict,
-                      args_changes: List[Dict]) -> Dict:
+                      args_changes: List[Dict], class_names: Optional[List[str]] = None) -> Dict:
     best = selected_record(history)
+    # The names of the classifier's outputs, in order: a checkpoint labels new images without its dataset.
+    named = {"class_names": list(class_names)} if class_names is not None else {}
     return {
         **trainer.state_dict(),
         "epoch": epoch,
@@ -87,19 +89,21 @@ def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_a
         "args_changes": args_changes,
         # --batch_size is per process: a resume checks the global batch against this.
         "processes": distributed.world_size(),
+        **named,
     }
 
 
 def save_checkpoints(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
-                     run_arguments: Dict, args_changes: List[Dict]) -> None:
-    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes)
+                     run_arguments: Dict, args_changes: List[Dict], class_names: Optional[List[str]] = None) -> None:
+    state = _checkpoint_state(trainer, epoch, history, run_arguments, args_changes, class_names)
     save_checkpoint(outputs.path("last.pt"), state)
     if state["best_epoch"] == epoch:
         save_checkpoint(outputs.path("best.pt"), state)
 
 
 def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
-                             run_arguments: Dict, args_changes: List[Dict]) -> None:
+                             run_arguments: Dict, args_changes: List[Dict],
+                             class_names: Optional[List[str]] = None) -> None:
     """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
 
     A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
@@ -115,7 +119,7 @@ def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int
     except CheckpointError:
         pass  # damaged: replaced below when possible
     if best_epoch == epoch:
-        save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes))
+        save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes, class_names))
     else:
         print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "
               "it is replaced when an epoch improves on it", file=sys.stderr)

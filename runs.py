@@ -358,10 +358,11 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
     distributed.decorrelate_ranks(args.seed, start_epoch)
+    names = dataset.class_names(test_data, num_classes)
     history = train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
                              seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
-                             args_changes=args_changes, val_loader=val_loader)
-    _per_class_results_of_best(trainer, outputs, test_loader, dataset.class_names(test_data, num_classes), history)
+                             args_changes=args_changes, val_loader=val_loader, class_names=names)
+    _per_class_results_of_best(trainer, outputs, test_loader, names, history)
 
 
 def _check_same_data(resumed: Resumed, facts: Dict) -> None:

@@ -608,12 +608,13 @@ class Trainer:
 def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: run_files.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
         history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None,
-        val_loader: Optional[DataLoader] = None) -> List[Dict]:
+        val_loader: Optional[DataLoader] = None, class_names: Optional[List[str]] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved, or validation top-1 when ``val_loader``
     holds out a validation split, which is then evaluated every epoch). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
-    ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained."""
+    ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained.
+    ``class_names``, the names of the classifier's outputs in order, are stored there too."""
     history = list(history or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
@@ -621,14 +622,15 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
         outputs.start_logs(history)
         if history:
             checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
-                                                 list(args_changes or []))
+                                                 list(args_changes or []), class_names)
     for epoch in range(start_epoch + 1, num_epochs + 1):
         record = _train_epoch(trainer, train_loader, test_loader, val_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
             # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
-            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []))
+            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []),
+                                         class_names)
             outputs.log_epoch(record, history)
             _report(epoch_summary(record), trainer.show_progress)
     if history and writes_outputs:

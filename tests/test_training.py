@@ -27,7 +27,7 @@ EPOCH_LINE = re.compile(
     rf"Top5: \d+\.\d{{4}}% \| \[Test\] Loss: (\d+\.\d{{8}}) Accuracy: Top1: (\d+\.\d{{4}})%, Top5: \d+\.\d{{4}}%$"
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_accuracy", "best_epoch",
-                   "history", "args", "args_changes", "processes"}
+                   "history", "args", "args_changes", "processes", "class_names"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +99,7 @@ def test_checkpoints_load_into_a_fresh_model(two_epoch_run):
     assert set(last) == CHECKPOINT_KEYS and set(best) == CHECKPOINT_KEYS
     assert last["epoch"] == 2 and best["epoch"] == best["best_epoch"] == last["best_epoch"]
     assert last["args"]["layer"] == "ConvNNAttention" and len(last["history"]) == 2
+    assert last["class_names"] == [str(index) for index in range(10)]  # the synthetic set's names
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
     model = ViT(img_size=32, num_classes=10, layer="ConvNNAttention", patch_size=8, num_layers=2, num_heads=2,
                 d_hidden=32, d_mlp=64, layer_options={"K": 4})
