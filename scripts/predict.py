@@ -33,6 +33,7 @@ import train_eval  # noqa: E402
 import utils  # noqa: E402
 import vit_main  # noqa: E402
 from models.vit import ViT  # noqa: E402
+from settings import CommandLineParser  # noqa: E402
 
 WEIGHTS = ("trained", "ema")
 DEFAULT_TOP_K = 5
@@ -270,8 +271,8 @@ def label_images(model: ViT, settings: argparse.Namespace, names: List[str], roo
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> CommandLineParser:
+    parser = CommandLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by training")
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
     parser.add_argument("--output", required=True, metavar="FILE.csv", help="CSV to write (replaced when present)")
