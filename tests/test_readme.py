@@ -107,8 +107,7 @@ def test_every_link_of_the_front_page_and_the_docs_resolves():
 
 def test_the_quickstart_config_file_holds_the_quickstart_command(monkeypatch):
     monkeypatch.chdir(ROOT)
-    parser = vit_main.build_parser()
-    from_flags = vars(vit_main.parse_arguments(parser, quickstart_argv())[0])
+    from_flags = vars(vit_main.parse_arguments(vit_main.build_parser(), quickstart_argv())[0])
     from_file = vars(vit_main.parse_arguments(vit_main.build_parser(), [
         "--config", "configs/quickstart_cpu.txt", "--output_dir", from_flags["output_dir"]])[0])
     assert {name: value for name, value in from_file.items() if name != "config"} == \
