@@ -386,7 +386,7 @@ def first_best(history: List[Dict], column: str) -> Dict:
 
 
 def best_record(history: List[Dict]) -> Dict:
-    """The epoch of best test top-1, the seed's "Max Accuracy": chosen on the test split itself, so its
+    """The epoch of best test top-1, the original program's "Max Accuracy": chosen on the test split itself, so its
     accuracy is an optimistic estimate."""
     return first_best(history, "test_top1")
 

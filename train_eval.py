@@ -549,7 +549,7 @@ class Trainer:
 
     def step_scheduler(self, watched_loss: float) -> None:
         """``watched_loss``: what the plateau scheduler watches, the validation loss when a validation
-        split is held out, else the test loss (the seed's behaviour)."""
+        split is held out, else the test loss (the original program's behaviour)."""
         if self.warming_up():
             return  # plateau, the only per-epoch schedule beside a warmup, starts when the warmup is over
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

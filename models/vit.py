@@ -1,4 +1,4 @@
-"""Vision Transformer whose token mixer is chosen by name from ``LAYER_REGISTRY`` (SPEC section 1)."""
+"""Vision Transformer whose token mixer is chosen by name from ``LAYER_REGISTRY`` (docs/convnn_attention.md)."""
 
 from typing import Dict, Mapping, Optional, Set, Tuple
 

@@ -1,7 +1,7 @@
 """Token-mixing layers of the ViT, one registry keyed by the ``--layer`` names.
 
 Every layer maps ``(B, N, D) -> (B, N, D)``; token 0 is the class token and tokens ``1..P`` are
-patches in raster order on an ``Hp x Wp`` grid. See ``SPEC.md`` section 2 for what each computes.
+patches in raster order on an ``Hp x Wp`` grid. See docs/convnn_attention.md for what each computes.
 
 Every constructor takes the same structural arguments, ``(d_hidden, num_heads, attention_dropout,
 num_tokens, grid_size)`` (the width, the heads, the dropout inside the layer, ``N`` and ``(Hp, Wp)``;
@@ -135,7 +135,7 @@ def spatial_grid(grid_size: Tuple[int, int], num_samples: int, padding: int) -> 
 
 
 class MultiHeadConvNNAttention(nn.Module):
-    """Convolutional Nearest Neighbour Attention (SPEC 2.2): hard top-K selection, 1-D conv aggregation.
+    """Convolutional Nearest Neighbour Attention (docs/convnn_attention.md): hard top-K selection, 1-D conv aggregation.
 
     One head over the full width: ``num_heads`` is accepted for a uniform interface and ignored.
     ``num_tokens`` (``N``) and ``grid_size`` (``(Hp, Wp)``) are needed only to validate sampled modes
@@ -270,7 +270,7 @@ class MultiHeadConvNNAttention(nn.Module):
         return (coords.view(-1, 1) * (1.0 / math.sqrt(self.d_hidden))) * key_coords.view(1, -1)
 
     def _similarity(self, x: Tensor, candidates: Optional[Tensor]) -> Tensor:
-        """``(B, N, r)`` similarity of every token's query to every candidate's key (SPEC 2.2 step 3)."""
+        """``(B, N, r)`` similarity of every token's query to every candidate's key (docs/convnn_attention.md step 3)."""
         if self.magnitude_type == "matmul":
             keys = x if candidates is None else x[:, candidates]
             scores = self._scaled_queries(x) @ keys.transpose(-1, -2)
@@ -308,7 +308,7 @@ class MultiHeadConvNNAttention(nn.Module):
         return torch.topk(similarity, count, dim=-1, largest=largest)
 
     def _select_by_features(self, x: Tensor, candidates: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Neighbour indices ``(B, N, K)`` and their similarity values, best first (SPEC 2.2 step 4)."""
+        """Neighbour indices ``(B, N, K)`` and their similarity values, best first (docs/convnn_attention.md step 4)."""
         if candidates is None:
             values, neighbours = self._best_candidates(x, None, self.K)
             return neighbours, values
@@ -424,7 +424,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MultiHeadLocalAttention(RecordsAttention):
-    """Windowed attention with heads of width 64 and rotary positions (SPEC 2.6)."""
+    """Windowed attention with heads of width 64 and rotary positions (docs/convnn_attention.md)."""
 
     head_width = 64
     options = ("local_window",)
@@ -453,7 +453,7 @@ class MultiHeadLocalAttention(RecordsAttention):
 
 
 class MultiHeadSparseAttention(RecordsAttention):
-    """Multi-head attention under a fixed bidirectional sparsity mask (SPEC 2.7)."""
+    """Multi-head attention under a fixed bidirectional sparsity mask (docs/convnn_attention.md)."""
 
     options = ("sparse_mode", "sparse_context_window")
 
@@ -488,7 +488,7 @@ class MultiHeadSparseAttention(RecordsAttention):
 
 
 class MultiHeadConv1dAttention(nn.Module):
-    """A 1-D convolution along the token sequence, one kernel shared by all heads (SPEC 2.8)."""
+    """A 1-D convolution along the token sequence, one kernel shared by all heads (docs/convnn_attention.md)."""
 
     options = ("kernel_size",)
 

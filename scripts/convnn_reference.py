@@ -1,4 +1,4 @@
-"""A plain, slow, obviously-correct ConvNN-Attention written straight from SPEC 2.2.
+"""A plain, slow, obviously-correct ConvNN-Attention written straight from docs/convnn_attention.md.
 
 It reads the parameters of a ``MultiHeadConvNNAttention`` and recomputes its output the long way:
 explicit pairwise distances, an explicit sort of positions, the gathered ``(B, N, K, C)`` neighbour

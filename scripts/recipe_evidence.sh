@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Does the strong recipe (configs/vit_tiny_cifar10_strong.txt) train better than the seed's defaults where
+# Does the strong recipe (configs/vit_tiny_cifar10_strong.txt) train better than the default flags where
 # the defaults overfit? Trains Attention and ConvNN-Attention both ways on a deliberately small training set
 # (the synthetic set cut to TRAIN images, TEST test images) on the CPU, then prints the four results:
-# best test top-1 (the optimistic pick, as the seed's Max Accuracy line), final test top-1, the final
+# best test top-1 (the optimistic pick, as the Max Accuracy line), final test top-1, the final
 # weights' top-1 on the unaugmented training images, and the train/test gap of the final weights. Every run uses the same ViT-Tiny width at 32 px with 4 px patches.
 #
 # The recipe's values are scaled to the small set, and nothing else changes: with TRAIN / BATCH steps

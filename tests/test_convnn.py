@@ -152,7 +152,7 @@ def test_matches_reference_for_extreme_K(K, aggregation_path):
 @pytest.mark.parametrize("magnitude_type", ["matmul", "euclidean"])
 @pytest.mark.parametrize("softmax_topk_val", [True, False])
 def test_K_1_in_sampled_modes_is_the_token_alone(sampling_type, magnitude_type, softmax_topk_val):
-    """Slot 0 of a sampled mode is the token itself (SPEC 2.2 step 4), so with K = 1 no candidate is taken
+    """Slot 0 of a sampled mode is the token itself (docs/convnn_attention.md step 4), so with K = 1 no candidate is taken
     and each token's output is the convolution's one slot applied to its own value, weighted as its
     constant similarity 1.0 gives."""
     layer = make_layer(sampling_type=sampling_type, K=1, magnitude_type=magnitude_type,

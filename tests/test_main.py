@@ -1,4 +1,4 @@
-"""The command line: every flag's default and choices, the seed's examples, and the checks made
+"""The command line: every flag's default and choices, the original program's examples, and the checks made
 before any data is loaded (each a one-line error naming the flag, exit code 2)."""
 
 import os
@@ -16,7 +16,7 @@ from tests.helpers import without_hint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Every flag with its default, from the seed's tables plus this project's additions.
+# Every flag with its default, from the original program's tables plus this project's additions.
 DEFAULTS = {
     "layer": "Attention", "patch_size": 16, "num_layers": 12, "num_heads": 3, "d_hidden": 192, "d_mlp": 768,
     "dropout": 0.1, "attention_dropout": 0.1, "drop_path": 0.0,

@@ -1,4 +1,4 @@
-"""The training recipe's options (issue 13): warmup, label smoothing, MixUp / CutMix, drop path, EMA weights,
+"""The training recipe's options: warmup, label smoothing, MixUp / CutMix, drop path, EMA weights,
 decay-exempt parameters, gradient accumulation and the CUDA autocast type. Each is checked against its
 formula written out here, then in whole runs: off by default, one-line errors, and an exact resume."""
 

@@ -239,7 +239,7 @@ def lock_symlink(run_dir, tmp_path, monkeypatch):
 
 
 def lock_fifo(run_dir, tmp_path, monkeypatch):
-    os.mkfifo(run_dir / run_files.LOCK_NAME)  # opening it for reading used to wait for a writer forever
+    os.mkfifo(run_dir / run_files.LOCK_NAME)  # opening a FIFO for reading would wait for a writer forever
     return ["--resume", "auto", "--num_epochs", "2"]
 
 
