@@ -315,6 +315,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
     # after it, as a warmup's schedule counts the batches of an epoch.
     train_data, test_data, num_classes, _ = _load_data(args, need_train=True)
+    data = dataset.fingerprint(args.dataset, train_data, test_data)  # of the whole training split: before hold-out
     val_data = None
     if args.val_split > 0:
         train_data, val_data = _hold_out_validation(args, train_data)
@@ -338,7 +339,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
         distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
-    facts = settings.run_facts(args.batch_size, distributed.world_size(), None)
+    facts = settings.run_facts(args.batch_size, distributed.world_size(), data)
     if resumed:
         _check_same_data(resumed, facts)
     # The facts follow the flags, refreshed: a resume may change the processes, never the global batch or data.

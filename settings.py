@@ -164,7 +164,7 @@ FLAGS: Dict[str, Flag] = {flag.name: flag for flag in (
          "training image", 0.0, float, at_least=0, at_most=1, bounds_note="(a probability)"),
     Flag("num_workers", Role.RUNTIME, DATA_GROUP, "data-loading processes", 4, int, at_least=0),
     Flag("data_loader", Role.RUNTIME, DATA_GROUP, "workers: torchvision loader in worker processes; device: images "
-         "held on --device and transformed there per batch (cifar10, cifar100, synthetic)", "workers",
+         f"held on --device and transformed there per batch ({', '.join(dataset.IN_MEMORY_DATASETS)})", "workers",
          choices=("workers", "device")),
     Flag("val_split", Role.TRAINING, DATA_GROUP, "hold out this fraction of each class of the training split for "
          "validation, which then chooses best.pt and drives --scheduler plateau; 0 = no validation split", 0.0,
