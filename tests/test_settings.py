@@ -6,6 +6,7 @@ import csv
 
 import pytest
 
+import checkpoints
 import runs
 import settings
 import vit_main
@@ -90,6 +91,22 @@ def test_a_run_records_its_processes_and_global_batch_after_its_flags(one_epoch_
     names = [line.split(": ", 1)[0] for line in lines]
     assert names[:len(settings.FLAGS)] == list(settings.FLAGS)
     assert recorded(one_epoch_run)["processes"] == "1" and recorded(one_epoch_run)["global_batch"] == "32"
+    assert names[len(settings.FLAGS):] == ["processes", "global_batch", "data"]
+    assert recorded(one_epoch_run)["data"].startswith("synthetic classes=10:")
+    assert checkpoints.load_checkpoint(one_epoch_run / "last.pt")["args"]["data"] == recorded(one_epoch_run)["data"]
+
+
+def test_summaries_keep_runs_on_other_data_apart(tmp_path):
+    # Identical flags, two image folders: averaging them as seeds of one setting would be wrong.
+    root = tmp_path / "runs"
+    finished_run(root / "folder_a_s0", 0, (50.0, 80.0), dataset="imagenet", data="imagenet classes=3:aa content=1")
+    finished_run(root / "folder_a_s1", 1, (50.0, 82.0), dataset="imagenet", data="imagenet classes=3:aa content=1")
+    finished_run(root / "folder_b_s0", 0, (50.0, 60.0), dataset="imagenet", data="imagenet classes=3:bb content=2")
+    out_dir = tmp_path / "summary"
+    assert summarize.main([str(root), "--out_dir", str(out_dir)]) == 0
+    with open(out_dir / "groups.csv", newline="") as handle:
+        groups = {row["group"]: row["n_seeds"] for row in csv.DictReader(handle)}
+    assert groups == {"folder_a": "2", "folder_b": "1"}
 
 
 def test_summaries_keep_runs_of_two_global_batches_apart(tmp_path, capsys):
