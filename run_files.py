@@ -10,6 +10,7 @@ import errno
 import fcntl  # Linux and macOS: the output lock is a flock
 import io
 import os
+import shutil
 import stat
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Set
@@ -112,7 +113,10 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
 OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt",
-                            "per_class_accuracy.csv", "confusion_matrix.png")
+                            "per_class_accuracy.csv", "confusion_matrix.png", "test_per_class_accuracy.csv",
+                            "test_confusion_matrix.png")
+# Folders a training run writes (--tensorboard's event files); --overwrite removes them too.
+OUTPUT_FOLDERS = ("tensorboard",)
 
 
 class LockFileError(RuntimeError):
@@ -296,6 +300,8 @@ def remove_earlier_run(output_dir: str) -> None:
     """Removes the files of an earlier run (for --overwrite), so that none of them mixes with the new run."""
     for name in OUTPUT_FILES:
         _remove_if_present(os.path.join(output_dir, name))
+    for name in OUTPUT_FOLDERS:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

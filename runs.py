@@ -22,6 +22,7 @@ import dataset
 import distributed
 import run_files
 import settings
+import tensorboard_log
 import train_eval
 import utils
 from settings import FRESH_MODEL
@@ -355,6 +356,9 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
                            f"{args.device}; {args.dataset}: {len(train_data)} training{validation} and "
                            f"{len(test_data)} test images of {img_size}x{img_size}", flush=True)
+    tensorboard = None
+    if args.tensorboard and distributed.is_main_process():
+        tensorboard = tensorboard_log.TensorBoardLog(args.output_dir, len(train_loader), start_epoch)
     if rng_state is not None:
         # Restored last: the run continues with exactly the generator states it had after start_epoch.
         utils.restore_rng_state(rng_state)
@@ -362,7 +366,8 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     names = dataset.class_names(test_data, num_classes)
     history = train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
                              seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
-                             args_changes=args_changes, val_loader=val_loader, class_names=names)
+                             args_changes=args_changes, val_loader=val_loader, class_names=names,
+                             tensorboard=tensorboard)
     _per_class_results_of_best(trainer, outputs, test_loader, names, history)
 
 

@@ -223,6 +223,8 @@ FLAGS: Dict[str, Flag] = {flag.name: flag for flag in (
          "present", metavar="PATH|auto"),
     Flag("overwrite", Role.COMMAND, OUTPUT_GROUP, "replace the run already in --output_dir (otherwise such a "
          "directory is refused)", False, bool, switch=True),
+    Flag("tensorboard", Role.RUNTIME, OUTPUT_GROUP, "also write TensorBoard event files to "
+         "<output_dir>/tensorboard (needs the tensorboard package: pip install tensorboard)", False, bool),
     Flag("config", Role.COMMAND, OUTPUT_GROUP, "read flags from FILE, 'name: value' lines as in a run's args.txt; "
          "flags on the command line win", metavar="FILE"),
 )}

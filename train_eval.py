@@ -25,6 +25,7 @@ import distributed
 import run_files
 import utils
 from dataset import seed_epoch
+from tensorboard_log import TensorBoardLog
 
 # Mixed-precision type of each device: float16 needs gradient scaling, which only CUDA provides here;
 # CPUs run bfloat16 (float16 matrix products are slow or missing there). On CUDA, --amp_dtype chooses.
@@ -387,6 +388,8 @@ class Trainer:
         self.show_progress = show_progress
         # Without a terminal (a pipe, a log file) a plain progress line at most this often; None: never.
         self.plain_progress_seconds = plain_progress_seconds
+        # Called with (batch index, loss tensor) after every training batch, e.g. by TensorBoard's log.
+        self.on_train_batch: Optional[Callable[[int, torch.Tensor], None]] = None
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
         network = distributed.wrap_model(self.model, device) if distributed_replica else self.model
@@ -473,6 +476,8 @@ class Trainer:
                 losses = loss_of(logits.float(), loss_targets)
             if training:
                 self._accumulate(losses.mean(), targets.shape[0], step, len(loader))
+                if self.on_train_batch is not None:
+                    self.on_train_batch(step, losses.detach().mean())
             tally.add(losses, logits, targets)
             watch.add(step, losses)
             if (step + 1) % NONFINITE_CHECK_INTERVAL == 0:
@@ -608,13 +613,15 @@ class Trainer:
 def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, outputs: run_files.RunOutputs,
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
         history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None,
-        val_loader: Optional[DataLoader] = None, class_names: Optional[List[str]] = None) -> List[Dict]:
+        val_loader: Optional[DataLoader] = None, class_names: Optional[List[str]] = None,
+        tensorboard: Optional[TensorBoardLog] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved, or validation top-1 when ``val_loader``
     holds out a validation split, which is then evaluated every epoch). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
     ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained.
-    ``class_names``, the names of the classifier's outputs in order, are stored there too."""
+    ``class_names``, the names of the classifier's outputs in order, are stored there too. ``tensorboard``
+    (on the main process only) also gets every epoch's metrics and the training loss every few batches."""
     history = list(history or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
@@ -624,6 +631,8 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
                                                  list(args_changes or []), class_names)
     for epoch in range(start_epoch + 1, num_epochs + 1):
+        if tensorboard is not None:
+            trainer.on_train_batch = functools.partial(tensorboard.log_step_loss, epoch)
         record = _train_epoch(trainer, train_loader, test_loader, val_loader, epoch, seed)
         history.append(record)
         if writes_outputs:
@@ -632,7 +641,12 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
             checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []),
                                          class_names)
             outputs.log_epoch(record, history)
+            if tensorboard is not None:
+                tensorboard.log_epoch(record)
             _report(epoch_summary(record), trainer.show_progress)
+    trainer.on_train_batch = None
+    if tensorboard is not None:
+        tensorboard.close()
     if history and writes_outputs:
         outputs.finish(history)
         for line in run_files.summary_lines(history):

@@ -18,6 +18,7 @@ import runs
 import train_eval
 import utils
 import settings
+import tensorboard_log
 from models.vit import ViT
 from models.vit_layers import options_from
 from runs import UsageError, continues_in_place, resume_path
@@ -167,6 +168,8 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--data_loader: device loading holds the images in memory, which {args.dataset} does "
                         f"not fit; use it with {', '.join(dataset.IN_MEMORY_DATASETS)} or use --data_loader workers")
     problems += _augmentation_problems(args)
+    if args.tensorboard and not args.test_only and tensorboard_log.tensorboard_problem():
+        problems.append(f"--tensorboard: {tensorboard_log.tensorboard_problem()}")
     problems += _mode_problems(args)
     device_problem = utils.device_problem(args.device)
     if device_problem:

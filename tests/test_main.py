@@ -35,7 +35,7 @@ DEFAULTS = {
     "scheduler": "none", "lr_step": 20, "lr_gamma": 0.1,
     "device": "cuda", "seed": 0,
     "output_dir": "./Output/VGG/ConvNN", "test_only": False, "checkpoint": None, "test_weights": "model",
-    "resume": None, "overwrite": False, "config": None,
+    "resume": None, "overwrite": False, "tensorboard": False, "config": None,
 }
 
 CHOICES = {
