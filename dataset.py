@@ -5,7 +5,6 @@ one ``DatasetEntry`` of ``REGISTRY``."""
 import copy
 import functools
 import hashlib
-import math
 import os
 import pickle
 import tarfile

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 from torch import nn

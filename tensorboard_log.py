@@ -6,6 +6,7 @@ batches. One axis lets a resumed run purge, in one stroke, whatever an interrupt
 its checkpoint, so the stream continues without a duplicated step. tensorboard is an optional dependency.
 """
 
+import importlib
 import os
 from typing import Dict, Optional
 
@@ -19,7 +20,7 @@ INSTALL_HINT = "pip install tensorboard"
 def tensorboard_problem() -> Optional[str]:
     """Why --tensorboard cannot work here, or None."""
     try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it to write events)
+        importlib.import_module("tensorboard")  # torch.utils.tensorboard needs it to write events
     except ImportError:
         return f"needs the tensorboard package, which is not installed: {INSTALL_HINT} (or leave --tensorboard out)"
     return None

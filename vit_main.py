@@ -15,7 +15,6 @@ import dataset
 import distributed
 import run_files
 import runs
-import train_eval
 import utils
 import settings
 import tensorboard_log

@@ -2,8 +2,6 @@
 
 import os
 
-import os
-
 import pytest
 import torch
 from matplotlib.figure import Figure
