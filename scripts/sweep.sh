@@ -194,7 +194,7 @@ ended() {
 await_a_run() {
     local pid= status=0
     wait -n -p pid "${!running_name[@]}" || status=$?
-    [[ -n $pid ]] || return 0  # a signal interrupted the wait
+    [[ -n ${pid:-} ]] || return 0  # a signal interrupted the wait (which unsets pid)
     local name=${running_name[$pid]}
     [[ -n ${running_device[$pid]+set} ]] && free_devices+=("${running_device[$pid]}")
     ended "$name" "$OUTPUT_ROOT/$name" "$status" $(( SECONDS - running_since[$pid] ))
