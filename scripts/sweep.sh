@@ -299,8 +299,8 @@ plan_line() {
     done
     # LIST, JOBS and DEVICES set to their defaults, so that a scheduler passing on the environment the plan
     # was made in does not make the line print a plan or pin the run to a device of its own choosing.
-    local settings=(LIST= JOBS=1 DEVICES= PYTHON="$PYTHON" LAUNCHER="$LAUNCHER" OUTPUT_ROOT="$(realpath -m "$OUTPUT_ROOT")"
-                    DATASET="$DATASET" EPOCHS="$EPOCHS" DEVICE="$DEVICE")
+    local settings=(LIST= JOBS=1 DEVICES= PYTHON="$PYTHON" LAUNCHER="$LAUNCHER"
+                    OUTPUT_ROOT="$(realpath -m "$OUTPUT_ROOT")" DATASET="$DATASET" EPOCHS="$EPOCHS" DEVICE="$DEVICE")
     if [[ -n $k ]]; then
         settings+=(LAYERS="$layer" K_VALUES="$k" SAMPLINGS="$sampling" BASELINES=)
     else

@@ -385,8 +385,8 @@ def test_a_run_held_by_a_live_process_is_skipped_as_running_elsewhere(tmp_path, 
 
 
 def test_list_prints_one_command_per_run_that_does_what_the_sweep_would_and_runs_nothing(tmp_path):
-    settings = dict(SEEDS="0 1", K_VALUES="2 3", SAMPLINGS="all random:4", BASELINES="Attention", OUTPUT_ROOT="out", FAKE_SECONDS="0",
-                    EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS) + " --note it's")
+    settings = dict(SEEDS="0 1", K_VALUES="2 3", SAMPLINGS="all random:4", BASELINES="Attention", OUTPUT_ROOT="out",
+                    FAKE_SECONDS="0", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS) + " --note it's")
     planner = tmp_path / "planner"
     planner.mkdir()
     environment = timed_sweep_environment(tmp_path, **settings)
@@ -416,7 +416,8 @@ def test_list_prints_one_command_per_run_that_does_what_the_sweep_would_and_runs
 def test_ctrl_c_stops_every_run_of_a_parallel_sweep_each_with_its_stop_line(tmp_path):
     """Real tiny runs, two at once: each writes its stop line to its console.log, and no third run starts."""
     root = tmp_path / "sweep"
-    sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, JOBS="2", EPOCHS="1000", K_VALUES="2 3 4"),
+    environment = sweep_environment(root, JOBS="2", EPOCHS="1000", K_VALUES="2 3 4")
+    sweep = subprocess.Popen(["bash", str(SWEEP)], env=environment,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     running = [root / "ConvNNAttention_K2_all_s0", root / "ConvNNAttention_K3_all_s0"]
     try:
