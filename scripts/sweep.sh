@@ -73,6 +73,11 @@ refused_runs=()
 # unless one run at a time on no particular device keeps today's foreground runs copied to the terminal.
 in_background=
 (( JOBS > 1 || ${#devices[@]} > 0 )) && in_background=1
+if [[ -n $in_background && -z $LIST ]] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
+    echo "sweep.sh: JOBS and DEVICES need bash 5.1 or later (wait -n -p), this is bash $BASH_VERSION;" \
+         "run the sweep with a newer bash or leave JOBS and DEVICES unset" >&2
+    exit 2
+fi
 # The background runs in progress, by process id.
 declare -A running_name=() running_device=() running_since=()
 # The background runs that a signal stopped, named when the sweep stops.
@@ -201,10 +206,11 @@ await_a_run() {
     unset "running_name[$pid]" "running_device[$pid]" "running_since[$pid]"
 }
 
-# run_in_background NAME DIRECTORY FLAGS...: starts the run once a place (and a device) is free.
+# run_in_background EVENT NAME DIRECTORY FLAGS...: starts the run once a place (and a device) is free,
+# reporting EVENT (start or resume).
 run_in_background() {
-    local name=$1 directory=$2
-    shift 2
+    local event=$1 name=$2 directory=$3
+    shift 3
     while (( ${#running_name[@]} >= JOBS )); do
         await_a_run
         stop_if_signalled "before $name"
@@ -263,7 +269,7 @@ run() {
     [[ -f $directory/last.pt ]] && event=resume
     mkdir -p "$directory"
     if [[ -n $in_background ]]; then
-        run_in_background "$name" "$directory" "${flags[@]}"
+        run_in_background "$event" "$name" "$directory" "${flags[@]}"
         return
     fi
     say "$event" "$name"
@@ -280,6 +286,19 @@ quoted() {
         printf '%s' "$1"
     else
         printf "'%s'" "${1//"'"/"'\\''"}"
+    fi
+}
+
+# absolute_path PATH: PATH from the root, taken relative to the working directory when it is not.
+absolute_path() {
+    if [[ $1 == /* ]]; then
+        echo "$1"
+    else
+        local relative=$1
+        while [[ $relative == ./* ]]; do
+            relative=${relative#./}
+        done
+        echo "$PWD/$relative"
     fi
 }
 
@@ -300,7 +319,7 @@ plan_line() {
     # LIST, JOBS and DEVICES set to their defaults, so that a scheduler passing on the environment the plan
     # was made in does not make the line print a plan or pin the run to a device of its own choosing.
     local settings=(LIST= JOBS=1 DEVICES= PYTHON="$PYTHON" LAUNCHER="$LAUNCHER"
-                    OUTPUT_ROOT="$(realpath -m "$OUTPUT_ROOT")" DATASET="$DATASET" EPOCHS="$EPOCHS" DEVICE="$DEVICE")
+                    OUTPUT_ROOT="$(absolute_path "$OUTPUT_ROOT")" DATASET="$DATASET" EPOCHS="$EPOCHS" DEVICE="$DEVICE")
     if [[ -n $k ]]; then
         settings+=(LAYERS="$layer" K_VALUES="$k" SAMPLINGS="$sampling" BASELINES=)
     else

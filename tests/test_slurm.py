@@ -93,8 +93,8 @@ def test_each_array_task_runs_its_line_of_the_plan(tmp_path):
 def preempted_task(tmp_path, max_requeues):
     """Submits a one-line plan whose run waits to be stopped, and sends its batch script SIGUSR1 as Slurm does
     ahead of the time limit; returns the task's job id."""
-    write_plan(tmp_path, K_VALUES="2", FAKE_SECONDS="600")
-    array = submit(tmp_path, 1, MAX_REQUEUES=str(max_requeues))
+    write_plan(tmp_path, K_VALUES="2")
+    array = submit(tmp_path, 1, MAX_REQUEUES=str(max_requeues), FAKE_SECONDS="600")
     task = f"{array}_0"
     wait_until(lambda: calls(tmp_path) == ["begin ConvNNAttention_K2_all_s0"], 120, "start of the run")
     time.sleep(1)  # the launcher has installed its trap
