@@ -226,6 +226,7 @@ run_in_background() {
             environment=("CUDA_VISIBLE_DEVICES=$entry")
         fi
     fi
+    mkdir -p "$directory"
     say "$event" "$name" "${entry:+device $entry}"
     # A background command of a script ignores SIGINT; the run gets back the sweep's own disposition of it,
     # so that Ctrl-C (sent to the whole process group) reaches it also before training installs its handler.
@@ -267,11 +268,11 @@ run() {
     fi
     local event=start
     [[ -f $directory/last.pt ]] && event=resume
-    mkdir -p "$directory"
     if [[ -n $in_background ]]; then
         run_in_background "$event" "$name" "$directory" "${flags[@]}"
         return
     fi
+    mkdir -p "$directory"
     say "$event" "$name"
     local status=0
     "${launcher[@]}" "$REPOSITORY/vit_main.py" "${flags[@]}" --output_dir "$directory" --resume auto \
