@@ -2,6 +2,7 @@
 of output directories written by real short runs."""
 
 import csv
+import itertools
 import os
 import signal
 import subprocess
@@ -241,6 +242,200 @@ def test_a_damaged_args_txt_is_refused_with_its_reason(tmp_path, capsys):
     (tmp_path / "args.txt").write_text("K=4\n")
     assert check_run_args.main([str(tmp_path), "finished", "--K", "4"]) == 1
     assert capsys.readouterr().out == "args.txt line 1 is not 'name: value': 'K=4'\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep.sh: several runs at once (JOBS, DEVICES), the plan for a scheduler (LIST), runs held elsewhere
+# ---------------------------------------------------------------------------------------------
+
+
+def timed_launcher(path):
+    """A launcher that stands for a run of ``FAKE_SECONDS`` (default 1): it appends to $CALLS one line when it
+    begins (time, CUDA_VISIBLE_DEVICES, its arguments) and one when it ends, and stops on SIGTERM with
+    vit_main's exit code 143."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '#!/bin/bash\n'
+        'name=$(basename "${@: -3:1}")\n'
+        'echo "begin $name $(date +%s.%N) devices=${CUDA_VISIBLE_DEVICES-unset} $*" >> "$CALLS"\n'
+        'trap \'echo "stopped $name $(date +%s.%N)" >> "$CALLS"; exit 143\' TERM\n'
+        'sleep "${FAKE_SECONDS:-1}" & wait\n'
+        'echo "end $name $(date +%s.%N)" >> "$CALLS"\n')
+    path.chmod(0o755)
+    return path
+
+
+def timed_sweep_environment(tmp_path, **settings):
+    return {**sweep_environment(tmp_path / "sweep", **settings), "CALLS": str(tmp_path / "calls"),
+            "LAUNCHER": str(timed_launcher(tmp_path / "bin" / "launcher"))}
+
+
+def run_events(calls_path):
+    """{run name: {"begin": seconds, "end" or "stopped": seconds, "devices": ..., "arguments": ...}}."""
+    events = {}
+    for line in calls_path.read_text().splitlines():
+        kind, name, seconds, *rest = line.split(" ", 3)
+        record = events.setdefault(name, {})
+        record[kind] = float(seconds)
+        if kind == "begin":
+            devices, arguments = rest[0].split(" ", 1)
+            record.update(devices=devices.split("=", 1)[1], arguments=arguments)
+    return events
+
+
+def most_at_once(events):
+    """The largest number of runs whose [begin, end] intervals overlap at one instant."""
+    changes = sorted([(record["begin"], 1) for record in events.values()]
+                     + [(record.get("end", record.get("stopped")), -1) for record in events.values()])
+    running = most = 0
+    for _, change in changes:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_jobs_keeps_that_many_runs_going_and_reports_each_with_its_time(tmp_path):
+    environment = timed_sweep_environment(tmp_path, JOBS="2", K_VALUES="2 3 4 5")
+    finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+    events = run_events(tmp_path / "calls")
+    assert sorted(events) == [f"ConvNNAttention_K{k}_all_s0" for k in (2, 3, 4, 5)]
+    assert all("end" in record for record in events.values())
+    assert most_at_once(events) == 2
+    lines = finished.stdout.splitlines()
+    assert len(lines) == 8  # a start and a done line per run
+    for k in (2, 3, 4, 5):
+        (start,) = [line for line in lines if f" start   ConvNNAttention_K{k}_all_s0" in line]
+        (done,) = [line for line in lines if f" done    ConvNNAttention_K{k}_all_s0 (" in line]
+        for line in (start, done):
+            time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+    # The runs' console goes to their console.log alone: the sweep's own lines stay one per event.
+    assert (tmp_path / "sweep" / "ConvNNAttention_K2_all_s0" / "console.log").exists()
+
+
+def test_each_run_gets_a_free_entry_of_devices_and_cpu_entries_run_on_the_cpu(tmp_path):
+    environment = timed_sweep_environment(tmp_path, DEVICES="0 cpu", DEVICE="cuda", K_VALUES="2 3 4 5")
+    finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+    events = run_events(tmp_path / "calls")
+    assert most_at_once(events) == 2  # JOBS defaults to the number of entries
+    for name, record in events.items():
+        on_cpu = record["devices"] == ""
+        assert record["devices"] in ("0", "")
+        assert record["arguments"].endswith(f"--device cpu --output_dir {tmp_path / 'sweep' / name} --resume auto") \
+            == on_cpu, record
+        assert f"start   {name} (device {'cpu' if on_cpu else '0'})" in finished.stdout
+        others = [other for other_name, other in events.items() if other_name != name
+                  and other["begin"] < record["end"] and record["begin"] < other["end"]]
+        assert all(other["devices"] != record["devices"] for other in others), events
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"JOBS": "0"}, "sweep.sh: JOBS=0: give the number of runs to keep going at once, a whole number from 1"),
+    ({"JOBS": "two"}, "sweep.sh: JOBS=two: give the number of runs to keep going at once, a whole number from 1"),
+    ({"JOBS": "3", "DEVICES": "0 1"}, 'sweep.sh: JOBS=3 exceeds the 2 entries of DEVICES="0 1"; lower JOBS or '
+                                      'repeat entries ("0 0" runs two at once on device 0)'),
+])
+def test_a_bad_jobs_value_is_one_line_and_exit_code_2(tmp_path, settings, message):
+    finished = subprocess.run(["bash", str(SWEEP)], env=timed_sweep_environment(tmp_path, **settings),
+                              capture_output=True, text=True, timeout=60)
+    assert (finished.returncode, finished.stderr, finished.stdout) == (2, message + "\n", "")
+    assert not (tmp_path / "calls").exists()
+
+
+def test_sigterm_to_the_sweeps_process_group_stops_every_run_in_progress_and_the_sweep(tmp_path):
+    environment = timed_sweep_environment(tmp_path, JOBS="2", K_VALUES="2 3 4", FAKE_SECONDS="60")
+    sweep = subprocess.Popen(["bash", str(SWEEP)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(run_events(tmp_path / "calls") if (tmp_path / "calls").exists() else {}) < 2:
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.1)
+        time.sleep(0.2)  # both launchers have installed their trap
+        os.killpg(sweep.pid, signal.SIGTERM)
+        stdout, stderr = sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 143, stdout + stderr
+    events = run_events(tmp_path / "calls")
+    assert sorted(events) == ["ConvNNAttention_K2_all_s0", "ConvNNAttention_K3_all_s0"]
+    assert all("stopped" in record for record in events.values())
+    assert "ConvNNAttention_K4_all_s0" not in stdout
+    # The runs are named in the order they stopped.
+    assert stderr.splitlines()[-1] in [f"sweep.sh: stopped by SIGTERM during {first} {second}; start the sweep again "
+                                       "to continue" for first, second in itertools.permutations(sorted(events))]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_run_held_by_a_live_process_is_skipped_as_running_elsewhere(tmp_path, jobs):
+    held = tmp_path / "sweep" / "ConvNNAttention_K2_all_s0"
+    held.mkdir(parents=True)
+    lock = run_files.OutputLock(str(held))
+    lock.acquire()
+    try:
+        finished = subprocess.run(["bash", str(SWEEP)], env=timed_sweep_environment(tmp_path, JOBS=jobs),
+                                  capture_output=True, text=True, timeout=120)
+    finally:
+        lock.release()
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"skip    ConvNNAttention_K2_all_s0 (running elsewhere: process {os.getpid()})" in finished.stdout
+    assert sorted(run_events(tmp_path / "calls")) == ["ConvNNAttention_K3_all_s0", "ConvNNAttention_K4_all_s0"]
+
+
+def test_list_prints_one_command_per_run_that_does_what_the_sweep_would_and_runs_nothing(tmp_path):
+    settings = dict(SEEDS="0 1", K_VALUES="2 3", SAMPLINGS="all random:4", BASELINES="Attention", OUTPUT_ROOT="out",
+                    FAKE_SECONDS="0", EXTRA_FLAGS=" ".join(TINY_MODEL_FLAGS) + " --note it's")
+    planner = tmp_path / "planner"
+    planner.mkdir()
+    environment = timed_sweep_environment(tmp_path, **settings)
+    plan = subprocess.run(["bash", str(SWEEP)], env={**environment, "LIST": "1"}, cwd=planner, capture_output=True,
+                          text=True, timeout=60, check=True).stdout.splitlines()
+    assert len(plan) == 2 * (2 * 2 + 1)
+    assert os.listdir(planner) == [] and not (tmp_path / "calls").exists()
+    assert all(line.startswith(f"cd {planner} && ") and f" OUTPUT_ROOT={planner / 'out'} " in line for line in plan)
+
+    # Each line, run from elsewhere with another environment, runs the sweep's command for its run alone.
+    elsewhere = {"PATH": os.environ["PATH"], "CALLS": str(tmp_path / "plan_calls"), "JOBS": "4", "LIST": "1"}
+    for line in plan:
+        subprocess.run(["bash", "-c", line], env=elsewhere, cwd=tmp_path, capture_output=True, timeout=60, check=True)
+    subprocess.run(["bash", str(SWEEP)], env={**environment, "OUTPUT_ROOT": str(planner / "out")}, cwd=planner,
+                   capture_output=True, timeout=60, check=True)
+    sweep_calls = [line.split(" ", 3)[3] for line in (tmp_path / "calls").read_text().splitlines()
+                   if line.startswith("begin ")]
+    plan_calls = [line.split(" ", 3)[3] for line in (tmp_path / "plan_calls").read_text().splitlines()
+                  if line.startswith("begin ")]
+    assert plan_calls == sweep_calls and len(sweep_calls) == len(plan)
+    assert plan_calls[-2].endswith(f"--note it's --layer ConvNNAttention --K 3 --sampling_type random --num_samples 4 "
+                                   f"--seed 1 --output_dir {planner / 'out' / 'ConvNNAttention_K3_random4_s1'} "
+                                   "--resume auto")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_of_a_parallel_sweep_each_with_its_stop_line(tmp_path):
+    """Real tiny runs, two at once: each writes its stop line to its console.log, and no third run starts."""
+    root = tmp_path / "sweep"
+    environment = sweep_environment(root, JOBS="2", EPOCHS="1000", K_VALUES="2 3 4")
+    sweep = subprocess.Popen(["bash", str(SWEEP)], env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    running = [root / "ConvNNAttention_K2_all_s0", root / "ConvNNAttention_K3_all_s0"]
+    try:
+        for directory in running:
+            wait_for(directory / "metrics.csv", sweep)  # both are training
+        os.killpg(sweep.pid, signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, stdout + stderr
+    for directory in running:
+        assert "vit_main.py: stopped by SIGINT" in (directory / "console.log").read_text()
+        assert f" stopped {directory.name} (exit code 130, " in stdout
+    assert "ConvNNAttention_K4_all_s0" not in stdout and not (root / "ConvNNAttention_K4_all_s0").exists()
+    assert stderr.splitlines()[-1].startswith("sweep.sh: stopped by SIGINT during ConvNNAttention_K")
 
 
 # ---------------------------------------------------------------------------------------------
