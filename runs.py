@@ -40,10 +40,11 @@ EVALUATED_FLAGS = MODEL_FLAGS + ("dataset", "resize")
 INVOCATION_FLAGS = ("output_dir", "test_only", "checkpoint", "test_weights", "resume", "overwrite", "config")
 # Settings a resumed run may change: how long it trains, and where and how fast it runs, not what it computes.
 # Each change is recorded (args_changes.txt). --batch_size may change too when the global batch stays the same.
-RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode")
+RESUMABLE_FLAGS = ("num_epochs", "device", "num_workers", "data_path", "data_loader", "use_compiled", "compile_mode",
+                   "checkpoint_steps", "deterministic")
 # Flags newer than some checkpoints, with the value every run before them had: a resume of such a checkpoint
 # refuses another value, as for any stored flag (the validation split, above all, must stay the one trained with).
-FLAGS_OLDER_RUNS_HAD = {"val_split": 0.0, "split_seed": 0}
+FLAGS_OLDER_RUNS_HAD = {"val_split": 0.0, "split_seed": 0, "checkpoint_steps": 0, "deterministic": False}
 
 
 class UsageError(Exception):
@@ -335,7 +336,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         val_loader = dataset.evaluation_loader(val_data, **loader_config(args, trainer_options["device"]))
         validation = f", {len(val_data)} validation (held out of training)"
     trainer = _trainer({**trainer_options, "steps_per_epoch": len(train_loader)}, stop_signals)
-    start_epoch, history, rng_state = 0, [], None
+    start_epoch, history, rng_state, in_epoch = 0, [], None, None
     record, args_changes = vars(args), []
     if resumed:
         try:
@@ -347,7 +348,10 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
-        distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
+        in_epoch = checkpoint.get("in_epoch")
+        continues = checkpoints.in_epoch_description(checkpoint)
+        distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}"
+                               + (f", at {continues}" if continues else ""))
 
     if distributed.is_main_process():
         if args.overwrite:
@@ -365,7 +369,8 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     distributed.decorrelate_ranks(args.seed, start_epoch)
     history = train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
                              seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
-                             args_changes=args_changes, val_loader=val_loader)
+                             args_changes=args_changes, val_loader=val_loader,
+                             checkpoint_steps=args.checkpoint_steps, in_epoch=in_epoch)
     _per_class_results_of_best(trainer, outputs, test_loader, dataset.class_names(test_data, num_classes), history)
 
 
@@ -451,11 +456,12 @@ def output_directory_claimed(output_dir: str):
 @contextlib.contextmanager
 def faults_explained(outputs: run_files.RunOutputs):
     """Faults met while running end the program with one line and a non-zero exit code, never a traceback.
-    None of them costs more than the epoch in progress: outputs are only written at epoch ends."""
+    None of them costs more than the epoch in progress (with --checkpoint_steps, more than the steps since the
+    last mid-epoch checkpoint): the per-epoch outputs are only written at epoch ends."""
     try:
         yield
     except train_eval.TrainingStopped as stop:
-        raise RunEnded(f"{stop}; {_resume_hint(outputs)}", stop.exit_code) from stop
+        raise RunEnded(f"{stop}; {_resume_hint(outputs, stop.saved)}", stop.exit_code) from stop
     except KeyboardInterrupt:
         raise RunEnded(f"interrupted; {_resume_hint(outputs)}", 130) from None
     except train_eval.NonFiniteLoss as fault:
@@ -468,7 +474,10 @@ def faults_explained(outputs: run_files.RunOutputs):
         raise UsageError(_last_line(error)) from error
 
 
-def _resume_hint(outputs: run_files.RunOutputs) -> str:
+def _resume_hint(outputs: run_files.RunOutputs, saved: Optional[str] = None) -> str:
+    """What the stop line says is kept; ``saved``: the part of the epoch in progress that last.pt holds."""
+    if saved is not None:
+        return f"last.pt holds the completed epochs and {saved}: continue with --resume auto, which goes on from there"
     if os.path.isfile(outputs.path("last.pt")):
         return "last.pt and the results hold the completed epochs: continue with --resume auto"
     return "no epoch was completed, so there is nothing to resume"

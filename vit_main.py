@@ -119,6 +119,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     training.add_argument("--accumulation_steps", type=int, default=1,
                           help="batches whose gradients are summed into one optimiser step (one large batch's)")
 
+    training.add_argument("--checkpoint_steps", type=int, default=0, help="also write last.pt every N optimiser steps, with the position in the epoch; 0 = once per epoch")
+    training.add_argument("--deterministic", action="store_true", help="deterministic algorithms only (torch.use_deterministic_algorithms), cuDNN benchmarking off")
     recipe = parser.add_argument_group("training recipe (all off by default)")
     recipe.add_argument("--warmup_epochs", type=float, default=0.0,
                         help="linear warmup of the learning rate over this many epochs, moved every step")
@@ -273,7 +275,7 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     problems = _number_problems(args)
     problems += [f"--{name}: must be >= 1, got {getattr(args, name)}" for name in ("num_epochs", "batch_size")
                  if getattr(args, name) < 1]
-    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum"]
+    not_negative = ["resize", "num_workers", "clip_grad_norm", "weight_decay", "momentum", "checkpoint_steps"]
     problems += [f"--{name}: must be >= 0, got {getattr(args, name)}" for name in not_negative
                  if getattr(args, name) < 0]
     # Bounds of the layer options, refused whatever --layer is; the layer checks the rest when it is built.
