@@ -9,7 +9,7 @@ back to a single process (rank 0 of 1).
 import atexit
 import datetime
 import os
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,15 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` outside a process group."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

@@ -112,7 +112,7 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
 OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt",
-                            "per_class_accuracy.csv", "confusion_matrix.png")
+                            "per_class_accuracy.csv", "confusion_matrix.png", "environment.txt")
 
 
 class LockFileError(RuntimeError):

@@ -20,6 +20,7 @@ import torch
 import checkpoints
 import dataset
 import distributed
+import environment
 import run_files
 import train_eval
 import utils
@@ -323,6 +324,7 @@ def _trainer(options: Dict, stop_signals: Optional[train_eval.StopSignals] = Non
 
 def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_eval.StopSignals,
            outputs: run_files.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
+    started = datetime.datetime.now(datetime.timezone.utc)
     # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
     # after it, as a warmup's schedule counts the batches of an epoch.
     train_data, test_data, num_classes, _ = _load_data(args, need_train=True)
@@ -360,6 +362,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         outputs.write_args_changes(args_changes)
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
+    environment.record_start(outputs.path(environment.ENVIRONMENT_FILE), trainer.device, started)
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
                            f"{args.device}; {args.dataset}: {len(train_data)} training{validation} and "
                            f"{len(test_data)} test images of {img_size}x{img_size}", flush=True)

@@ -236,6 +236,21 @@ class _Tally:
         }
 
 
+# cuBLAS's setting that makes its matrix products deterministic (two 4 MiB workspaces, as PyTorch's
+# reproducibility notes give); read when cuBLAS starts, so it is set before any CUDA work.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """--deterministic: only algorithms that give the same bits on every run (an operation without one raises
+    instead), cuDNN without benchmarking (which picks its algorithms by timing them), and cuBLAS in its
+    deterministic mode. ConvNN-Attention then takes its non-atomic path on CUDA. Without it, PyTorch's defaults."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults that end training: signals and non-finite losses
 # ---------------------------------------------------------------------------------------------

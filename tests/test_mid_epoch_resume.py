@@ -57,6 +57,7 @@ def straight_and_stopped(tiny_argv, tmp_path, flags):
     return straight, stopped, tiny_argv(stopped, *FLAGS, *flags)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("recipe", [[], RECIPE], ids=["plain", "val_split_and_augmentation"])
 def test_a_signal_mid_epoch_saves_the_step_and_the_resumed_run_ends_as_a_straight_one(
@@ -76,6 +77,7 @@ def test_a_signal_mid_epoch_saves_the_step_and_the_resumed_run_ends_as_a_straigh
     assert_same_run(straight, stopped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", LOADERS)
 def test_a_run_killed_between_checkpoints_loses_only_the_steps_since_the_last(loader, tiny_argv, tmp_path,
                                                                               monkeypatch):
@@ -89,6 +91,7 @@ def test_a_run_killed_between_checkpoints_loses_only_the_steps_since_the_last(lo
     assert_same_run(straight, stopped)
 
 
+@pytest.mark.slow
 def test_accumulation_warmup_and_ema_stop_at_the_end_of_the_accumulation_group(tiny_argv, tmp_path, capsys,
                                                                                monkeypatch):
     # 7 batches in groups of 3: optimiser steps after batches 3, 6 and 7 of an epoch.
@@ -112,6 +115,7 @@ def test_accumulation_warmup_and_ema_stop_at_the_end_of_the_accumulation_group(t
     assert_same_run(straight, stopped)
 
 
+@pytest.mark.slow
 def test_a_stop_in_the_first_epoch_resumes_without_a_completed_epoch(tiny_argv, tmp_path, capsys, monkeypatch):
     straight, stopped, argv = straight_and_stopped(tiny_argv, tmp_path, ["--augment"])
     with monkeypatch.context() as patch:
