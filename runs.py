@@ -309,8 +309,9 @@ def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optiona
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    try:  # after the cheap checks: it may read the whole test split
-        dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only)
+    try:  # after the cheap checks: it may read the whole test split, so under torchrun rank 0 alone does
+        distributed.on_rank_zero(
+            lambda: dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only))
     except dataset.DatasetUnavailableError as error:
         raise UsageError(str(error)) from error
     except KeyboardInterrupt:
@@ -494,8 +495,8 @@ def _last_line(error: Exception) -> str:
 
 
 def _load_data(args: argparse.Namespace, need_train: bool):
-    try:
-        return dataset.load_datasets(**data_config(args), need_train=need_train)
+    try:  # a download (CIFAR) is made by one process while the others wait
+        return distributed.rank_zero_first(lambda: dataset.load_datasets(**data_config(args), need_train=need_train))
     except dataset.DatasetUnavailableError as error:
         raise UsageError(str(error)) from error
 
