@@ -352,6 +352,10 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
         in_epoch = checkpoint.get("in_epoch")
+        if in_epoch is not None and in_epoch["batches_total"] != len(train_loader):
+            raise UsageError(f"--resume: {resumed.path} stopped part-way through epoch {in_epoch['epoch']} of "
+                             f"{in_epoch['batches_total']} steps, but an epoch now has {len(train_loader)}; resume "
+                             "it with the --batch_size and number of processes it was trained with")
         continues = checkpoints.in_epoch_description(checkpoint)
         distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}"
                                + (f", at {continues}" if continues else ""))

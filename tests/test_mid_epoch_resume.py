@@ -130,3 +130,31 @@ def test_a_stop_in_the_first_epoch_resumes_without_a_completed_epoch(tiny_argv, 
 
 def test_checkpoint_steps_must_not_be_negative(tiny_argv, tmp_path, capsys):
     expect_one_line_error(capsys, tiny_argv(tmp_path, "--checkpoint_steps", "-1"), 2, "--checkpoint_steps: must be >= 0")
+
+
+@pytest.mark.slow
+def test_worker_processes_draw_the_same_augmentation_after_the_skipped_batches(tiny_argv, tmp_path, monkeypatch):
+    straight, stopped, argv = straight_and_stopped(
+        tiny_argv, tmp_path, ["--num_workers", "2", "--augment", "--random_erasing", "0.5"])
+    with monkeypatch.context() as patch:
+        at_optimizer_step(patch, 7 + 5, kill)
+        with pytest.raises(Interrupted):
+            vit_main.main([*argv, "--checkpoint_steps", "4"])
+    vit_main.main([*argv, "--resume", "auto"])
+    assert_same_run(straight, stopped)
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_needs_the_steps_per_epoch_it_was_trained_with(tiny_argv, tmp_path, capsys,
+                                                                              monkeypatch):
+    argv = tiny_argv(tmp_path, *FLAGS, "--num_epochs", "1", "--checkpoint_steps", "2")
+    with monkeypatch.context() as patch:
+        at_optimizer_step(patch, 3, kill)  # after the checkpoint of step 2
+        with pytest.raises(Interrupted):
+            vit_main.main(argv)
+    last = checkpoints.load_checkpoint(tmp_path / "last.pt")
+    last["in_epoch"]["batches_total"] = 9  # as if trained with a batch size that gave 9 steps an epoch
+    checkpoints.save_checkpoint(tmp_path / "last.pt", last)
+    expect_one_line_error(capsys, [*argv, "--resume", "auto"], 2,
+                          "--resume: " + f"{tmp_path / 'last.pt'} stopped part-way through epoch 1 of 9 steps, "
+                          "but an epoch now has 7")
