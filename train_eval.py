@@ -263,13 +263,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 class TrainingStopped(Exception):
     """A stop signal arrived; training ended at a step boundary. The epoch in progress is dropped, except
-    for the steps a mid-epoch checkpoint holds (``saved``: where last.pt continues, e.g. "epoch 2, step 5/8")."""
+    for the steps a mid-epoch checkpoint holds (``saved``, e.g. "epoch 2 train up to step 5/8")."""
 
     def __init__(self, signal_number: int, where: str):
         self.signal_number = signal_number
         # The shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2 (Linux numbers).
         self.exit_code = 128 + signal_number
-        self.where = where
         self.saved: Optional[str] = None
         super().__init__(f"stopped by {signal.Signals(signal_number).name} at {where}")
 
@@ -281,8 +280,9 @@ class NonFiniteLoss(Exception):
 
 class StopSignals:
     """While active, the STOP_SIGNALS only set a flag that the epoch loop reads after each step, so the
-    files of the completed epochs (and of the steps a mid-epoch checkpoint holds) are all that remain. A second signal ends the process at once, which
-    is safe too: every output file is replaced atomically or grows by whole lines."""
+    files of the completed epochs (and of the steps a mid-epoch checkpoint holds) are all that remain. A
+    second signal ends the process at once, which is safe too: every output file is replaced atomically or
+    grows by whole lines."""
 
     def __init__(self):
         self.received: Optional[int] = None

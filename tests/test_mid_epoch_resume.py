@@ -129,7 +129,8 @@ def test_a_stop_in_the_first_epoch_resumes_without_a_completed_epoch(tiny_argv, 
 
 
 def test_checkpoint_steps_must_not_be_negative(tiny_argv, tmp_path, capsys):
-    expect_one_line_error(capsys, tiny_argv(tmp_path, "--checkpoint_steps", "-1"), 2, "--checkpoint_steps: must be >= 0")
+    expect_one_line_error(capsys, tiny_argv(tmp_path, "--checkpoint_steps", "-1"), 2,
+                          "--checkpoint_steps: must be >= 0")
 
 
 @pytest.mark.slow
