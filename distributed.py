@@ -9,6 +9,7 @@ back to a single process (rank 0 of 1).
 import atexit
 import datetime
 import os
+import pickle
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import torch
@@ -157,11 +158,21 @@ def on_rank_zero(action: Callable[[], None]) -> None:
 
 def _raise_any(failure: Optional[Exception]) -> None:
     """Raises ``failure`` here, or on every rank the first rank's failure when any rank had one (a collective)."""
-    failures = [error for error in gather_objects(failure) if error is not None]
+    failures = [error for error in gather_objects(_picklable(failure)) if error is not None]
     if failure is not None:
         raise failure
     if failures:
         raise failures[0]
+
+
+def _picklable(failure: Optional[Exception]) -> Optional[Exception]:
+    """``failure``, or a RuntimeError with its message when it cannot be pickled: a rank that failed to send
+    its failure would leave the others waiting."""
+    try:
+        pickle.dumps(failure)
+    except Exception:  # unpicklable attributes raise all kinds of errors
+        return RuntimeError(str(failure))
+    return failure
 
 
 def barrier() -> None:

@@ -4,6 +4,7 @@ as two processes on one node do; the data is fetched by one process at a time an
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -99,3 +100,15 @@ def test_two_nodes_of_one_process_give_the_metrics_of_two_processes_on_one_node(
     environment_text = (tmp_path / "two_nodes" / "environment.txt").read_text()
     assert "processes: 2 on 2 node(s)" in environment_text and "rank 1: host " in environment_text
     assert "processes: 2 on 1 node(s)" in (tmp_path / "one_node" / "environment.txt").read_text()
+
+
+def test_a_failure_that_cannot_be_pickled_is_sent_as_its_message():
+    class HoldsALock(Exception):
+        def __init__(self):
+            super().__init__("--data_path: cannot read")
+            self.lock = threading.Lock()
+
+    sent = distributed._picklable(HoldsALock())
+    assert type(sent) is RuntimeError and str(sent) == "--data_path: cannot read"
+    failure = dataset.DatasetUnavailableError("--data_path: damaged")
+    assert distributed._picklable(failure) is failure and distributed._picklable(None) is None
