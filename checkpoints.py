@@ -75,15 +75,12 @@ def model_weights(checkpoint: Dict) -> Dict:
 
 def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_arguments: Dict,
                       args_changes: List[Dict], class_names: Optional[List[str]] = None) -> Dict:
-    best = selected_record(history)
     # The names of the classifier's outputs, in order: a checkpoint labels new images without its dataset.
     named = {"class_names": list(class_names)} if class_names is not None else {}
-    return {
+    state = {
         **trainer.state_dict(),
         "epoch": epoch,
         "rng": capture_rng_state(),
-        "best_accuracy": best["test_top1"],
-        "best_epoch": best["epoch"],
         "history": history,
         "args": run_arguments,
         "args_changes": args_changes,
@@ -91,6 +88,10 @@ def _checkpoint_state(trainer: "Trainer", epoch: int, history: List[Dict], run_a
         "processes": distributed.world_size(),
         **named,
     }
+    if history:  # a mid-epoch checkpoint of the first epoch has no best epoch yet
+        best = selected_record(history)
+        state.update(best_accuracy=best["test_top1"], best_epoch=best["epoch"])
+    return state
 
 
 def save_checkpoints(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
@@ -101,15 +102,35 @@ def save_checkpoints(trainer: "Trainer", outputs: RunOutputs, epoch: int, histor
         save_checkpoint(outputs.path("best.pt"), state)
 
 
+def save_mid_epoch_checkpoint(trainer: "Trainer", outputs: RunOutputs, history: List[Dict], run_arguments: Dict,
+                              args_changes: List[Dict], in_epoch: Dict,
+                              class_names: Optional[List[str]] = None) -> None:
+    """``last.pt`` part-way through epoch ``in_epoch["epoch"]``: the trainer's and the generators' state
+    after an optimiser step, the completed epochs (``epoch``, ``history``: whole epochs only) and where the
+    epoch stands (``in_epoch``: its number and rate, and train_eval.EpochProgress). best.pt is left alone."""
+    state = _checkpoint_state(trainer, in_epoch["epoch"] - 1, history, run_arguments, args_changes, class_names)
+    state["in_epoch"] = in_epoch
+    save_checkpoint(outputs.path("last.pt"), state)
+
+
+def in_epoch_description(checkpoint: Dict) -> Optional[str]:
+    """Where a mid-epoch checkpoint continues, e.g. "step 5/8 of epoch 3", or None for an epoch's checkpoint."""
+    in_epoch = checkpoint.get("in_epoch")
+    if in_epoch is None:
+        return None
+    return f"step {in_epoch['batches'] + 1}/{in_epoch['batches_total']} of epoch {in_epoch['epoch']}"
+
+
 def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int, history: List[Dict],
-                             run_arguments: Dict, args_changes: List[Dict],
-                             class_names: Optional[List[str]] = None) -> None:
+                             run_arguments: Dict, args_changes: List[Dict], class_names: Optional[List[str]] = None,
+                             state_is_the_epochs: bool = True) -> None:
     """On resuming after ``epoch``: makes ``best.pt`` hold the best epoch of ``history`` when it does not.
 
     A run that ended because ``best.pt`` could not be written (a full disk) left ``last.pt`` of the best
     epoch and no matching ``best.pt``; later epochs that do not improve would never write it. The state
-    just resumed is that epoch's, so it is written now. Any other best epoch's state is gone: a warning
-    says so, and ``best.pt`` is replaced when an epoch improves on it."""
+    just resumed is that epoch's (unless ``state_is_the_epochs`` is False: a mid-epoch checkpoint is past
+    it), so it is written now. Any other best epoch's state is gone: a warning says so, and ``best.pt`` is
+    replaced when an epoch improves on it."""
     best_epoch = selected_record(history)["epoch"]
     best_history = [record for record in history if record["epoch"] <= best_epoch]
     path = outputs.path("best.pt")
@@ -118,7 +139,7 @@ def complete_best_checkpoint(trainer: "Trainer", outputs: RunOutputs, epoch: int
             return
     except CheckpointError:
         pass  # damaged: replaced below when possible
-    if best_epoch == epoch:
+    if best_epoch == epoch and state_is_the_epochs:
         save_checkpoint(path, _checkpoint_state(trainer, epoch, history, run_arguments, args_changes, class_names))
     else:
         print(f"warning: {path} does not hold the best epoch {best_epoch} of the resumed run, whose state is gone; "

@@ -9,7 +9,8 @@ back to a single process (rank 0 of 1).
 import atexit
 import datetime
 import os
-from typing import Dict, Iterator, Optional
+import pickle
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 import utils
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+T = TypeVar("T")
 # A rank waits this long for the others (e.g. while rank 0 writes a checkpoint) before giving up.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -107,6 +109,70 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` outside a process group."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def rank_zero_first(action: Callable[[], T]) -> T:
+    """``action()`` on every rank, in turns: rank 0 first, then (once it succeeded) each other node's first
+    process (LOCAL_RANK 0), then the rest. A download into a directory all nodes share is then made once,
+    and into each node's own directory once per node, never by two processes at once. A failure in a turn
+    is raised on every rank (the others raise the failing rank's exception), so that no rank waits for ever."""
+    if not is_distributed():
+        return action()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    turns = (rank() == 0, rank() > 0 and local_rank == 0, local_rank > 0)
+    result = None
+    for my_turn in turns:
+        failure = None
+        if my_turn:
+            try:
+                result = action()
+            except Exception as error:  # any failure: the others must hear of it rather than wait
+                failure = error
+        _raise_any(failure)
+    return result
+
+
+def on_rank_zero(action: Callable[[], None]) -> None:
+    """``action()`` on rank 0 alone (a check of shared files, made once per run) while the others wait; its
+    failure is raised on every rank."""
+    failure = None
+    if is_main_process():
+        try:
+            action()
+        except Exception as error:  # any failure: the others must hear of it rather than wait
+            failure = error
+    if is_distributed():
+        _raise_any(failure)
+    elif failure is not None:
+        raise failure
+
+
+def _raise_any(failure: Optional[Exception]) -> None:
+    """Raises ``failure`` here, or on every rank the first rank's failure when any rank had one (a collective)."""
+    failures = [error for error in gather_objects(_picklable(failure)) if error is not None]
+    if failure is not None:
+        raise failure
+    if failures:
+        raise failures[0]
+
+
+def _picklable(failure: Optional[Exception]) -> Optional[Exception]:
+    """``failure``, or a RuntimeError with its message when it cannot be pickled: a rank that failed to send
+    its failure would leave the others waiting."""
+    try:
+        pickle.dumps(failure)
+    except Exception:  # unpicklable attributes raise all kinds of errors
+        return RuntimeError(str(failure))
+    return failure
 
 
 def barrier() -> None:

@@ -114,7 +114,7 @@ RUN_FILES = ("last.pt", "best.pt", "train_eval_results.txt", "metrics.csv")
 # Everything a training run writes; --overwrite removes these and nothing else.
 OUTPUT_FILES = RUN_FILES + ("args.txt", "args_changes.txt", "model.txt", "curves.png", "test_results.txt",
                             "per_class_accuracy.csv", "confusion_matrix.png", "test_per_class_accuracy.csv",
-                            "test_confusion_matrix.png")
+                            "test_confusion_matrix.png", "environment.txt")
 # Folders a training run writes (--tensorboard's event files); --overwrite removes them too.
 OUTPUT_FOLDERS = ("tensorboard",)
 

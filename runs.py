@@ -20,6 +20,7 @@ import torch
 import checkpoints
 import dataset
 import distributed
+import environment
 import run_files
 import settings
 import tensorboard_log
@@ -295,8 +296,9 @@ def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optiona
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    try:  # after the cheap checks: it may read the whole test split
-        dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only)
+    try:  # after the cheap checks: it may read the whole test split, so under torchrun rank 0 alone does
+        distributed.on_rank_zero(
+            lambda: dataset.check_data(args.dataset, args.data_path, need_train=not args.test_only))
     except dataset.DatasetUnavailableError as error:
         raise UsageError(str(error)) from error
     except KeyboardInterrupt:
@@ -313,6 +315,7 @@ def _trainer(options: Dict, stop_signals: Optional[train_eval.StopSignals] = Non
 
 def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_eval.StopSignals,
            outputs: run_files.RunOutputs, img_size: int, resumed: Optional[Resumed]) -> None:
+    started = datetime.datetime.now(datetime.timezone.utc)
     # The data first: when it cannot be had, the output directory is left as it was. The trainer comes
     # after it, as a warmup's schedule counts the batches of an epoch.
     train_data, test_data, num_classes, _ = _load_data(args, need_train=True)
@@ -327,7 +330,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         val_loader = dataset.evaluation_loader(val_data, **loader_config(args, trainer_options["device"]))
         validation = f", {len(val_data)} validation (held out of training)"
     trainer = _trainer({**trainer_options, "steps_per_epoch": len(train_loader)}, stop_signals)
-    start_epoch, history, rng_state = 0, [], None
+    start_epoch, history, rng_state, in_epoch = 0, [], None, None
     record, args_changes = vars(args), []
     if resumed:
         try:
@@ -339,7 +342,14 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         start_epoch, history, rng_state = checkpoint["epoch"], checkpoint["history"], checkpoint["rng"]
         trainer.fit_schedule_to(args.num_epochs, start_epoch)
         record, args_changes = resumed.record, resumed.args_changes
-        distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}")
+        in_epoch = checkpoint.get("in_epoch")
+        if in_epoch is not None and in_epoch["batches_total"] != len(train_loader):
+            raise UsageError(f"--resume: {resumed.path} stopped part-way through epoch {in_epoch['epoch']} of "
+                             f"{in_epoch['batches_total']} steps, but an epoch now has {len(train_loader)}; resume "
+                             "it with the --batch_size and number of processes it was trained with")
+        continues = checkpoints.in_epoch_description(checkpoint)
+        distributed.print_main(f"Resuming from {resumed.path} after epoch {start_epoch}"
+                               + (f", at {continues}" if continues else ""))
     facts = settings.run_facts(args.batch_size, distributed.world_size(), data)
     if resumed:
         _check_same_data(resumed, facts)
@@ -353,6 +363,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
         outputs.write_args_changes(args_changes)
         if not resumed or not os.path.isfile(outputs.path("model.txt")):
             outputs.write_model_summary(trainer.model, img_size, trainer.device)
+    environment.record_start(outputs.path(environment.ENVIRONMENT_FILE), trainer.device, started)
     distributed.print_main(f"{args.layer} ViT, {run_files.count_parameters(trainer.model):,} parameters, on "
                            f"{args.device}; {args.dataset}: {len(train_data)} training{validation} and "
                            f"{len(test_data)} test images of {img_size}x{img_size}", flush=True)
@@ -367,7 +378,7 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
     history = train_eval.fit(trainer, train_loader, test_loader, outputs=outputs, num_epochs=args.num_epochs,
                              seed=args.seed, run_arguments=record, start_epoch=start_epoch, history=history,
                              args_changes=args_changes, val_loader=val_loader, class_names=names,
-                             tensorboard=tensorboard)
+                             tensorboard=tensorboard, checkpoint_steps=args.checkpoint_steps, in_epoch=in_epoch)
     _per_class_results_of_best(trainer, outputs, test_loader, names, history)
 
 
@@ -471,11 +482,12 @@ def output_directory_claimed(output_dir: str):
 @contextlib.contextmanager
 def faults_explained(outputs: run_files.RunOutputs):
     """Faults met while running end the program with one line and a non-zero exit code, never a traceback.
-    None of them costs more than the epoch in progress: outputs are only written at epoch ends."""
+    None of them costs more than the epoch in progress (with --checkpoint_steps, more than the steps since the
+    last mid-epoch checkpoint): the per-epoch outputs are only written at epoch ends."""
     try:
         yield
     except train_eval.TrainingStopped as stop:
-        raise RunEnded(f"{stop}; {_resume_hint(outputs)}", stop.exit_code) from stop
+        raise RunEnded(f"{stop}; {_resume_hint(outputs, stop.saved)}", stop.exit_code) from stop
     except KeyboardInterrupt:
         raise RunEnded(f"interrupted; {_resume_hint(outputs)}", 130) from None
     except train_eval.NonFiniteLoss as fault:
@@ -488,7 +500,10 @@ def faults_explained(outputs: run_files.RunOutputs):
         raise UsageError(_last_line(error)) from error
 
 
-def _resume_hint(outputs: run_files.RunOutputs) -> str:
+def _resume_hint(outputs: run_files.RunOutputs, saved: Optional[str] = None) -> str:
+    """What the stop line says is kept; ``saved``: the part of the epoch in progress that last.pt holds."""
+    if saved is not None:
+        return f"last.pt holds the completed epochs and {saved}: continue with --resume auto, which goes on from there"
     if os.path.isfile(outputs.path("last.pt")):
         return "last.pt and the results hold the completed epochs: continue with --resume auto"
     return "no epoch was completed, so there is nothing to resume"
@@ -502,8 +517,8 @@ def _last_line(error: Exception) -> str:
 
 
 def _load_data(args: argparse.Namespace, need_train: bool):
-    try:
-        return dataset.load_datasets(**data_config(args), need_train=need_train)
+    try:  # a download (CIFAR) is made by one process while the others wait
+        return distributed.rank_zero_first(lambda: dataset.load_datasets(**data_config(args), need_train=need_train))
     except dataset.DatasetUnavailableError as error:
         raise UsageError(str(error)) from error
 

@@ -186,6 +186,10 @@ FLAGS: Dict[str, Flag] = {flag.name: flag for flag in (
          "bfloat16 (without)", "float16", choices=tuple(train_eval.AMP_DTYPES)),
     Flag("accumulation_steps", Role.TRAINING, TRAINING_GROUP, "batches whose gradients are summed into one "
          "optimiser step (one large batch's)", 1, int, at_least=1),
+    Flag("checkpoint_steps", Role.RUNTIME, TRAINING_GROUP, "also write last.pt every N optimiser steps, with the "
+         "position in the epoch; 0 = once per epoch", 0, int, at_least=0),
+    Flag("deterministic", Role.RUNTIME, TRAINING_GROUP, "deterministic algorithms only "
+         "(torch.use_deterministic_algorithms), cuDNN benchmarking off", False, bool, switch=True),
 
     Flag("warmup_epochs", Role.TRAINING, RECIPE_GROUP, "linear warmup of the learning rate over this many epochs, "
          "moved every step", 0.0, float, at_least=0),

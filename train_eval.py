@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +205,25 @@ class _Tally:
             # Evaluation shards hold every image once (ContiguousShards), so the sum counts each once.
             distributed.sum_over_processes(self.confusion)
 
+    def totals(self) -> Dict:
+        """The loss sum, hit counts and sample count of all ranks so far, as plain numbers; a collective
+        under torchrun (every rank calls it at the same step), the tallies themselves are left as they are."""
+        sums = torch.stack([self.loss_sum, self.top1.double(), self.top5.double(),
+                            torch.tensor(float(self.samples), dtype=torch.float64, device=self.loss_sum.device)])
+        distributed.sum_over_processes(sums)
+        loss_sum, top1, top5, samples = sums.tolist()
+        return {"loss_sum": loss_sum, "top1": int(top1), "top5": int(top5), "samples": int(samples)}
+
+    def start_from(self, totals: Dict) -> None:
+        """Continues the running sums of ``totals`` (of all ranks): rank 0 takes them and the others start
+        from zero, so that the end-of-split sum over the ranks counts them once."""
+        if distributed.rank() > 0:
+            return
+        self.loss_sum.fill_(totals["loss_sum"])
+        self.top1.fill_(totals["top1"])
+        self.top5.fill_(totals["top5"])
+        self.samples = totals["samples"]
+
     def confusion_matrix(self) -> Optional[torch.Tensor]:
         if self.confusion is None:
             return None
@@ -219,17 +238,40 @@ class _Tally:
         }
 
 
+# cuBLAS's setting that makes its matrix products deterministic (two 4 MiB workspaces, as PyTorch's
+# reproducibility notes give); read when cuBLAS starts, so it is set before any CUDA work.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """--deterministic: only algorithms that give the same bits on every run (an operation without one raises
+    instead), cuDNN without benchmarking (which picks its algorithms by timing them), and cuBLAS in its
+    deterministic mode. ConvNN-Attention then takes its non-atomic path on CUDA. Without it, PyTorch's defaults."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults that end training: signals and non-finite losses
 # ---------------------------------------------------------------------------------------------
 
 
+# Signals that stop training at the next step: Ctrl-C, SIGTERM, and SIGUSR1 / SIGUSR2, which cluster
+# schedulers send ahead of a preemption or a time limit (Slurm's --signal, for one).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class TrainingStopped(Exception):
-    """SIGINT or SIGTERM arrived; training ended at a step boundary and the current epoch is dropped."""
+    """A stop signal arrived; training ended at a step boundary. The epoch in progress is dropped, except
+    for the steps a mid-epoch checkpoint holds (``saved``, e.g. "epoch 2 train up to step 5/8")."""
 
     def __init__(self, signal_number: int, where: str):
         self.signal_number = signal_number
-        self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        # The shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2 (Linux numbers).
+        self.exit_code = 128 + signal_number
+        self.saved: Optional[str] = None
         super().__init__(f"stopped by {signal.Signals(signal_number).name} at {where}")
 
 
@@ -239,9 +281,10 @@ class NonFiniteLoss(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set a flag that the epoch loop reads after each step, so the
-    files of the completed epochs are all that remain. A second signal ends the process at once, which
-    is safe too: every output file is replaced atomically or grows by whole lines."""
+    """While active, the STOP_SIGNALS only set a flag that the epoch loop reads after each step, so the
+    files of the completed epochs (and of the steps a mid-epoch checkpoint holds) are all that remain. A
+    second signal ends the process at once, which is safe too: every output file is replaced atomically or
+    grows by whole lines."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -249,7 +292,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for number in (signal.SIGINT, signal.SIGTERM):
+            for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._record)
         return self
 
@@ -267,6 +310,9 @@ class StopSignals:
     def raise_if_received(self, where: str) -> None:
         if self.received is not None:
             raise TrainingStopped(self.received, where)
+
+    def was_received(self) -> bool:
+        return self.received is not None
 
 
 # Seconds between the plain progress lines of a run without a terminal: a log shows a long epoch is alive.
@@ -322,6 +368,56 @@ class _NonFiniteWatch:
         step = int(self.first_bad_step.item())
         if step >= 0:
             raise NonFiniteLoss(f"{description}, step {step + 1}/{steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a training epoch stands (mid-epoch checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochProgress:
+    """A training epoch's state after an optimiser step, beyond the trainer's and the generators': what a
+    mid-epoch checkpoint holds to continue the epoch as if it had never stopped. ``batches`` of the
+    epoch's ``batches_total`` are trained; ``totals`` are the running sums of all ranks (_Tally.totals);
+    ``seconds`` the training time so far; ``mixing_rng`` the state of the batch-mixing stream."""
+
+    batches: int
+    batches_total: int
+    totals: Dict
+    seconds: float
+    mixing_rng: Optional[torch.Tensor]
+
+    def state_dict(self) -> Dict:
+        return {"batches": self.batches, "batches_total": self.batches_total, **self.totals,
+                "seconds": self.seconds, "mixing_rng": self.mixing_rng}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict) -> "EpochProgress":
+        totals = {name: state[name] for name in ("loss_sum", "top1", "top5", "samples")}
+        return cls(state["batches"], state["batches_total"], totals, state["seconds"], state["mixing_rng"])
+
+
+@dataclass
+class MidEpochCheckpoints:
+    """Saving mid-epoch checkpoints: ``save`` (given the epoch's progress) every ``every`` optimiser steps
+    of an epoch, and at a stop signal when ``at_stop`` (a single process: under torchrun the ranks may meet
+    the signal at different steps, and the running sums are a collective)."""
+
+    every: int
+    save: Callable[[EpochProgress], None]
+    at_stop: bool = True
+
+
+def skip_batches(iterator: Iterator, count: int) -> None:
+    """Draws and drops the first ``count`` batches of an epoch's loader iterator, so that its random draws
+    (the workers' augmentation, the device loader's generator) are where they were after those batches.
+    A loader without workers draws its augmentation from the global generators: those are put back as they
+    were, i.e. as the mid-epoch checkpoint restored them, after those batches' draws."""
+    saved = utils.capture_rng_state()
+    for _ in range(count):
+        next(iterator)
+    utils.restore_rng_state(saved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +523,12 @@ class Trainer:
 
     # -- epochs --------------------------------------------------------------------------------
 
-    def train_one_epoch(self, loader: DataLoader, description: str) -> SplitResult:
+    def train_one_epoch(self, loader: DataLoader, description: str, progress: Optional[EpochProgress] = None,
+                        mid_epoch: Optional[MidEpochCheckpoints] = None) -> SplitResult:
+        """Trains one epoch, from its start or, given the ``progress`` of a mid-epoch checkpoint, from the
+        batch after it; ``mid_epoch`` saves such checkpoints along the way."""
         self.network.train()
-        return self._run(loader, description, training=True)
+        return self._run(loader, description, training=True, progress=progress, mid_epoch=mid_epoch)
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, description: str = "test", weights: str = "model",
@@ -455,15 +554,26 @@ class Trainer:
         return images, mixed
 
     def _run(self, loader: DataLoader, description: str, training: bool,
-             network: Optional[nn.Module] = None, confusion: bool = False) -> SplitResult:
+             network: Optional[nn.Module] = None, confusion: bool = False, progress: Optional[EpochProgress] = None,
+             mid_epoch: Optional[MidEpochCheckpoints] = None) -> SplitResult:
         tally = _Tally(self.device, self.num_classes, confusion)
         watch = _NonFiniteWatch(self.device)
         loss_of = self.loss_of if training else self.evaluation_loss_of
-        bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
+        steps = len(loader)
+        iterator = iter(loader)
+        first_step, seconds_before, saved_at = 0, 0.0, None
+        if progress is not None:
+            skip_batches(iterator, progress.batches)
+            tally.start_from(progress.totals)
+            self._mixing_rng_state = progress.mixing_rng
+            first_step, seconds_before, saved_at = progress.batches, progress.seconds, progress.batches
+        bar = tqdm(iterator, desc=description, total=steps, initial=first_step, leave=False, dynamic_ncols=True,
+                   disable=not self.show_progress)
         utils.synchronize(self.device)
         start = time.perf_counter()
-        plain = PlainProgress(description, len(loader), self.plain_progress_seconds, start)
-        for step, (images, targets) in enumerate(bar):
+        # The time and batches of a resumed epoch's earlier part count in the rate, as its tallies do.
+        plain = PlainProgress(description, steps, self.plain_progress_seconds, start - seconds_before)
+        for step, (images, targets) in enumerate(bar, start=first_step):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             loss_targets = targets
@@ -475,26 +585,55 @@ class Trainer:
                 logits = self._forward(images, network)
                 losses = loss_of(logits.float(), loss_targets)
             if training:
-                self._accumulate(losses.mean(), targets.shape[0], step, len(loader))
+                self._accumulate(losses.mean(), targets.shape[0], step, steps)
                 if self.on_train_batch is not None:
                     self.on_train_batch(step, losses.detach().mean())
             tally.add(losses, logits, targets)
             watch.add(step, losses)
             if (step + 1) % NONFINITE_CHECK_INTERVAL == 0:
-                watch.raise_if_found(description, len(loader))
-            if self.stop_signals is not None:
-                self.stop_signals.raise_if_received(f"{description}, step {step + 1}/{len(loader)}")
+                watch.raise_if_found(description, steps)
+            # With mid-epoch checkpoints a stop waits for the end of the accumulation group: only the state
+            # after an optimiser step can be saved and continued.
+            stepped = training and self._optimizer_stepped_after(step, steps)
+            if mid_epoch is not None and stepped and self._saves_now(mid_epoch, step, steps):
+                watch.raise_if_found(description, steps)  # the updates of a bad step are never saved
+                utils.synchronize(self.device)
+                elapsed = seconds_before + time.perf_counter() - start
+                mid_epoch.save(EpochProgress(step + 1, steps, tally.totals(), elapsed, self._mixing_rng_state))
+                saved_at = step + 1
+            if self.stop_signals is not None and (mid_epoch is None or stepped):
+                self._stop_if_signalled(f"{description}, step {step + 1}/{steps}",
+                                        None if saved_at is None else f"{description} up to step {saved_at}/{steps}")
             if self.show_progress and step % 10 == 0:
                 running = tally.summary()
                 bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
             plain.after_step(step, tally)
-        watch.raise_if_found(description, len(loader))
+        watch.raise_if_found(description, steps)
         utils.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = seconds_before + time.perf_counter() - start
         tally.sum_over_processes()
         summary = tally.summary()
         return SplitResult(summary["loss"], summary["top1"], summary["top5"], tally.samples, seconds,
                            tally.confusion_matrix())
+
+    def _optimizer_stepped_after(self, step: int, steps: int) -> bool:
+        """Whether batch ``step`` (of ``steps``) ended an accumulation group, i.e. was followed by an optimiser step."""
+        return (step + 1) % self.accumulation_steps == 0 or step + 1 == steps
+
+    def _saves_now(self, mid_epoch: MidEpochCheckpoints, step: int, steps: int) -> bool:
+        """Whether a mid-epoch checkpoint is due after the optimiser step that ended batch ``step``: every
+        ``mid_epoch.every`` optimiser steps of the epoch, and at a stop signal."""
+        optimizer_steps = math.ceil((step + 1) / self.accumulation_steps)
+        if optimizer_steps % mid_epoch.every == 0:
+            return True
+        return mid_epoch.at_stop and self.stop_signals is not None and self.stop_signals.was_received()
+
+    def _stop_if_signalled(self, where: str, saved: Optional[str]) -> None:
+        try:
+            self.stop_signals.raise_if_received(where)
+        except TrainingStopped as stop:
+            stop.saved = saved
+            raise
 
     def _forward(self, images: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
         """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the
@@ -614,32 +753,46 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
         num_epochs: int, seed: int, run_arguments: Dict, start_epoch: int = 0,
         history: Optional[List[Dict]] = None, args_changes: Optional[List[Dict]] = None,
         val_loader: Optional[DataLoader] = None, class_names: Optional[List[str]] = None,
-        tensorboard: Optional[TensorBoardLog] = None) -> List[Dict]:
+        tensorboard: Optional[TensorBoardLog] = None, checkpoint_steps: int = 0,
+        in_epoch: Optional[Dict] = None) -> List[Dict]:
     """Trains epochs ``start_epoch + 1 .. num_epochs``; after each it logs the epoch and writes
     ``last.pt`` (and ``best.pt`` when test top-1 improved, or validation top-1 when ``val_loader``
     holds out a validation split, which is then evaluated every epoch). Returns the history of all epochs.
     ``run_arguments`` (the flags in effect) and ``args_changes`` (the resumes that changed some, see
     ``run_files.args_change_line``) are stored in the checkpoints: together they say how every epoch was trained.
     ``class_names``, the names of the classifier's outputs in order, are stored there too. ``tensorboard``
-    (on the main process only) also gets every epoch's metrics and the training loss every few batches."""
+    (on the main process only) also gets every epoch's metrics and the training loss every few batches.
+
+    With ``checkpoint_steps`` > 0, ``last.pt`` is also written every that many optimiser steps of an epoch
+    and at a stop signal, holding the completed epochs and the epoch's progress (``in_epoch``); the per-epoch
+    files (logs, best.pt) still only ever hold whole epochs. ``in_epoch``: the progress of epoch
+    ``start_epoch + 1`` a resumed mid-epoch checkpoint holds, which that epoch continues from."""
     history = list(history or [])
+    args_changes = list(args_changes or [])
     # Under torchrun every rank trains and gets the same (summed) metrics; rank 0 alone writes them.
     writes_outputs = distributed.is_main_process()
     if writes_outputs:
         outputs.start_logs(history)
         if history:
-            checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments,
-                                                 list(args_changes or []), class_names)
+            checkpoints.complete_best_checkpoint(trainer, outputs, start_epoch, history, run_arguments, args_changes,
+                                                 class_names, state_is_the_epochs=in_epoch is None)
+
+    def save_in_epoch(state: Dict) -> None:
+        if writes_outputs:
+            checkpoints.save_mid_epoch_checkpoint(trainer, outputs, history, run_arguments, args_changes, state,
+                                                  class_names)
+
     for epoch in range(start_epoch + 1, num_epochs + 1):
         if tensorboard is not None:
             trainer.on_train_batch = functools.partial(tensorboard.log_step_loss, epoch)
-        record = _train_epoch(trainer, train_loader, test_loader, val_loader, epoch, seed)
+        record = _train_epoch(trainer, train_loader, test_loader, val_loader, epoch, seed,
+                              in_epoch=in_epoch if epoch == start_epoch + 1 else None,
+                              checkpoint_steps=checkpoint_steps, save_in_epoch=save_in_epoch)
         history.append(record)
         if writes_outputs:
             # Checkpoint first: a run killed in between then holds the epoch in last.pt, whose history
             # rewrites the logs on --resume, rather than a logged epoch that no checkpoint can continue.
-            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, list(args_changes or []),
-                                         class_names)
+            checkpoints.save_checkpoints(trainer, outputs, epoch, history, run_arguments, args_changes, class_names)
             outputs.log_epoch(record, history)
             if tensorboard is not None:
                 tensorboard.log_epoch(record)
@@ -654,11 +807,23 @@ def fit(trainer: Trainer, train_loader: DataLoader, test_loader: DataLoader, *, 
     return history
 
 
-def _train_epoch(trainer: Trainer, train_loader, test_loader, val_loader, epoch: int, seed: int) -> Dict:
+def _train_epoch(trainer: Trainer, train_loader, test_loader, val_loader, epoch: int, seed: int,
+                 in_epoch: Optional[Dict] = None, checkpoint_steps: int = 0,
+                 save_in_epoch: Optional[Callable[[Dict], None]] = None) -> Dict:
+    """One epoch's training and evaluation, and its record. ``in_epoch``: the progress to continue the
+    training from; ``save_in_epoch`` saves the epoch's progress (with its number and rate) every
+    ``checkpoint_steps`` optimiser steps when that is > 0."""
     seed_epoch(train_loader, seed, epoch)
     trainer.seed_batch_mixing(seed, epoch)
-    learning_rate = trainer.learning_rate()  # with a warmup: the rate of the epoch's first step
-    train = trainer.train_one_epoch(train_loader, f"epoch {epoch} train")
+    # With a warmup: the rate of the epoch's first step, which a continued epoch has long passed.
+    learning_rate = in_epoch["lr"] if in_epoch is not None else trainer.learning_rate()
+    progress = EpochProgress.from_state_dict(in_epoch) if in_epoch is not None else None
+    mid_epoch = None
+    if checkpoint_steps > 0 and save_in_epoch is not None:
+        mid_epoch = MidEpochCheckpoints(
+            checkpoint_steps, lambda done: save_in_epoch({"epoch": epoch, "lr": learning_rate, **done.state_dict()}),
+            at_stop=not distributed.is_distributed())
+    train = trainer.train_one_epoch(train_loader, f"epoch {epoch} train", progress, mid_epoch)
     test = trainer.evaluate(test_loader, f"epoch {epoch} test")
     validation = trainer.evaluate(val_loader, f"epoch {epoch} validation") if val_loader is not None else None
     trainer.step_scheduler(validation.loss if validation is not None else test.loss)

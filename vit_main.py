@@ -15,9 +15,10 @@ import dataset
 import distributed
 import run_files
 import runs
-import utils
 import settings
 import tensorboard_log
+import train_eval
+import utils
 from models.vit import ViT
 from models.vit_layers import options_from
 from runs import UsageError, continues_in_place, resume_path
@@ -339,6 +340,7 @@ def dispatch(args: argparse.Namespace, given: Set[str], config_places: Optional[
     if not args.use_compiled and args.compile_mode != "default":
         print("warning: --compile_mode has no effect without --use_compiled", file=sys.stderr)
 
+    train_eval.configure_determinism(args.deterministic)  # before CUDA starts: cuBLAS reads its setting then
     # Seeding comes before the model is built, so that the initial weights follow --seed.
     utils.seed_everything(args.seed)
     try:

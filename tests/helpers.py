@@ -116,11 +116,11 @@ def interrupt_in_epoch(monkeypatch, epoch):
     train_one_epoch = train_eval.Trainer.train_one_epoch
     calls = {"count": 0}
 
-    def crashing(self, loader, description):
+    def crashing(self, loader, description, *args, **kwargs):
         calls["count"] += 1
         if calls["count"] == epoch:
             raise Interrupted
-        return train_one_epoch(self, loader, description)
+        return train_one_epoch(self, loader, description, *args, **kwargs)
 
     monkeypatch.setattr(train_eval.Trainer, "train_one_epoch", crashing)
 

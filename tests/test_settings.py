@@ -38,7 +38,7 @@ def test_each_role_says_what_a_resume_an_evaluation_a_config_file_and_a_summary_
 
 def test_the_roles_of_the_flags_that_are_no_setting_of_the_model_or_the_training():
     assert settings.RESUMABLE == ["data_path", "num_workers", "data_loader", "num_epochs", "use_compiled",
-                                  "compile_mode", "device", "tensorboard"]
+                                  "compile_mode", "checkpoint_steps", "deterministic", "device", "tensorboard"]
     assert settings.EVALUATED == [*settings.MODEL, "dataset", "resize"]
     assert settings.names(lambda role: not role.stored) == ["output_dir", "test_only", "checkpoint", "test_weights",
                                                             "resume", "overwrite", "config"]

@@ -4,8 +4,11 @@ training building blocks (loss, metrics, clipping, schedulers, mixed precision).
 import contextlib
 import io
 import math
+import os
 import re
 import shutil
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torch import nn
 
 import checkpoints
 import dataset
+import environment
 import run_files
 import train_eval
 import vit_main
@@ -111,7 +115,7 @@ def test_no_temporary_files_are_left_behind(two_epoch_run):
     output_dir, _ = two_epoch_run
     assert sorted(path.name for path in output_dir.iterdir()) == sorted(
         ["args.txt", "model.txt", "train_eval_results.txt", "metrics.csv", "curves.png", "last.pt", "best.pt",
-         "per_class_accuracy.csv", "confusion_matrix.png"]
+         "per_class_accuracy.csv", "confusion_matrix.png", "environment.txt"]
     )
 
 
@@ -597,3 +601,78 @@ def test_epoch_seeding_fixes_the_shuffle_of_each_epoch():
         dataset.seed_epoch(loader, seed=3, epoch=epoch)
         orders.setdefault(epoch, []).append(next(iter(loader))[1].tolist())
     assert orders[1][0] == orders[1][1] != orders[2][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# environment.txt: what each start of a run ran on
+# ---------------------------------------------------------------------------------------------
+
+
+def test_environment_txt_records_versions_devices_hosts_and_the_commit(two_epoch_run):
+    output_dir, _ = two_epoch_run
+    text = (output_dir / "environment.txt").read_text()
+    assert text.startswith("== start 1: ") and environment.starts_in(text) == 1
+    fields = dict(line.split(": ", 1) for line in text.splitlines()[1:])
+    assert fields["torch"] == torch.__version__ and fields["processes"] == "1 on 1 node(s)"
+    assert fields["hosts"] == socket.gethostname() and fields["rank 0"].startswith(f"host {socket.gethostname()}, ")
+    assert {"python", "torchvision", "cuda", "cudnn", "git commit"} <= set(fields)
+
+
+def test_a_resumed_run_appends_its_start_to_environment_txt(tiny_argv, tmp_path):
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1"))
+    first = (tmp_path / "environment.txt").read_text()
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "2", "--resume", "auto"))
+    text = (tmp_path / "environment.txt").read_text()
+    assert text.startswith(first + "\n== start 2: ") and environment.starts_in(text) == 2
+
+
+def test_the_git_commit_is_marked_dirty_and_missing_git_is_no_failure(tmp_path, monkeypatch):
+    def git(*arguments):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+                       check=True, capture_output=True)
+
+    assert environment.git_commit(str(tmp_path)) == "unknown (not a git checkout)"
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    commit = environment.git_commit(str(tmp_path))
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert environment.git_commit(str(tmp_path)) == f"{commit} dirty"
+
+    def no_git(*arguments, **options):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert environment.git_commit(str(tmp_path)) == "unknown (git is not installed)"
+
+
+# ---------------------------------------------------------------------------------------------
+# --deterministic
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def determinism_restored():
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--deterministic"], True)])
+def test_deterministic_trains_with_deterministic_algorithms_only(flags, expected, tiny_argv, tmp_path, monkeypatch,
+                                                                 determinism_restored):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # given back as it was after the test
+    seen = []
+    train_one_epoch = train_eval.Trainer.train_one_epoch
+
+    def recording(self, *arguments):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
+        return train_one_epoch(self, *arguments)
+
+    monkeypatch.setattr(train_eval.Trainer, "train_one_epoch", recording)
+    vit_main.main(tiny_argv(tmp_path, "--num_epochs", "1", "--layer", "ConvNNAttention", "--K", "4", *flags))
+    assert seen == [(expected, False)]
+    if expected:
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == train_eval.CUBLAS_DETERMINISTIC_WORKSPACE
