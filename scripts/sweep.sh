@@ -67,6 +67,25 @@ if (( ${#devices[@]} > 0 && JOBS > ${#devices[@]} )); then
 fi
 read -r -a launcher <<< "$LAUNCHER"
 read -r -a extra_flags <<< "$EXTRA_FLAGS"
+# The processes each run starts: torchrun's --nproc_per_node times its --nnodes, 1 without torchrun. A finished
+# run counts as this sweep's only with the global batch (--batch_size x processes) it records; where LAUNCHER
+# does not say a whole number (--nproc_per_node gpu, --nnodes 1:4), the global batch is not compared.
+launched_processes() {
+    local per_node=1 nodes=1 i word
+    for (( i = 0; i < ${#launcher[@]}; i++ )); do
+        word=${launcher[i]}
+        case $word in
+            --nproc_per_node|--nproc-per-node) per_node=${launcher[i + 1]:-} ;;
+            --nproc_per_node=*|--nproc-per-node=*) per_node=${word#*=} ;;
+            --nnodes) nodes=${launcher[i + 1]:-} ;;
+            --nnodes=*) nodes=${word#*=} ;;
+        esac
+    done
+    [[ $per_node =~ ^[1-9][0-9]*$ && $nodes =~ ^[1-9][0-9]*$ ]] && echo $(( per_node * nodes ))
+}
+processes=$(launched_processes || true)
+processes_check=()
+[[ -n $processes ]] && processes_check=(--processes "$processes")
 failed_runs=()
 refused_runs=()
 # Runs go in the background, their console only to their console.log, and the sweep's lines carry times,
@@ -161,7 +180,8 @@ holds_other_run() {
     [[ -f $directory/args.txt ]] || return 1
     is_finished "$directory" && state=finished
     # The checker's own errors (a damaged args.txt) also refuse the directory.
-    if difference=$("$PYTHON" "$REPOSITORY/scripts/check_run_args.py" "$directory" "$state" "$@"); then
+    if difference=$("$PYTHON" "$REPOSITORY/scripts/check_run_args.py" "${processes_check[@]}" "$directory" "$state" \
+                    "$@"); then
         return 1
     fi
     echo "sweep.sh: refused $directory: $difference; move the directory away or choose another OUTPUT_ROOT" >&2

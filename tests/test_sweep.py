@@ -149,12 +149,12 @@ def test_python_defaults_to_the_projects_venv(tmp_path, with_venv):
     assert call.startswith(f"{expected} {repository / 'vit_main.py'} --dataset synthetic")
 
 
-def recording_sweep(tmp_path, **settings):
+def recording_sweep(tmp_path, launcher_arguments="", **settings):
     """Runs sweep.sh with a launcher that records its command lines instead of training; returns the finished
-    process and the recorded calls."""
+    process and the recorded calls. ``launcher_arguments`` follow the launcher in LAUNCHER, as torchrun's would."""
     launcher = recording_python(tmp_path / "bin" / "launcher")
-    environment = {**sweep_environment(tmp_path / "sweep", **settings), "LAUNCHER": str(launcher),
-                   "CALLS": str(tmp_path / "calls")}
+    environment = {**sweep_environment(tmp_path / "sweep", **settings),
+                   "LAUNCHER": f"{launcher} {launcher_arguments}".strip(), "CALLS": str(tmp_path / "calls")}
     finished = subprocess.run(["bash", str(SWEEP)], env=environment, capture_output=True, text=True, timeout=300)
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
     return finished, calls
@@ -215,6 +215,22 @@ def test_a_run_directory_trained_with_other_flags_is_refused_not_counted(tmp_pat
         f"--augment False{advice}",
         "refused: ConvNNAttention_K3_all_s0 ConvNNAttention_K4_all_s0 ConvNNAttention_K5_all_s0",
     ]
+
+
+@pytest.mark.slow
+def test_a_finished_run_of_another_global_batch_is_refused(tmp_path):
+    # One process trained it; the sweep's launcher starts two per run, which doubles the global batch.
+    root = tmp_path / "sweep"
+    directory = root / "ConvNNAttention_K2_all_s0"
+    sweep_run_arguments(directory, 2, processes=1, global_batch=64)
+    (directory / "train_eval_results.txt").write_text("Average Epoch Time: 1.0000s\nMax Accuracy: 50.0000% at "
+                                                       "epoch 1\n")
+    result, _ = recording_sweep(tmp_path, "--nproc_per_node 2", K_VALUES="2")
+    assert result.returncode == 1
+    assert "args.txt has --global_batch 64, the sweep runs --global_batch 128" in result.stderr
+    # The same directory counts as finished for a sweep of one process per run.
+    result, calls = recording_sweep(tmp_path, K_VALUES="2")
+    assert result.returncode == 0 and "skip    ConvNNAttention_K2_all_s0 (finished)" in result.stdout and not calls
 
 
 def test_the_check_compares_only_what_decides_the_result(tmp_path):
