@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import settings  # noqa: E402
 from scripts.summarize import SkippedRun, read_args  # noqa: E402
 
-LEFT_TO_VIT_MAIN_ON_RESUME = ("num_epochs", "batch_size", "global_batch")
+# What vit_main itself allows to change when it continues a run: the flags deciding the result that a resume may
+# change (how long it trains), and --batch_size with the global batch, which it checks against the processes.
+LEFT_TO_VIT_MAIN_ON_RESUME = (*settings.names(lambda role: role.resumable and role.decides_result), "batch_size",
+                              "global_batch")
 STATES = ("finished", "unfinished")
 
 
