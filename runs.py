@@ -419,7 +419,7 @@ def _per_class_results_of_best(trainer: train_eval.Trainer, outputs: run_files.R
     result = trainer.evaluate(test_loader, "per-class test", confusion=True)
     if distributed.is_main_process():
         outputs.write_per_class_results(result.confusion, names,
-                                        f"{path} (epoch {chosen_epoch}, trained weights)")
+                                        f"best.pt (epoch {chosen_epoch}, trained weights)")
         distributed.print_main(f"Per-class test accuracy of best.pt (epoch {chosen_epoch}): "
                                f"{outputs.path('per_class_accuracy.csv')}, {outputs.path('confusion_matrix.png')}",
                                flush=True)

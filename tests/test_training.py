@@ -207,7 +207,8 @@ def test_resume_takes_the_run_settings_and_records_what_changed(tiny_argv, tmp_p
     vit_main.main(["--output_dir", str(moved), "--resume", "auto", "--num_epochs", "3", "--data_loader", "device"])
     lines = (moved / "args_changes.txt").read_text().splitlines()
     assert lines[0] == line.strip() and len(lines) == 2
-    assert lines[1].endswith(f"with num_epochs 2 -> 3, data_loader workers -> device, output_dir {tmp_path} -> {moved}")
+    # In the order of the flags' declaration (as args.txt lists them), the facts and the output directory last.
+    assert lines[1].endswith(f"with data_loader workers -> device, num_epochs 2 -> 3, output_dir {tmp_path} -> {moved}")
     assert args_file(moved) == {**started_with, "num_epochs": "3", "data_loader": "device", "output_dir": str(moved)}
 
 

@@ -226,7 +226,7 @@ def test_per_class_results_are_those_of_best_pt(validation_run):
     assert [row["class_name"] for row in rows] == [str(index) for index in range(10)]
     assert sum(int(row["images"]) for row in rows) == 100
     best_epoch = checkpoints.load_checkpoint(validation_run / "best.pt")["epoch"]
-    assert {row["weights"] for row in rows} == {f"{validation_run / 'best.pt'} (epoch {best_epoch}, trained weights)"}
+    assert {row["weights"] for row in rows} == {f"best.pt (epoch {best_epoch}, trained weights)"}
     best = read_metrics(validation_run)[best_epoch - 1]
     assert sum(int(row["correct"]) for row in rows) == pytest.approx(float(best["test_top1"]))  # 100 test images
     assert (validation_run / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
