@@ -24,14 +24,30 @@ from torch.utils.flop_counter import FlopCounterMode
 # ---------------------------------------------------------------------------------------------
 
 def directory_problem(path: str) -> Optional[str]:
-    """Creates ``path`` and writes a probe file in it; returns why that failed, or None."""
+    """Why ``path`` cannot take a run's files, or None. Creates nothing, so that a command refused later leaves
+    no folder behind: an existing directory gets a probe file, a missing one needs its nearest existing
+    ancestor to be a directory this process may write into (``make_output_directory`` then creates it)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot write to {path}: {existing} is not a directory"
+    if existing != os.path.abspath(path):
+        return None if os.access(existing, os.W_OK | os.X_OK) else f"cannot write to {path}: {existing} is read-only"
     try:
-        os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
             pass
     except OSError as error:
         return f"cannot write to {path}: {error.strerror or error}"
     return None
+
+
+def make_output_directory(path: str) -> None:
+    """Creates the output directory once every check has passed (``directory_problem`` found it creatable)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OutputWriteError(path, error) from error
 
 
 def _current_umask() -> int:

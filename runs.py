@@ -275,6 +275,7 @@ def train(args: argparse.Namespace, trainer_options: Dict, img_size: int, resume
     # otherwise a slower rank would find the directory in use by rank 0.
     distributed.wait_for_all_processes()
     with faults_explained(outputs):
+        run_files.make_output_directory(args.output_dir)  # only now: a command refused earlier leaves no folder
         # Under torchrun rank 0 writes every file, so it alone holds the directory's lock.
         claim = output_directory_claimed(args.output_dir) if distributed.is_main_process() else (
             contextlib.nullcontext())
@@ -292,6 +293,7 @@ def evaluate(args: argparse.Namespace, trainer_options: Dict, evaluated: Optiona
     _check_data(args)
     trainer = _trainer(trainer_options)
     with faults_explained(outputs):
+        run_files.make_output_directory(args.output_dir)
         _evaluate(args, trainer, outputs, evaluated)
 
 

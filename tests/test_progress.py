@@ -6,6 +6,7 @@ import torch
 
 import train_eval
 import vit_main
+from tests.helpers import TINY_MODEL_FLAGS, expect_one_line_error
 
 
 class FakeClock:
@@ -56,3 +57,24 @@ def test_a_refusal_is_its_line_and_a_hint_not_the_usage_block(capsys):
     program = vit_main.build_parser().prog  # vit_main.py from the shell; pytest's own name here
     assert capsys.readouterr().err.splitlines() == [
         f"{program}: error: --lr: must be > 0, got 0.0", f"{program}: see --help for every flag and its default"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--layer", "ConvNNAttention", "--K", "0"],  # refused where the model is built
+    ["--dataset", "imagenet", "--data_path", "{missing}"],  # refused where the data is looked for
+])
+def test_a_refused_command_leaves_no_output_folder_behind(flags, tmp_path, capsys):
+    output_dir = tmp_path / "new" / "run"
+    argv = [*TINY_MODEL_FLAGS, "--output_dir", str(output_dir),
+            *(flag.format(missing=tmp_path / "no_data") for flag in flags)]
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main.main(argv)
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_folder_under_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    line = expect_one_line_error(capsys, [*TINY_MODEL_FLAGS, "--output_dir", tmp_path / "file" / "run"], 2,
+                                 "--output_dir: cannot write to ")
+    assert "is not a directory" in line
