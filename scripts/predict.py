@@ -286,7 +286,8 @@ def build_parser() -> CommandLineParser:
                         help="device (default: cuda when available, else cpu)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="images per batch (default: the run's --batch_size)")
-    parser.add_argument("--num_workers", type=int, default=4, help="image-reading processes (default: 4)")
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image-reading processes (default: 4, or the CPU's cores when fewer)")
     return parser
 
 
@@ -348,7 +349,8 @@ def main(argv: Optional[List[str]] = None) -> None:
               file=sys.stderr)
         sys.exit(runs.RUNTIME_FAULT)
     reported = " (reported above)" if skipped else ""
-    print(f"Labelled {labelled} images into {options.output}; skipped {skipped} that could not be used{reported}")
+    print(f"Labelled {labelled} image{'' if labelled == 1 else 's'} into {options.output}; skipped {skipped} that "
+          f"could not be used{reported}")
 
 
 if __name__ == "__main__":
