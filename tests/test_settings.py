@@ -102,11 +102,13 @@ def test_summaries_keep_runs_on_other_data_apart(tmp_path):
     finished_run(root / "folder_a_s0", 0, (50.0, 80.0), dataset="imagenet", data="imagenet classes=3:aa content=1")
     finished_run(root / "folder_a_s1", 1, (50.0, 82.0), dataset="imagenet", data="imagenet classes=3:aa content=1")
     finished_run(root / "folder_b_s0", 0, (50.0, 60.0), dataset="imagenet", data="imagenet classes=3:bb content=2")
-    out_dir = tmp_path / "summary"
+    assert seeds_per_group(root, tmp_path / "summary") == {"folder_a": "2", "folder_b": "1"}
+
+
+def seeds_per_group(root, out_dir):
     assert summarize.main([str(root), "--out_dir", str(out_dir)]) == 0
     with open(out_dir / "groups.csv", newline="") as handle:
-        groups = {row["group"]: row["n_seeds"] for row in csv.DictReader(handle)}
-    assert groups == {"folder_a": "2", "folder_b": "1"}
+        return {row["group"]: row["n_seeds"] for row in csv.DictReader(handle)}
 
 
 def test_summaries_keep_runs_of_two_global_batches_apart(tmp_path, capsys):
@@ -115,11 +117,7 @@ def test_summaries_keep_runs_of_two_global_batches_apart(tmp_path, capsys):
     finished_run(root / "one_process_s0", 0, (50.0, 80.0), batch_size=32, processes=1, global_batch=32)
     finished_run(root / "one_process_s1", 1, (50.0, 81.0), batch_size=32, processes=1, global_batch=32)
     finished_run(root / "two_processes_s0", 0, (50.0, 70.0), batch_size=32, processes=2, global_batch=64)
-    out_dir = tmp_path / "summary"
-    assert summarize.main([str(root), "--out_dir", str(out_dir)]) == 0
-    with open(out_dir / "groups.csv", newline="") as handle:
-        groups = {row["group"]: row["n_seeds"] for row in csv.DictReader(handle)}
-    assert groups == {"one_process": "2", "two_processes": "1"}
+    assert seeds_per_group(root, tmp_path / "summary") == {"one_process": "2", "two_processes": "1"}
 
 
 def test_a_sweep_counts_a_finished_run_only_with_its_global_batch(one_epoch_run, capsys):

@@ -97,6 +97,19 @@ def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def ctrl_c_once_training(sweep, directories):
+    """Sends SIGINT to the sweep's process group (as Ctrl-C does) once every run of ``directories`` is training;
+    returns the sweep's output. The group is killed if it is still there afterwards."""
+    try:
+        for directory in directories:
+            wait_for(directory / "metrics.csv", sweep)
+        os.killpg(sweep.pid, signal.SIGINT)
+        return sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("start", [None, ignore_sigint], ids=["trapped", "ignored when the sweep started"])
 def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_path, start):
@@ -108,13 +121,7 @@ def test_ctrl_c_stops_the_whole_sweep_and_its_stop_line_reaches_console_log(tmp_
     sweep = subprocess.Popen(["bash", str(SWEEP)], env=sweep_environment(root, EPOCHS="1000", K_VALUES="2 3"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              preexec_fn=start)
-    try:
-        wait_for(first / "metrics.csv", sweep)  # training has started
-        os.killpg(sweep.pid, signal.SIGINT)
-        stdout, stderr = sweep.communicate(timeout=120)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
+    stdout, stderr = ctrl_c_once_training(sweep, [first])
     assert sweep.returncode == 130, stdout + stderr
     assert "start   ConvNNAttention_K3_all_s0" not in stdout and not second.exists()
     assert "vit_main.py: stopped by SIGINT" in (first / "console.log").read_text()
@@ -438,14 +445,7 @@ def test_ctrl_c_stops_every_run_of_a_parallel_sweep_each_with_its_stop_line(tmp_
     sweep = subprocess.Popen(["bash", str(SWEEP)], env=environment,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     running = [root / "ConvNNAttention_K2_all_s0", root / "ConvNNAttention_K3_all_s0"]
-    try:
-        for directory in running:
-            wait_for(directory / "metrics.csv", sweep)  # both are training
-        os.killpg(sweep.pid, signal.SIGINT)
-        stdout, stderr = sweep.communicate(timeout=120)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
+    stdout, stderr = ctrl_c_once_training(sweep, running)
     assert sweep.returncode == 130, stdout + stderr
     for directory in running:
         assert "vit_main.py: stopped by SIGINT" in (directory / "console.log").read_text()
