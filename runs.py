@@ -386,8 +386,8 @@ def _train(args: argparse.Namespace, trainer_options: Dict, stop_signals: train_
 
 def _check_same_data(resumed: Resumed, facts: Dict) -> None:
     """--data_path may move with the data, but a resumed run must go on with the data it was trained on."""
-    trained_on = resumed.record.get("data")
-    if trained_on is not None and facts.get("data") is not None and trained_on != facts["data"]:
+    trained_on = resumed.record.get("data")  # None for a run recorded before the fingerprint
+    if trained_on is not None and trained_on != facts["data"]:
         raise UsageError(f"--data_path: {resumed.path} was trained on other data ({trained_on}) than "
                          f"{resumed.record.get('data_path')} holds now ({facts['data']}); give the folder it was "
                          "trained on")

@@ -159,7 +159,8 @@ FLAGS: Dict[str, Flag] = {flag.name: flag for flag in (
          "(autoaugment: the dataset's policy)", "none", choices=tuple(dataset.AUTO_AUGMENTS)),
     Flag("augment_magnitude", Role.TRAINING, DATA_GROUP, f"RandAugment's magnitude, 0 to "
          f"{dataset.RANDAUGMENT_BINS - 1}", dataset.DEFAULT_AUGMENT_MAGNITUDE, int, at_least=0,
-         at_most=dataset.RANDAUGMENT_BINS - 1, bounds_note=f"(RandAugment's {dataset.RANDAUGMENT_BINS} magnitude bins)"),
+         at_most=dataset.RANDAUGMENT_BINS - 1,
+         bounds_note=f"(RandAugment's {dataset.RANDAUGMENT_BINS} magnitude bins)"),
     Flag("random_erasing", Role.TRAINING, DATA_GROUP, "probability of erasing a random rectangle of a normalised "
          "training image", 0.0, float, at_least=0, at_most=1, bounds_note="(a probability)"),
     Flag("num_workers", Role.RUNTIME, DATA_GROUP, "data-loading processes", 4, int, at_least=0),
@@ -242,10 +243,8 @@ def names(where) -> List[str]:
     return [name for name, flag in FLAGS.items() if where(flag.role)]
 
 
-STORED = names(lambda role: role.stored)
 RESUMABLE = names(lambda role: role.resumable)
 EVALUATED = names(lambda role: role.evaluated)
-DECIDING_RESULT = names(lambda role: role.decides_result)
 MODEL = names(lambda role: role is Role.MODEL)
 
 
@@ -270,11 +269,9 @@ FACTS: Dict[str, Fact] = {fact.name: fact for fact in (
 DECIDING_FACTS = [name for name, fact in FACTS.items() if fact.decides_result]
 
 
-def run_facts(batch_size: int, processes: int, data: Optional[str]) -> Dict[str, object]:
-    facts = {"processes": processes, "global_batch": batch_size * processes}
-    if data is not None:
-        facts["data"] = data
-    return facts
+def run_facts(batch_size: int, processes: int, data: str) -> Dict[str, object]:
+    """The facts of a run of ``batch_size`` per process in ``processes`` processes on ``data`` (its fingerprint)."""
+    return {"processes": processes, "global_batch": batch_size * processes, "data": data}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,12 +54,12 @@ class TensorBoardLog:
                 self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def log_step_loss(self, epoch: int, batch: int, loss) -> None:
-        """The mean loss of batch ``batch`` (0-based) of ``epoch`` (1-based), every ``STEP_LOSS_INTERVAL``-th
-        batch: only those are read from the device."""
+    def log_step_loss(self, epoch: int, batch: int, losses) -> None:
+        """The mean of batch ``batch``'s per-sample ``losses`` (0-based, of ``epoch``, 1-based), every
+        ``STEP_LOSS_INTERVAL``-th batch: only those are reduced and read from the device."""
         if (batch + 1) % STEP_LOSS_INTERVAL:
             return
-        self.writer.add_scalar("train/step_loss", float(loss), (epoch - 1) * self.steps_per_epoch + batch + 1)
+        self.writer.add_scalar("train/step_loss", losses.mean().item(), (epoch - 1) * self.steps_per_epoch + batch + 1)
 
     def close(self) -> None:
         self.writer.close()

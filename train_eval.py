@@ -267,11 +267,11 @@ class TrainingStopped(Exception):
     """A stop signal arrived; training ended at a step boundary. The epoch in progress is dropped, except
     for the steps a mid-epoch checkpoint holds (``saved``, e.g. "epoch 2 train up to step 5/8")."""
 
-    def __init__(self, signal_number: int, where: str):
+    def __init__(self, signal_number: int, where: str, saved: Optional[str] = None):
         self.signal_number = signal_number
         # The shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2 (Linux numbers).
         self.exit_code = 128 + signal_number
-        self.saved: Optional[str] = None
+        self.saved = saved
         super().__init__(f"stopped by {signal.Signals(signal_number).name} at {where}")
 
 
@@ -307,9 +307,10 @@ class StopSignals:
             os._exit(128 + number)
         self.received = number
 
-    def raise_if_received(self, where: str) -> None:
+    def raise_if_received(self, where: str, saved: Optional[str] = None) -> None:
+        """``saved``: the part of the epoch in progress that a mid-epoch checkpoint holds, if any."""
         if self.received is not None:
-            raise TrainingStopped(self.received, where)
+            raise TrainingStopped(self.received, where, saved)
 
     def was_received(self) -> bool:
         return self.received is not None
@@ -484,7 +485,7 @@ class Trainer:
         self.show_progress = show_progress
         # Without a terminal (a pipe, a log file) a plain progress line at most this often; None: never.
         self.plain_progress_seconds = plain_progress_seconds
-        # Called with (batch index, loss tensor) after every training batch, e.g. by TensorBoard's log.
+        # Called with (batch index, per-sample losses) after every training batch, e.g. by TensorBoard's log.
         self.on_train_batch: Optional[Callable[[int, torch.Tensor], None]] = None
         # self.model stays the bare model (checkpoints hold its keys, without DDP's "module." prefix);
         # self.network is what runs: the DDP replica and/or its compiled form.
@@ -587,7 +588,7 @@ class Trainer:
             if training:
                 self._accumulate(losses.mean(), targets.shape[0], step, steps)
                 if self.on_train_batch is not None:
-                    self.on_train_batch(step, losses.detach().mean())
+                    self.on_train_batch(step, losses.detach())
             tally.add(losses, logits, targets)
             watch.add(step, losses)
             if (step + 1) % NONFINITE_CHECK_INTERVAL == 0:
@@ -602,8 +603,9 @@ class Trainer:
                 mid_epoch.save(EpochProgress(step + 1, steps, tally.totals(), elapsed, self._mixing_rng_state))
                 saved_at = step + 1
             if self.stop_signals is not None and (mid_epoch is None or stepped):
-                self._stop_if_signalled(f"{description}, step {step + 1}/{steps}",
-                                        None if saved_at is None else f"{description} up to step {saved_at}/{steps}")
+                self.stop_signals.raise_if_received(
+                    f"{description}, step {step + 1}/{steps}",
+                    None if saved_at is None else f"{description} up to step {saved_at}/{steps}")
             if self.show_progress and step % 10 == 0:
                 running = tally.summary()
                 bar.set_postfix(loss=f"{running['loss']:.4f}", top1=f"{running['top1']:.2f}%")
@@ -627,13 +629,6 @@ class Trainer:
         if optimizer_steps % mid_epoch.every == 0:
             return True
         return mid_epoch.at_stop and self.stop_signals is not None and self.stop_signals.was_received()
-
-    def _stop_if_signalled(self, where: str, saved: Optional[str]) -> None:
-        try:
-            self.stop_signals.raise_if_received(where)
-        except TrainingStopped as stop:
-            stop.saved = saved
-            raise
 
     def _forward(self, images: torch.Tensor, network: Optional[nn.Module] = None) -> torch.Tensor:
         """Logits of ``images``. A compiled model gets a short last batch padded with zero images to the

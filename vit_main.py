@@ -168,8 +168,9 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--data_loader: device loading holds the images in memory, which {args.dataset} does "
                         f"not fit; use it with {', '.join(dataset.IN_MEMORY_DATASETS)} or use --data_loader workers")
     problems += _augmentation_problems(args)
-    if args.tensorboard and not args.test_only and tensorboard_log.tensorboard_problem():
-        problems.append(f"--tensorboard: {tensorboard_log.tensorboard_problem()}")
+    tensorboard_problem = tensorboard_log.tensorboard_problem() if args.tensorboard and not args.test_only else None
+    if tensorboard_problem:
+        problems.append(f"--tensorboard: {tensorboard_problem}")
     problems += _mode_problems(args)
     device_problem = utils.device_problem(args.device)
     if device_problem:
