@@ -230,8 +230,8 @@ def _load_synthetic(data_path: str, train_transform, test_transform, need_train:
 
 def split_labels(data: Dataset) -> torch.Tensor:
     """The labels of a split as ``(N,)`` int64, read without decoding a single image: the ``labels``
-    tensor of the in-memory sets, the ``targets`` list of torchvision's datasets and of the others."""
-    if isinstance(data, SyntheticImages):
+    tensor of the sets held in memory, the ``targets`` list of torchvision's datasets and of the others."""
+    if isinstance(data, HeldImages):
         return data.labels.long()
     targets = getattr(data, "targets", None)
     if targets is None:
@@ -460,7 +460,25 @@ def _open_cifar(dataset: str, root: str, train: bool, transform) -> Dataset:
         ) from error
 
 
-class SyntheticImages(Dataset):
+class HeldImages(Dataset):
+    """A split held in memory whole: ``images`` ``(N, 3, H, W)`` uint8 and ``labels`` ``(N,)``, each image
+    through ``transform`` when it is read."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    transform = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class SyntheticImages(HeldImages):
     """A deterministic, learnable 10-class set of 32x32 RGB images held in memory.
 
     Each class has a template: a colour and a stripe pattern (orientation and frequency). A sample is
@@ -505,15 +523,6 @@ class SyntheticImages(Dataset):
         noise = 0.25 * torch.randn(images.shape, generator=generator)
         images = (images * brightness + noise).clamp(0, 1)
         return (images * 255).round().to(torch.uint8)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,26 +723,17 @@ def _damaged_batch(path: str, side: int, reason: str) -> str:
             f"from the Imagenet{side} archives")
 
 
-class DownsampledImageNet(Dataset):
+class DownsampledImageNet(HeldImages):
     """A split of Downsampled ImageNet held in memory: ``images`` ``(N, 3, side, side)`` uint8 and
-    ``targets`` ``(N,)`` int64, labels 0..999."""
+    ``labels`` ``(N,)`` int64, 0..999."""
 
     classes = [str(label) for label in range(IMAGENET_CLASSES)]
 
     def __init__(self, paths: List[str], side: int, transform=None):
         batches = [read_downsampled_batch(path, side) for path in paths]
         self.images = torch.from_numpy(np.concatenate([images for images, _ in batches]))
-        self.targets = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+        self.labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
 
 
 def _downsampled_loader(side: int) -> SplitLoader:
