@@ -100,7 +100,7 @@ def read_config(path: str) -> Tuple[Dict[str, object], Dict[str, int], Dict[str,
         reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a UTF-8 text file"
         raise ConfigError(f"--config: cannot read {path} ({reason}); give a file of 'name: value' lines") from error
     value_parser = build_parser(_RaisingParser)
-    defaults = vars(value_parser.parse_args([]))
+    defaults = settings.defaults()
     values, first_line, facts = {}, {}, {}
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -253,7 +253,7 @@ def given_flags(argv: Optional[List[str]]) -> Set[str]:
     parser = build_parser()
     # argparse fills in a default only for a name the namespace lacks: names still holding the marker were not given.
     unset = object()
-    namespace = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    namespace = argparse.Namespace(**{name: unset for name in settings.FLAGS})
     return {name for name, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
 
 

@@ -33,7 +33,7 @@ import train_eval  # noqa: E402
 import utils  # noqa: E402
 import vit_main  # noqa: E402
 from models.vit import ViT  # noqa: E402
-from settings import CommandLineParser  # noqa: E402
+from settings import CommandLineParser, defaults as flag_defaults  # noqa: E402
 
 WEIGHTS = ("trained", "ema")
 DEFAULT_TOP_K = 5
@@ -125,8 +125,7 @@ def read_checkpoint(path: str) -> Dict:
 def run_settings(checkpoint: Dict) -> argparse.Namespace:
     """The flags of the checkpoint's run; flags newer than the checkpoint take their defaults, as
     --test_only takes them."""
-    defaults = vars(vit_main.build_parser().parse_args([]))
-    return argparse.Namespace(**{**defaults, **checkpoint["args"]})
+    return argparse.Namespace(**{**flag_defaults(), **checkpoint["args"]})
 
 
 def chosen_weights(checkpoint: Dict, path: str, weights: str) -> Dict:
